@@ -1,0 +1,169 @@
+"""Stage-to-stage communication over torch.distributed (gloo on CPU, NCCL on GPU).
+
+Two messages travel, both with shapes the receiver already knows from the schedule:
+  hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element
+                (0 = hidden states follow the schedule, 1 = STOP: the batch is finished)
+  token message last -> first: (B,) sampled token ids plus one trailing stop flag
+
+The stop decision is made by the last stage (the only one that sees the tokens); it travels with
+the token to the first stage, which sends a STOP frame down the pipe, so every stage ends the
+batch at the same step and nobody waits for a message that will never come.
+
+Every wait is bounded by timeout_s: a dead or stuck peer becomes a PeerTimeout naming it.
+With pipeline_size 1 there is no process group and the functions are pass-throughs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+CONTINUE, STOP = 0.0, 1.0
+
+
+class PeerTimeout(RuntimeError):
+    pass
+
+
+@dataclass
+class Comm:
+    rank: int
+    world_size: int
+    device: torch.device
+    timeout_s: float
+    bytes_sent: int = 0
+    recv_wait_s: float = 0.0
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    @property
+    def prev(self) -> int | None:
+        return None if self.is_first else self.rank - 1
+
+    @property
+    def next(self) -> int | None:
+        return None if self.is_last else self.rank + 1
+
+    # -- hidden states, stage i -> i+1 -------------------------------------------------------
+
+    def send_hidden(self, hidden: torch.Tensor) -> None:
+        self._send(_frame(hidden, CONTINUE), self.next)
+
+    def send_stop(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """End the batch for every later stage; a no-op on the last stage."""
+        if not self.is_last:
+            self._send(_frame(torch.zeros(shape, dtype=dtype, device=self.device), STOP), self.next)
+
+    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, doing: str) -> torch.Tensor | None:
+        """(B, T, H) hidden states from the previous stage, or None when it sent STOP."""
+        buf = torch.empty(_numel(shape) + 1, dtype=dtype, device=self.device)
+        self._recv(buf, self.prev, doing)
+        return None if buf[-1].item() == STOP else buf[:-1].view(shape)
+
+    # -- sampled tokens, last stage -> first -------------------------------------------------
+
+    def send_tokens(self, tokens: torch.Tensor, stop: bool) -> torch.Tensor | None:
+        """From the last stage. Returns the message itself when this rank is also the first."""
+        msg = torch.cat([tokens.to(torch.int64), torch.tensor([int(stop)], device=tokens.device)])
+        if self.is_first:
+            return msg
+        self._send(msg, 0)
+        return None
+
+    def recv_tokens(self, batch: int, local: torch.Tensor | None, doing: str) -> tuple[torch.Tensor, bool]:
+        """On the first stage: (B,) tokens and the stop flag, from the last stage (or `local`)."""
+        if local is None:
+            local = torch.empty(batch + 1, dtype=torch.int64, device=self.device)
+            self._recv(local, self.world_size - 1, doing)
+        return local[:-1], bool(local[-1].item())
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        # isend + a bounded wait: a send to a dead peer fails instead of blocking forever.
+        work = dist.isend(tensor.contiguous(), dst)
+        _wait(work, self.timeout_s, f"sending to rank {dst}", dst)
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def _recv(self, buf: torch.Tensor, src: int, doing: str) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        _wait(dist.irecv(buf, src), self.timeout_s, doing, src)
+        self.recv_wait_s += time.perf_counter() - t0
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank's ok is true: lets a rank's local failure stop everybody cleanly."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
+        return flag.item() == 0
+
+    def gather(self, obj) -> list | None:
+        """Collect a small picklable object from every rank onto rank 0 (None elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=_cpu_group())
+        return out
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """Collectives of small Python objects run on gloo even when stages talk over NCCL."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
+    return torch.cat([hidden.reshape(-1), hidden.new_tensor([control])])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _wait(work, timeout_s: float, doing: str, peer: int) -> None:
+    try:
+        ok = work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise PeerTimeout(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g} "
+                          f"(it died or is stuck; see its log) [{str(e).splitlines()[0]}]") from None
+    if ok is False:
+        raise PeerTimeout(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g}")
+
+
+def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int) -> Comm:
+    """Join the process group (skipped when world_size is 1). MASTER_ADDR/PORT come from the
+    environment as torchrun and submit.sbatch set them; defaults suit ranks on one machine."""
+    if world_size > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(master_port))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return Comm(rank, world_size, device, timeout_s)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

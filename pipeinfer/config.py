@@ -1,0 +1,166 @@
+"""Experiment configuration: exp_config.json, loaded once into a frozen, validated dataclass.
+
+    python -m pipeinfer.config exp_config.json --set pipeline_size=2   # print the resolved config
+
+Every check here runs before any process group or model load, identically on every rank, so a bad
+config gives the same one-line ConfigError everywhere and nobody waits on a peer that already quit.
+Relative paths are taken relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. Its message is one line naming the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ExpConfig:
+    model_path: str
+    pipeline_size: int = 1
+    prompts: list[str] | None = None
+    prompts_file: str | None = None
+    max_new_tokens: int = 32
+    ignore_eos: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    output_path: str = "results/run.jsonl"
+    offload_folder: str = "offload"
+    timeout_s: float = 300.0
+    master_port: int = 29500
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Per key: the accepted Python types and a check on the value with the text of what is allowed.
+_INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+_RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
+    "model_path": (_STR, lambda v: v != "", "a local model directory"),
+    "pipeline_size": (_INT, lambda v: v >= 1, "an integer >= 1"),
+    "prompts": ((list,), lambda v: len(v) > 0 and all(isinstance(p, str) and p for p in v),
+                "a non-empty list of non-empty strings"),
+    "prompts_file": (_STR, lambda v: v != "", "a path to a .jsonl (\"prompt\" field) or .txt file"),
+    "max_new_tokens": (_INT, lambda v: v >= 1, "an integer >= 1"),
+    "ignore_eos": (_BOOL, None, "true or false"),
+    "dtype": (_STR, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "device": (_STR, lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "batch_size": (_INT, lambda v: v >= 1, "an integer >= 1"),
+    "do_sample": (_BOOL, None, "true or false"),
+    "temperature": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "top_k": (_INT, lambda v: v >= 0, "an integer >= 0 (0 disables top-k)"),
+    "top_p": (_FLOAT, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (_INT, lambda v: v >= 0, "an integer >= 0"),
+    "output_path": (_STR, lambda v: v != "", "a path for the JSONL results"),
+    "offload_folder": (_STR, lambda v: v != "", "a directory for disk offload"),
+    "timeout_s": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
+    "master_port": (_INT, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535"),
+}
+assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
+
+
+def _check_key(key: str, value: object) -> object:
+    if key not in _RULES:
+        close = difflib.get_close_matches(key, _RULES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}; allowed keys: {', '.join(_RULES)}")
+    types, ok, allowed = _RULES[key]
+    if value is None and key in ("prompts", "prompts_file"):
+        return None
+    # bool is a subclass of int: true/false is never a number here.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ConfigError(f"{key}={json.dumps(value)} has the wrong type: expected {allowed}")
+    if ok is not None and not ok(value):
+        raise ConfigError(f"{key}={json.dumps(value)} is out of range: expected {allowed}")
+    return float(value) if types is _FLOAT else value
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """`KEY=VALUE` from --set: VALUE is JSON when it parses as JSON, else the plain string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r} is not KEY=VALUE: write e.g. --set pipeline_size=2")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def load_config(path: str, overrides: list[str] = ()) -> ExpConfig:
+    """Read, override and validate. Raises ConfigError with a one-line message."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found: pass --config PATH to an exp_config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path!r} is not valid JSON ({e}): fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must hold a JSON object of key: value pairs")
+    for item in overrides:
+        key, value = parse_override(item)
+        raw[key] = value
+    return build_config(raw)
+
+
+def build_config(raw: dict) -> ExpConfig:
+    values = {key: _check_key(key, value) for key, value in raw.items()}
+    if "model_path" not in values:
+        raise ConfigError("model_path is missing: set it to a local model directory (weights are never downloaded)")
+    if (values.get("prompts") is None) == (values.get("prompts_file") is None):
+        raise ConfigError("set exactly one of prompts (a list of strings) or prompts_file (a .jsonl or .txt path)")
+    return ExpConfig(**values)
+
+
+def check_world(cfg: ExpConfig, world_size: int) -> None:
+    if cfg.pipeline_size != world_size:
+        how = ("run without torchrun, or with --nproc-per-node=1" if cfg.pipeline_size == 1
+               else f"launch with torchrun --nproc-per-node={cfg.pipeline_size} (or srun -n {cfg.pipeline_size})")
+        raise ConfigError(f"pipeline_size={cfg.pipeline_size} but WORLD_SIZE={world_size}: {how}, "
+                          f"or --set pipeline_size={world_size}")
+
+
+def check_model(cfg: ExpConfig, num_layers: int) -> None:
+    if cfg.pipeline_size > num_layers:
+        raise ConfigError(f"pipeline_size={cfg.pipeline_size} > num_hidden_layers={num_layers} of {cfg.model_path}: "
+                          f"use pipeline_size <= {num_layers}")
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun or run.sh (from SLURM_*) set them; 0, 1, 0 when absent."""
+    def env_int(name: str, default: int) -> int:
+        raw = os.environ.get(name, str(default))
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Validate an exp_config.json and print it resolved.")
+    ap.add_argument("config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    try:
+        print(json.dumps(load_config(args.config, args.set).to_dict(), indent=2))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")

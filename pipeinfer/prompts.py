@@ -1,0 +1,82 @@
+"""Prompts in, padded batches out. Every rank tokenizes the same prompts the same way, so every
+stage knows each batch's shape (B, T) without being told."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from pipeinfer.config import ConfigError, ExpConfig
+
+
+def load_prompts(cfg: ExpConfig) -> list[str]:
+    if cfg.prompts is not None:
+        return list(cfg.prompts)
+    path = cfg.prompts_file
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"prompts_file={path!r} not found: give an existing .jsonl or .txt file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompts_file={path!r} is not UTF-8 (byte {e.start}): re-encode it, "
+                          f"e.g. iconv -f LATIN1 -t UTF-8") from None
+    if path.endswith(".jsonl"):
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"prompts_file={path!r} line {n} is not a JSON object with a \"prompt\" field") \
+                    from None
+            if not isinstance(prompt, str) or not prompt:
+                raise ConfigError(f"prompts_file={path!r} line {n}: \"prompt\" must be a non-empty string")
+            prompts.append(prompt)
+    else:
+        prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts_file={path!r} holds no prompts: one per line (.txt) or {{\"prompt\": ...}} (.jsonl)")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Batch:
+    indices: list[int]             # positions of these prompts in the input
+    input_ids: torch.Tensor        # (B, T), left-padded
+    attention_mask: torch.Tensor   # (B, T), 0 on padding
+    prompt_tokens: list[int]
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no usable tokenizer in model_path={model_path!r} ({str(e).splitlines()[0][:120]}): "
+                          f"stage tokenizer.json / tokenizer_config.json next to the weights") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_batches(tokenizer, prompts: list[str], batch_size: int, max_positions: int | None,
+                 max_new_tokens: int) -> list[Batch]:
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ConfigError(f"prompt {start + i} tokenizes to nothing: give it some text")
+            if max_positions is not None and n + max_new_tokens > max_positions:
+                raise ConfigError(f"prompt {start + i} has {n} tokens; with max_new_tokens={max_new_tokens} that "
+                                  f"exceeds the model's {max_positions} positions: shorten it or lower max_new_tokens")
+        batches.append(Batch(list(range(start, start + len(chunk))), enc["input_ids"], enc["attention_mask"], lengths))
+    return batches

@@ -1,0 +1,64 @@
+"""Process-level setup shared by the entry script: logging, device choice, the model's config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from pipeinfer.config import ConfigError
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # Loading progress bars and accelerate's note about meta tensors are noise here: the meta
+    # tensors are the other stages' weights, dropped on purpose.
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device=\"cuda\" but torch sees no GPU (in Apptainer, pass --nv): use device=\"cpu\" or \"auto\"")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def read_model_config(model_path: str):
+    """The checkpoint's config.json, with a one-line ConfigError when the directory is not a model."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"model_path={model_path!r} is not a directory: stage the model there first "
+                          f"(weights are never downloaded) or fix the path")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ConfigError(f"model_path={model_path!r} has no config.json: copy the whole checkpoint directory")
+    try:
+        return AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model_path={model_path!r}: config.json cannot be read "
+                          f"({str(e).splitlines()[0][:160]})") from None
+
+
+def generation_ids(model_path: str, model_config, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(eos ids, pad id) as generate() would use them: generation_config.json first, then config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except OSError:
+        gen = GenerationConfig.from_model_config(model_config)
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model_config.eos_token_id
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Pipeline-parallel generation with a Hugging Face causal LM split across ranks.
+
+    torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json
+    python run_distributed_inference.py --config exp_config.json --set pipeline_size=1
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=... MASTER_PORT=... python run_distributed_inference.py ...   # as srun starts ranks
+
+Exit codes: 0 done, 1 failed (the message says which rank and what it was doing), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pipeinfer import comm as pcomm
+from pipeinfer.config import ConfigError, check_model, check_world, load_config, world_from_env
+from pipeinfer.generation import GenParams, StageStats, generate_batch
+from pipeinfer.metrics import (JsonlWriter, check_writable, peak_memory_bytes, prompt_record, run_record,
+                               summary_record)
+from pipeinfer.partition import StagePlan
+from pipeinfer.prompts import load_prompts, load_tokenizer, make_batches
+from pipeinfer.runtime import generation_ids, pick_device, read_model_config, setup_logging
+from pipeinfer.sampling import SamplingParams
+from pipeinfer.stage import LoadError, partition_model, resolve_dtype
+
+log = logging.getLogger("pipeinfer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="exp_config.json", help="path to exp_config.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key; VALUE is parsed as JSON when it parses, else taken as a string")
+    args = ap.parse_args(argv)
+
+    # 1. Config and inputs, checked identically on every rank before anyone waits on anyone.
+    try:
+        rank, world_size, local_rank = world_from_env()
+        setup_logging(rank)
+        cfg = load_config(args.config, args.set)
+        check_world(cfg, world_size)
+        model_config = read_model_config(cfg.model_path)
+        check_model(cfg, model_config.num_hidden_layers)
+        prompts = load_prompts(cfg)
+        tokenizer = load_tokenizer(cfg.model_path)
+        batches = make_batches(tokenizer, prompts, cfg.batch_size,
+                               getattr(model_config, "max_position_embeddings", None), cfg.max_new_tokens)
+        device = pick_device(cfg.device, local_rank)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = resolve_dtype(cfg.dtype, device)
+
+    # 2. Process group, then this rank's stage.
+    comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port)
+    writer = None
+    try:
+        problem = check_writable(cfg.output_path) if comm.is_first else None
+        try:
+            stage, info = partition_model(cfg.model_path, StagePlan(rank, world_size, range(0)), device, dtype,
+                                          f"{cfg.offload_folder}/rank{rank}")
+        except LoadError as e:
+            problem = str(e)
+        if not comm.all_ok(problem is None):
+            print(f"error: {problem}" if problem else "error: another rank failed its checks (see its message)",
+                  file=sys.stderr)
+            return 2
+
+        # 3. Generate, batch by batch; rank 0 writes every record.
+        eos_ids, pad_id = generation_ids(cfg.model_path, model_config, tokenizer)
+        gp = GenParams(cfg.max_new_tokens, cfg.ignore_eos, eos_ids, pad_id,
+                       SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed)
+        if comm.is_first:
+            writer = JsonlWriter(cfg.output_path)
+            writer.write(run_record(cfg.to_dict(), world_size, info.layer_ranges, device, dtype, info.family))
+        stats, records = StageStats(), []
+        t0 = time.perf_counter()
+        for batch in batches:
+            result = generate_batch(stage, comm, batch, gp, model_config.hidden_size, dtype, stats)
+            if writer is not None:
+                for i, ids, times, n in zip(batch.indices, result.output_ids, result.token_times,
+                                            batch.prompt_tokens):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    records.append(prompt_record(i, prompts[i], text, ids, n, times))
+                    writer.write(records[-1])
+        wall_s = time.perf_counter() - t0
+
+        # 4. Per-stage metrics gathered on rank 0, then the summary; the file is complete only now.
+        mine = {"type": "stage", "rank": rank, "layers": [info.layer_ranges[rank].start,
+                                                          info.layer_ranges[rank].stop - 1],
+                "param_bytes": info.param_bytes, "compute_s": stats.compute_s, "recv_wait_s": comm.recv_wait_s,
+                "bytes_sent": comm.bytes_sent, "steps": stats.steps, "peak_memory_bytes": peak_memory_bytes(device)}
+        gathered = comm.gather(mine)
+        if writer is not None:
+            for rec in gathered:
+                writer.write(rec)
+            summary = summary_record(records, wall_s)
+            writer.write(summary)
+            writer.commit()
+            log.info("%d prompts, %d new tokens in %.2fs (%.1f tokens/s) -> %s", summary["prompts"],
+                     summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, cfg.output_path)
+        return 0
+    except pcomm.PeerTimeout as e:
+        print(f"error: rank {rank}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if writer is not None:
+            writer.close()
+        pcomm.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
