@@ -17,6 +17,7 @@ import time
 
 from pipeinfer import comm as pcomm
 from pipeinfer.config import ConfigError, check_model, check_world, load_config, world_from_env
+from pipeinfer.families import family_for
 from pipeinfer.generation import GenParams, StageStats, generate_batch
 from pipeinfer.metrics import (JsonlWriter, check_writable, peak_memory_bytes, prompt_record, run_record,
                                summary_record)
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         check_world(cfg, world_size)
         model_config = read_model_config(cfg.model_path)
+        family_for(model_config.model_type)
         check_model(cfg, model_config.num_hidden_layers)
         prompts = load_prompts(cfg)
         tokenizer = load_tokenizer(cfg.model_path)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Process group, then this rank's stage.
     comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port)
-    writer = None
+    writer, clean = None, False  # clean: every rank reached the same exit point
     try:
         problem = check_writable(cfg.output_path) if comm.is_first else None
         try:
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if not comm.all_ok(problem is None):
             print(f"error: {problem}" if problem else "error: another rank failed its checks (see its message)",
                   file=sys.stderr)
+            clean = True
             return 2
 
         # 3. Generate, batch by batch; rank 0 writes every record.
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.commit()
             log.info("%d prompts, %d new tokens in %.2fs (%.1f tokens/s) -> %s", summary["prompts"],
                      summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, cfg.output_path)
+        clean = True
         return 0
     except pcomm.PeerTimeout as e:
         print(f"error: rank {rank}: {e}", file=sys.stderr)
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if writer is not None:
             writer.close()
-        pcomm.shutdown()
+        pcomm.shutdown(clean)
 
 
 if __name__ == "__main__":

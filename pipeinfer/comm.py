@@ -164,6 +164,12 @@ def init(rank: int, world_size: int, device: torch.device, timeout_s: float, mas
     return Comm(rank, world_size, device, timeout_s)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. On a clean exit every rank first meets at a barrier: a rank that
+    tears down while a peer still finishes its last collective can abort that peer (gloo)."""
+    global _CPU_GROUP
     if dist.is_initialized():
+        if clean:
+            dist.barrier(group=_cpu_group())
         dist.destroy_process_group()
+    _CPU_GROUP = None

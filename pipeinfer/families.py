@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeinfer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -36,4 +38,4 @@ def family_for(model_type: str) -> Family:
         if model_type in fam.model_types:
             return fam
     supported = ", ".join(t for fam in FAMILIES for t in fam.model_types)
-    raise ValueError(f"model_type={model_type!r} is not supported; supported model types: {supported}")
+    raise ConfigError(f"model_type={model_type!r} is not supported; supported model types: {supported}")

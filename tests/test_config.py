@@ -1,0 +1,114 @@
+"""Config validation: every bad input exits 2 with one line naming the key, before any process group.
+
+    pytest tests/test_config.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENTRY, ROOT, base_config, rank_env
+from pipeinfer.config import ConfigError, build_config, parse_override
+
+
+def run_entry(cfg, tmp_path, world=1, raw: str | None = None, args=()):
+    path = tmp_path / "cfg.json"
+    path.write_text(raw if raw is not None else json.dumps(cfg))
+    env = rank_env(0, world, 1)  # port 1: nothing may connect anywhere before the checks pass
+    return subprocess.run([sys.executable, ENTRY, "--config", str(path), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+BAD = [
+    ("unknown key", {"pipline_size": 2}, "pipline_size"),
+    ("pipeline_size 0", {"pipeline_size": 0}, "pipeline_size"),
+    ("pipeline_size > layers", {"pipeline_size": 6}, "num_hidden_layers=5"),
+    ("dtype not allowed", {"dtype": "float8"}, "dtype"),
+    ("empty prompts", {"prompts": []}, "prompts"),
+    ("negative max_new_tokens", {"max_new_tokens": -1}, "max_new_tokens"),
+    ("wrong type", {"batch_size": "4"}, "batch_size"),
+    ("bool is not a number", {"batch_size": True}, "batch_size"),
+    ("top_p > 1", {"top_p": 1.5}, "top_p"),
+    ("temperature 0", {"temperature": 0}, "temperature"),
+    ("model_path missing dir", {"model_path": "/nonexistent/model"}, "model_path"),
+]
+
+
+@pytest.mark.parametrize("name,over,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_exits_2_with_one_line(tiny_llama, tmp_path, name, over, needle):
+    cfg = base_config(tiny_llama, tmp_path, **over)
+    world = 6 if name == "pipeline_size > layers" else 1  # so that only the layer check can fail
+    res = run_entry(cfg, tmp_path, world=world)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_missing_model_path_key(tmp_path):
+    res = run_entry({"prompts": ["x"]}, tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == \
+        "error: model_path is missing: set it to a local model directory (weights are never downloaded)"
+
+
+def test_pipeline_size_differs_from_world_size(tiny_llama, tmp_path):
+    res = run_entry(base_config(tiny_llama, tmp_path, pipeline_size=2), tmp_path, world=3)
+    assert res.returncode == 2
+    assert "pipeline_size=2 but WORLD_SIZE=3" in res.stderr and "--nproc-per-node=2" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_unparsable_json(tmp_path):
+    res = run_entry(None, tmp_path, raw='{"model_path": "x",, }')
+    assert res.returncode == 2 and "not valid JSON" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bad_set_override_names_the_key(tiny_llama, tmp_path):
+    res = run_entry(base_config(tiny_llama, tmp_path), tmp_path, args=["--set", "top_k=-3"])
+    assert res.returncode == 2 and "top_k=-3" in res.stderr
+
+
+def test_parse_override_json_or_string():
+    assert parse_override("pipeline_size=2") == ("pipeline_size", 2)
+    assert parse_override("model_path=/models/opt") == ("model_path", "/models/opt")
+    assert parse_override('prompts=["hi","yo"]') == ("prompts", ["hi", "yo"])
+    assert parse_override("ignore_eos=true") == ("ignore_eos", True)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("pipeline_size")
+
+
+def test_build_config_defaults_and_types():
+    cfg = build_config({"model_path": "m", "prompts": ["a"], "temperature": 1})
+    assert cfg.pipeline_size == 1 and cfg.temperature == 1.0 and isinstance(cfg.temperature, float)
+    with pytest.raises(ConfigError, match="exactly one of prompts"):
+        build_config({"model_path": "m", "prompts": ["a"], "prompts_file": "p.txt"})
+    with pytest.raises(ConfigError, match="did you mean 'max_new_tokens'"):
+        build_config({"model_path": "m", "prompts": ["a"], "max_new_token": 3})
+
+
+def test_prompts_file_formats(tiny_llama, tmp_path):
+    from pipeinfer.prompts import load_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "one"}\n\n{"prompt": "two"}\n')
+    (tmp_path / "p.txt").write_text("alpha\n\nbeta\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    assert load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / "p.jsonl")})) == ["one", "two"]
+    assert load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / "p.txt")})) == ["alpha", "beta"]
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / "latin1.txt")}))
+
+
+def test_prompt_too_long_for_model(tiny_llama, tmp_path):
+    res = run_entry(base_config(tiny_llama, tmp_path, prompts=["x" * 250], max_new_tokens=10), tmp_path)
+    assert res.returncode == 2 and "exceeds the model's 256 positions" in res.stderr
+
+
+def test_unwritable_output_path(tiny_llama, tmp_path):
+    (tmp_path / "file").write_text("")
+    res = run_entry(base_config(tiny_llama, tmp_path, output_path=str(tmp_path / "file" / "out.jsonl")), tmp_path)
+    assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,46 @@
+"""Sampling is a pure function: greedy is argmax; top-k/top-p filter like transformers' warpers.
+
+    pytest tests/test_sampling.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeinfer.sampling import SamplingParams, filter_logits, prompt_generator, sample
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, SamplingParams(), []), logits.argmax(-1))
+
+
+def test_filters_match_transformers_warpers():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for t, k, p in [(0.7, 10, 1.0), (1.0, 0, 0.9), (1.3, 20, 0.8), (1.0, 0, 1.0)]:
+        ref = TemperatureLogitsWarper(t)(ids, logits.clone())
+        if k:
+            ref = TopKLogitsWarper(k)(ids, ref)
+        if p < 1:
+            ref = TopPLogitsWarper(p)(ids, ref)
+        got = filter_logits(logits, SamplingParams(True, t, k, p))
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        assert torch.allclose(got[~torch.isinf(got)], ref[~torch.isinf(ref)])
+
+
+def test_per_prompt_generators_are_deterministic_and_distinct():
+    probs_logits = torch.zeros(2, 1000)
+    p = SamplingParams(do_sample=True)
+    a = sample(probs_logits, p, [prompt_generator(7, 0, torch.device("cpu")), prompt_generator(7, 1, torch.device("cpu"))])
+    b = sample(probs_logits, p, [prompt_generator(7, 0, torch.device("cpu")), prompt_generator(7, 1, torch.device("cpu"))])
+    assert torch.equal(a, b) and a[0] != a[1]
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(2))
+    gens = [prompt_generator(0, i, torch.device("cpu")) for i in range(5)]
+    assert torch.equal(sample(logits, SamplingParams(True, 1.0, 1, 1.0), gens), logits.argmax(-1))
