@@ -33,7 +33,7 @@ def make_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIALS))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   padding_side="left")
+                                   padding_side="left", model_input_names=["input_ids", "attention_mask"])
 
 
 def make_model(out: str, seed: int = 0, dtype: str = "float32", model_type: str = "llama", **overrides) -> str:
