@@ -1,0 +1,33 @@
+# make demo   -- build the demo model, run it as a 2-rank pipeline on this machine
+# make test   -- the test suite (CPU, real gloo process groups)
+PY       ?= python3
+VENV     ?= .venv
+# The CPU wheel; on a machine whose torch is already right, run e.g. `make TORCH= test`.
+TORCH    ?= torch==2.13.0
+# The lowest transformers release requirements.txt admits, for test-compat.
+TF_MIN   ?= transformers==4.57.0
+BIN      := $(VENV)/bin
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+.PHONY: demo test test-compat bench
+demo: $(VENV)/.installed
+	$(BIN)/python -m pipeinfer.demo --out models/demo-llama
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+# The equivalence tests again at the low end of the supported transformers range.
+test-compat:
+	$(PY) -m venv .venv-min
+	.venv-min/bin/pip install -q $(TORCH)
+	.venv-min/bin/pip install -q -r requirements.txt -r requirements-dev.txt "$(TF_MIN)"
+	.venv-min/bin/python -m pytest -q tests/test_equivalence.py tests/test_partition.py tests/test_sampling.py
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/decode_scaling.py
