@@ -18,7 +18,7 @@ import time
 from pipeinfer import comm as pcomm
 from pipeinfer.config import ConfigError, check_model, check_world, load_config, world_from_env
 from pipeinfer.families import family_for
-from pipeinfer.generation import GenParams, StageStats, generate_batch
+from pipeinfer.generation import GenParams, generate_batch
 from pipeinfer.metrics import (JsonlWriter, check_writable, peak_memory_bytes, prompt_record, run_record,
                                summary_record)
 from pipeinfer.partition import StagePlan
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if comm.is_first:
             writer = JsonlWriter(cfg.output_path)
             writer.write(run_record(cfg.to_dict(), world_size, info.layer_ranges, device, dtype, info.family))
-        stats, records = StageStats(), []
+        records = []
         t0 = time.perf_counter()
         for batch in batches:
-            result = generate_batch(stage, comm, batch, gp, model_config.hidden_size, dtype, stats)
+            result = generate_batch(stage, comm, batch, gp, model_config.hidden_size, dtype)
             if writer is not None:
                 for i, ids, times, n in zip(batch.indices, result.output_ids, result.token_times,
                                             batch.prompt_tokens):
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         wall_s = time.perf_counter() - t0
 
         # 4. Per-stage metrics gathered on rank 0, then the summary; the file is complete only now.
-        mine = {"type": "stage", "rank": rank, "layers": [info.layer_ranges[rank].start,
-                                                          info.layer_ranges[rank].stop - 1],
-                "param_bytes": info.param_bytes, "compute_s": stats.compute_s, "recv_wait_s": comm.recv_wait_s,
-                "bytes_sent": comm.bytes_sent, "steps": stats.steps, "peak_memory_bytes": peak_memory_bytes(device)}
+        layers = info.layer_ranges[rank]
+        mine = {"type": "stage", "rank": rank, "layers": [layers.start, layers.stop - 1],
+                "param_bytes": info.param_bytes, "wall_s": wall_s, "bytes_sent": comm.bytes_sent,
+                "peak_memory_bytes": peak_memory_bytes(device), **comm.timeline.record()}
         gathered = comm.gather(mine)
         if writer is not None:
             for rec in gathered:

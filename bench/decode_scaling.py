@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeinfer.comm import Comm  # noqa: E402
 from pipeinfer.demo import make_model  # noqa: E402
-from pipeinfer.generation import GenParams, StageStats, generate_batch  # noqa: E402
+from pipeinfer.generation import GenParams, generate_batch  # noqa: E402
 from pipeinfer.partition import StagePlan  # noqa: E402
 from pipeinfer.prompts import Batch  # noqa: E402
 from pipeinfer.sampling import SamplingParams  # noqa: E402
@@ -47,10 +47,9 @@ def main() -> None:
         prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
         batch = Batch([0], prompt, torch.ones_like(prompt), [16])
         gp = GenParams(args.tokens, True, (), 0, SamplingParams(), 0)
-        stats = StageStats()
-        generate_batch(stage, Comm(0, 1, torch.device("cpu"), 60), batch, gp, shape["hidden_size"],
-                       torch.float32, stats)
-        steps = [end - start for kind, start, end in stats.events if kind == "decode"]  # step i: context 16+i+1
+        comm = Comm(0, 1, torch.device("cpu"), 60)
+        generate_batch(stage, comm, batch, gp, shape["hidden_size"], torch.float32)
+        steps = [end - start for kind, start, end in comm.timeline.events if kind == "decode"]  # context 16+i+1
 
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

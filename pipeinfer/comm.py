@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from pipeinfer.timeline import Timeline
 
 CONTINUE, STOP = 0.0, 1.0
 
@@ -35,8 +37,8 @@ class Comm:
     world_size: int
     device: torch.device
     timeout_s: float
+    timeline: Timeline = field(default_factory=Timeline)
     bytes_sent: int = 0
-    recv_wait_s: float = 0.0
 
     @property
     def is_first(self) -> bool:
@@ -91,16 +93,14 @@ class Comm:
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
         # isend + a bounded wait: a send to a dead peer fails instead of blocking forever.
-        work = dist.isend(tensor.contiguous(), dst)
-        _wait(work, self.timeout_s, f"sending to rank {dst}", dst)
+        with self.timeline.span("send"):
+            work = dist.isend(tensor.contiguous(), dst)
+            _wait(work, self.timeout_s, f"sending to rank {dst}", dst)
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def _recv(self, buf: torch.Tensor, src: int, doing: str) -> None:
-        import time
-
-        t0 = time.perf_counter()
-        _wait(dist.irecv(buf, src), self.timeout_s, doing, src)
-        self.recv_wait_s += time.perf_counter() - t0
+        with self.timeline.span("recv"):
+            _wait(dist.irecv(buf, src), self.timeout_s, doing, src)
 
     def all_ok(self, ok: bool) -> bool:
         """True when every rank's ok is true: lets a rank's local failure stop everybody cleanly."""
@@ -151,7 +151,8 @@ def _wait(work, timeout_s: float, doing: str, peer: int) -> None:
         raise PeerTimeout(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g}")
 
 
-def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int) -> Comm:
+def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int,
+         timeline: Timeline | None = None) -> Comm:
     """Join the process group (skipped when world_size is 1). MASTER_ADDR/PORT come from the
     environment as torchrun and submit.sbatch set them; defaults suit ranks on one machine."""
     if world_size > 1:
@@ -161,7 +162,7 @@ def init(rank: int, world_size: int, device: torch.device, timeout_s: float, mas
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    return Comm(rank, world_size, device, timeout_s)
+    return Comm(rank, world_size, device, timeout_s, timeline or Timeline(device))
 
 
 def shutdown(clean: bool = True) -> None:

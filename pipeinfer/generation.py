@@ -8,7 +8,7 @@ position per sequence and nothing already processed is recomputed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,21 +35,13 @@ class BatchResult:
     token_times: list[list[float]]
 
 
-@dataclass
-class StageStats:
-    compute_s: float = 0.0
-    steps: int = 0
-    batches: int = 0
-    events: list = field(default_factory=list)  # (kind, t_start, t_end) for the report's timeline
-
-
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions that skip left padding, as generate() computes them."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
 def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden_size: int,
-                   dtype: torch.dtype, stats: StageStats) -> BatchResult | None:
+                   dtype: torch.dtype) -> BatchResult | None:
     dev = comm.device
     B, T = batch.input_ids.shape
     mask = batch.attention_mask.to(dev)  # (B, T), grows by one column per step
@@ -71,17 +63,16 @@ def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden
             if x is None:
                 comm.send_stop((B, 1, hidden_size), dtype)
                 break
-        t_start = time.perf_counter()
-        out = stage(x, mask if padded else None, pos, cache)
-        stats.compute_s += time.perf_counter() - t_start
-        stats.events.append(("prefill" if step == 0 else "decode", t_start, time.perf_counter()))
+        with comm.timeline.span("prefill" if step == 0 else "decode"):
+            out = stage(x, mask if padded else None, pos, cache)
+            if comm.is_last:
+                tokens = sample(out, gp.sampling, gens)  # (B,)
+                if not gp.ignore_eos:
+                    tokens = tokens.masked_fill(finished, gp.pad_id)
+                    finished |= torch.isin(tokens, eos)
+                stop = step + 1 >= gp.max_new_tokens or (not gp.ignore_eos and bool(finished.all()))
         local = None
         if comm.is_last:
-            tokens = sample(out, gp.sampling, gens)  # (B,)
-            if not gp.ignore_eos:
-                tokens = tokens.masked_fill(finished, gp.pad_id)
-                finished |= torch.isin(tokens, eos)
-            stop = step + 1 >= gp.max_new_tokens or (not gp.ignore_eos and bool(finished.all()))
             local = comm.send_tokens(tokens, stop)
         else:
             comm.send_hidden(out)
@@ -96,8 +87,6 @@ def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos[:, -1:] + 1
         step += 1
-    stats.steps += step + 1
-    stats.batches += 1
     if not comm.is_first:
         return None
     return _per_prompt(torch.stack(steps, dim=1), arrivals, gp)

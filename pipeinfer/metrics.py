@@ -1,7 +1,9 @@
 """Structured results: one JSONL writer on rank 0, and the records it writes.
 
 Records, in order: {"type": "run"} (resolved config and environment), one {"type": "prompt"} per
-prompt, {"type": "stage"} per rank, and a closing {"type": "summary"}. The file is written as
+prompt, {"type": "stage"} per rank (timeline.py), and a closing {"type": "summary"}. Metric names
+follow vLLM's benchmarks: ttft_s, tpot_s (per output token after the first), itl_s (inter-token
+latencies), latency_s (end to end), tokens_per_s. The file is written as
 <output_path>.partial and renamed when the run completes, so an interrupted run never leaves a
 file that looks finished.
 """
@@ -105,6 +107,7 @@ def prompt_record(index: int, prompt: str, text: str, ids: list[int], prompt_tok
         "new_tokens": n,
         "ttft_s": times[0] if times else None,
         "tpot_s": (latency - times[0]) / (n - 1) if n > 1 else None,
+        "itl_s": [b - a for a, b in zip(times, times[1:])],
         "latency_s": latency,
         "tokens_per_s": n / latency if latency > 0 else None,
     }
