@@ -5,7 +5,8 @@
     python run_distributed_inference.py --config exp_config.json --set pipeline_size=1
     RANK=0 WORLD_SIZE=2 MASTER_ADDR=... MASTER_PORT=... python run_distributed_inference.py ...   # as srun starts ranks
 
-Exit codes: 0 done, 1 failed (the message says which rank and what it was doing), 2 bad input.
+Exit codes: 0 done; 1 failed (the message names the peer and what this rank was doing);
+2 bad input; 75 stopped by SIGTERM/SIGUSR1 with finished prompts saved (rerun to resume).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pipeinfer import comm as pcomm
 from pipeinfer.config import ConfigError, check_model, check_world, load_config, world_from_env
 from pipeinfer.families import family_for
 from pipeinfer.generation import GenParams, generate_batch
-from pipeinfer.metrics import (JsonlWriter, check_writable, peak_memory_bytes, prompt_record, run_record,
-                               summary_record)
+from pipeinfer.metrics import peak_memory_bytes, prompt_record, run_record, summary_record
 from pipeinfer.partition import StagePlan
-from pipeinfer.prompts import load_prompts, load_tokenizer, make_batches
-from pipeinfer.runtime import generation_ids, pick_device, read_model_config, setup_logging
+from pipeinfer.prompts import check_lengths, load_prompts, load_tokenizer, make_batches
+from pipeinfer.results import ResultsError, ResultsWriter, check_writable, scan_previous
+from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, pick_device, read_model_config,
+                               setup_logging)
 from pipeinfer.sampling import SamplingParams
 from pipeinfer.stage import LoadError, partition_model, resolve_dtype
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key; VALUE is parsed as JSON when it parses, else taken as a string")
     args = ap.parse_args(argv)
+    stop = StopRequest().install()
 
     # 1. Config and inputs, checked identically on every rank before anyone waits on anyone.
     try:
@@ -48,41 +51,59 @@ def main(argv: list[str] | None = None) -> int:
         check_model(cfg, model_config.num_hidden_layers)
         prompts = load_prompts(cfg)
         tokenizer = load_tokenizer(cfg.model_path)
-        batches = make_batches(tokenizer, prompts, cfg.batch_size,
-                               getattr(model_config, "max_position_embeddings", None), cfg.max_new_tokens)
+        check_lengths(tokenizer, prompts, getattr(model_config, "max_position_embeddings", None), cfg.max_new_tokens)
         device = pick_device(cfg.device, local_rank)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = resolve_dtype(cfg.dtype, device)
 
-    # 2. Process group, then this rank's stage.
+    # 2. Process group; the writer's checks and every rank's stage load, agreed before going on.
     comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port)
     writer, clean = None, False  # clean: every rank reached the same exit point
     try:
-        problem = check_writable(cfg.output_path) if comm.is_first else None
-        try:
-            stage, info = partition_model(cfg.model_path, StagePlan(rank, world_size, range(0)), device, dtype,
-                                          f"{cfg.offload_folder}/rank{rank}")
-        except LoadError as e:
-            problem = str(e)
-        if not comm.all_ok(problem is None):
+        problem, todo = None, None
+        if comm.is_first:
+            try:
+                problem = check_writable(cfg.output_path)
+                if problem is None:
+                    previous = scan_previous(cfg.output_path, cfg.to_dict(), prompts, cfg.resume)
+                    todo = [i for i in range(len(prompts)) if i not in previous.done]
+            except (ResultsError, OSError) as e:
+                problem = str(e)
+        if comm.all_ok(problem is None):
+            try:
+                stage, info = partition_model(cfg.model_path, StagePlan(rank, world_size, range(0)), device, dtype,
+                                              f"{cfg.offload_folder}/rank{rank}")
+            except LoadError as e:
+                problem = str(e)
+            ok = comm.all_ok(problem is None)
+        else:
+            ok = False
+        if not ok:
             print(f"error: {problem}" if problem else "error: another rank failed its checks (see its message)",
                   file=sys.stderr)
             clean = True
             return 2
+        todo = comm.broadcast(todo)
+        if comm.is_first and len(todo) < len(prompts):
+            log.info("resuming: %d of %d prompts already in %s", len(prompts) - len(todo), len(prompts),
+                     cfg.output_path)
 
-        # 3. Generate, batch by batch; rank 0 writes every record.
+        # 3. Generate, batch by batch; rank 0 writes each prompt's record as soon as it is done.
         eos_ids, pad_id = generation_ids(cfg.model_path, model_config, tokenizer)
         gp = GenParams(cfg.max_new_tokens, cfg.ignore_eos, eos_ids, pad_id,
                        SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed)
-        if comm.is_first:
-            writer = JsonlWriter(cfg.output_path)
+        if comm.is_first and todo:
+            writer = ResultsWriter(cfg.output_path)
             writer.write(run_record(cfg.to_dict(), world_size, info.layer_ranges, device, dtype, info.family))
-        records = []
+        records, interrupted = [], False
         t0 = time.perf_counter()
-        for batch in batches:
-            result = generate_batch(stage, comm, batch, gp, model_config.hidden_size, dtype)
+        for batch in make_batches(tokenizer, prompts, todo, cfg.batch_size):
+            result = generate_batch(stage, comm, batch, gp, model_config.hidden_size, dtype, stop)
+            if result.aborted:
+                interrupted = True
+                break
             if writer is not None:
                 for i, ids, times, n in zip(batch.indices, result.output_ids, result.token_times,
                                             batch.prompt_tokens):
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     writer.write(records[-1])
         wall_s = time.perf_counter() - t0
 
-        # 4. Per-stage metrics gathered on rank 0, then the summary; the file is complete only now.
+        # 4. Per-stage metrics gathered on rank 0, then the summary.
         layers = info.layer_ranges[rank]
         mine = {"type": "stage", "rank": rank, "layers": [layers.start, layers.stop - 1],
                 "param_bytes": info.param_bytes, "wall_s": wall_s, "bytes_sent": comm.bytes_sent,
@@ -100,14 +121,21 @@ def main(argv: list[str] | None = None) -> int:
         if writer is not None:
             for rec in gathered:
                 writer.write(rec)
-            summary = summary_record(records, wall_s)
+            total = len(prompts) - len(todo) + len(records)
+            summary = summary_record(records, wall_s, total, interrupted)
             writer.write(summary)
-            writer.commit()
             log.info("%d prompts, %d new tokens in %.2fs (%.1f tokens/s) -> %s", summary["prompts"],
                      summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, cfg.output_path)
+        elif comm.is_first:
+            log.info("all %d prompts are already in %s: nothing to do", len(prompts), cfg.output_path)
         clean = True
+        if interrupted:
+            log.warning("stopped by %s: %d of %d prompts saved; rerun the same config to resume (exit %d)",
+                        stop.signal or "a stop request", len(prompts) - len(todo) + len(records), len(prompts),
+                        EXIT_REQUEUE)
+            return EXIT_REQUEUE
         return 0
-    except pcomm.PeerTimeout as e:
+    except pcomm.PeerFailure as e:
         print(f"error: rank {rank}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -1,15 +1,18 @@
 """Stage-to-stage communication over torch.distributed (gloo on CPU, NCCL on GPU).
 
 Two messages travel, both with shapes the receiver already knows from the schedule:
-  hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element
-                (0 = hidden states follow the schedule, 1 = STOP: the batch is finished)
+  hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element:
+                CONTINUE (hidden states follow), STOP (the batch is finished) or ABORT (the run
+                was asked to stop by SIGTERM/SIGUSR1: drop this batch and exit)
   token message last -> first: (B,) sampled token ids plus one trailing stop flag
 
 The stop decision is made by the last stage (the only one that sees the tokens); it travels with
 the token to the first stage, which sends a STOP frame down the pipe, so every stage ends the
 batch at the same step and nobody waits for a message that will never come.
 
-Every wait is bounded by timeout_s: a dead or stuck peer becomes a PeerTimeout naming it.
+Every wait is bounded by timeout_s. A peer that died closes its connections, and the wait fails
+at once; a stuck peer fails it after timeout_s. Either way a PeerFailure names the peer and
+what this rank was doing.
 With pipeline_size 1 there is no process group and the functions are pass-throughs.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +28,10 @@ import torch.distributed as dist
 
 from pipeinfer.timeline import Timeline
 
-CONTINUE, STOP = 0.0, 1.0
+CONTINUE, STOP, ABORT = 0, 1, 2
 
 
-class PeerTimeout(RuntimeError):
+class PeerFailure(RuntimeError):
     pass
 
 
@@ -58,19 +62,20 @@ class Comm:
 
     # -- hidden states, stage i -> i+1 -------------------------------------------------------
 
-    def send_hidden(self, hidden: torch.Tensor) -> None:
-        self._send(_frame(hidden, CONTINUE), self.next)
+    def send_hidden(self, hidden: torch.Tensor, doing: str = "sending hidden states") -> None:
+        self._send(_frame(hidden, CONTINUE), self.next, doing)
 
-    def send_stop(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """End the batch for every later stage; a no-op on the last stage."""
+    def send_control(self, control: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """STOP or ABORT for every later stage, in a frame of the shape they expect; no-op on the last."""
         if not self.is_last:
-            self._send(_frame(torch.zeros(shape, dtype=dtype, device=self.device), STOP), self.next)
+            self._send(_frame(torch.zeros(shape, dtype=dtype, device=self.device), control), self.next,
+                       "sending the end of the batch")
 
-    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, doing: str) -> torch.Tensor | None:
-        """(B, T, H) hidden states from the previous stage, or None when it sent STOP."""
+    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, doing: str) -> tuple[torch.Tensor, int]:
+        """(B, T, H) hidden states from the previous stage, and the frame's control value."""
         buf = torch.empty(_numel(shape) + 1, dtype=dtype, device=self.device)
         self._recv(buf, self.prev, doing)
-        return None if buf[-1].item() == STOP else buf[:-1].view(shape)
+        return buf[:-1].view(shape), int(buf[-1].item())
 
     # -- sampled tokens, last stage -> first -------------------------------------------------
 
@@ -79,7 +84,7 @@ class Comm:
         msg = torch.cat([tokens.to(torch.int64), torch.tensor([int(stop)], device=tokens.device)])
         if self.is_first:
             return msg
-        self._send(msg, 0)
+        self._send(msg, 0, "sending sampled tokens")
         return None
 
     def recv_tokens(self, batch: int, local: torch.Tensor | None, doing: str) -> tuple[torch.Tensor, bool]:
@@ -91,16 +96,24 @@ class Comm:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+    def _send(self, tensor: torch.Tensor, dst: int, doing: str) -> None:
         # isend + a bounded wait: a send to a dead peer fails instead of blocking forever.
         with self.timeline.span("send"):
             work = dist.isend(tensor.contiguous(), dst)
-            _wait(work, self.timeout_s, f"sending to rank {dst}", dst)
+            _wait(work, self.timeout_s, f"{doing} to rank {dst}", dst)
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def _recv(self, buf: torch.Tensor, src: int, doing: str) -> None:
         with self.timeline.span("recv"):
             _wait(dist.irecv(buf, src), self.timeout_s, doing, src)
+
+    def broadcast(self, obj):
+        """Rank 0's small picklable object, on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=_cpu_group())
+        return box[0]
 
     def all_ok(self, ok: bool) -> bool:
         """True when every rank's ok is true: lets a rank's local failure stop everybody cleanly."""
@@ -142,13 +155,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _wait(work, timeout_s: float, doing: str, peer: int) -> None:
+    t0 = time.monotonic()
     try:
         ok = work.wait(datetime.timedelta(seconds=timeout_s))
     except RuntimeError as e:
-        raise PeerTimeout(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g} "
-                          f"(it died or is stuck; see its log) [{str(e).splitlines()[0]}]") from None
+        waited = time.monotonic() - t0
+        if waited < 0.9 * timeout_s and "timed out" not in str(e).lower():
+            raise PeerFailure(f"{doing}: rank {peer} is gone after {waited:.1f}s (connection closed: it exited, "
+                              f"crashed or was killed; see its log)") from None
+        raise PeerFailure(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g} "
+                          f"(stuck, stopped or unreachable)") from None
     if ok is False:
-        raise PeerTimeout(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g}")
+        raise PeerFailure(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g}")
 
 
 def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int,

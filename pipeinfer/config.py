@@ -44,6 +44,11 @@ class ExpConfig:
     offload_folder: str = "offload"
     timeout_s: float = 300.0
     master_port: int = 29500
+    resume: bool = True
+    layer_split: str | list[int] = "even"
+    max_memory: list[int | str] | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,8 +76,37 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "offload_folder": (_STR, lambda v: v != "", "a directory for disk offload"),
     "timeout_s": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
     "master_port": (_INT, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535"),
+    "resume": (_BOOL, None, "true (skip prompts already in output_path) or false (start over)"),
+    "layer_split": ((str, list), lambda v: v in ("even", "auto") if isinstance(v, str) else
+                    len(v) > 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v),
+                    '"even", "auto" or a list of layer counts per stage, each >= 1'),
+    "max_memory": ((list,), lambda v: len(v) > 0 and all(_is_bytes(b) for b in v),
+                   'a list with one byte budget per rank: integers or strings like "12GiB", "500MB"'),
+    "allow_pickle": (_BOOL, None, "true or false (true loads pickle .bin checkpoints, which can run code)"),
+    "trust_remote_code": (_BOOL, None, "true or false (true runs the checkpoint's own Python code: auto_map)"),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """A byte count: an int, or a string with a unit as accelerate's max_memory takes it ("12GiB", "500MB")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = value.strip().rstrip("bBiIkKmMgGtT ")
+    unit = value.strip()[len(number):].strip().upper()
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit in {value!r}")
+    return int(float(number) * _UNITS[unit])
+
+
+def _is_bytes(value: object) -> bool:
+    try:
+        return isinstance(value, (int, str)) and not isinstance(value, bool) and parse_bytes(value) > 0
+    except ValueError:
+        return False
 
 
 def _check_key(key: str, value: object) -> object:
@@ -125,6 +159,11 @@ def build_config(raw: dict) -> ExpConfig:
         raise ConfigError("model_path is missing: set it to a local model directory (weights are never downloaded)")
     if (values.get("prompts") is None) == (values.get("prompts_file") is None):
         raise ConfigError("set exactly one of prompts (a list of strings) or prompts_file (a .jsonl or .txt path)")
+    size = values.get("pipeline_size", 1)
+    for key in ("layer_split", "max_memory"):
+        if isinstance(values.get(key), list) and len(values[key]) != size:
+            raise ConfigError(f"{key}={json.dumps(values[key])} has {len(values[key])} entries but pipeline_size={size}: "
+                              f"give one per stage")
     return ExpConfig(**values)
 
 
@@ -140,6 +179,9 @@ def check_model(cfg: ExpConfig, num_layers: int) -> None:
     if cfg.pipeline_size > num_layers:
         raise ConfigError(f"pipeline_size={cfg.pipeline_size} > num_hidden_layers={num_layers} of {cfg.model_path}: "
                           f"use pipeline_size <= {num_layers}")
+    if isinstance(cfg.layer_split, list) and sum(cfg.layer_split) != num_layers:
+        raise ConfigError(f"layer_split={json.dumps(cfg.layer_split)} sums to {sum(cfg.layer_split)} but "
+                          f"{cfg.model_path} has num_hidden_layers={num_layers}: the counts must add up to it")
 
 
 def world_from_env() -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeinfer.comm import Comm
+from pipeinfer.comm import ABORT, CONTINUE, STOP, Comm
 from pipeinfer.prompts import Batch
 from pipeinfer.sampling import SamplingParams, prompt_generator, sample
 from pipeinfer.stage import Stage
@@ -30,9 +30,11 @@ class GenParams:
 
 @dataclass
 class BatchResult:
-    """On the first stage: each prompt's new tokens and when they arrived (seconds since start)."""
+    """On the first stage: each prompt's new tokens and when they arrived (seconds since start).
+    On every stage: `aborted` when a stop was requested (SIGTERM/SIGUSR1) and the batch was dropped."""
     output_ids: list[list[int]]
     token_times: list[list[float]]
+    aborted: bool = False
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,12 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden_size: int,
-                   dtype: torch.dtype) -> BatchResult | None:
+                   dtype: torch.dtype, abort_requested=lambda: False) -> BatchResult:
+    """Run one batch to completion on this rank's stage.
+
+    abort_requested() is polled by the first stage at each step boundary; when it is true the
+    first stage sends ABORT down the pipe and every rank returns an aborted result at that step.
+    """
     dev = comm.device
     B, T = batch.input_ids.shape
     mask = batch.attention_mask.to(dev)  # (B, T), grows by one column per step
@@ -58,10 +65,15 @@ def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden
     step = 0
     while True:
         shape = (B, T if step == 0 else 1, hidden_size)  # (B, T, H)
+        if comm.is_first and abort_requested():
+            comm.send_control(ABORT, shape, dtype)
+            return BatchResult([], [], aborted=True)
         if not comm.is_first:
-            x = comm.recv_hidden(shape, dtype, f"waiting for step {step}'s hidden states")
-            if x is None:
-                comm.send_stop((B, 1, hidden_size), dtype)
+            x, control = comm.recv_hidden(shape, dtype, f"waiting for step {step}'s hidden states")
+            if control != CONTINUE:
+                comm.send_control(control, shape, dtype)
+                if control == ABORT:
+                    return BatchResult([], [], aborted=True)
                 break
         with comm.timeline.span("prefill" if step == 0 else "decode"):
             out = stage(x, mask if padded else None, pos, cache)
@@ -75,20 +87,20 @@ def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden
         if comm.is_last:
             local = comm.send_tokens(tokens, stop)
         else:
-            comm.send_hidden(out)
+            comm.send_hidden(out, f"sending step {step}'s hidden states")
         if comm.is_first:
             tokens, stop = comm.recv_tokens(B, local, f"waiting for step {step}'s tokens from the last stage")
             steps.append(tokens.cpu())
             arrivals.append(time.perf_counter() - t0)
             if stop:
-                comm.send_stop((B, 1, hidden_size), dtype)
+                comm.send_control(STOP, (B, 1, hidden_size), dtype)
                 break
             x = tokens[:, None]  # (B, 1)
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos[:, -1:] + 1
         step += 1
     if not comm.is_first:
-        return None
+        return BatchResult([], [])
     return _per_prompt(torch.stack(steps, dim=1), arrivals, gp)
 
 

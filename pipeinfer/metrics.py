@@ -1,16 +1,13 @@
-"""Structured results: one JSONL writer on rank 0, and the records it writes.
+"""The records of a run, as dicts: built here, written by results.py on rank 0.
 
 Records, in order: {"type": "run"} (resolved config and environment), one {"type": "prompt"} per
-prompt, {"type": "stage"} per rank (timeline.py), and a closing {"type": "summary"}. Metric names
-follow vLLM's benchmarks: ttft_s, tpot_s (per output token after the first), itl_s (inter-token
-latencies), latency_s (end to end), tokens_per_s. The file is written as
-<output_path>.partial and renamed when the run completes, so an interrupted run never leaves a
-file that looks finished.
+prompt, {"type": "stage"} per rank (timeline.py), and a closing {"type": "summary"}; results.py
+writes them. Metric names follow vLLM's benchmarks: ttft_s, tpot_s (per output token after the
+first), itl_s (inter-token latencies), latency_s (end to end), tokens_per_s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -19,45 +16,9 @@ import sys
 
 import torch
 
+from pipeinfer.results import prompt_hash
+
 ENV_PREFIXES = ("NCCL_", "SLURM_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT")
-
-
-class JsonlWriter:
-    def __init__(self, path: str):
-        self.path = path
-        self.partial = path + ".partial"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(self.partial, "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        """One complete line, on disk before the call returns."""
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def commit(self) -> None:
-        self._f.close()
-        os.replace(self.partial, self.path)
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
-
-def check_writable(path: str) -> str | None:
-    """None if output_path can be written, else a one-line reason with the fix."""
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        probe = os.path.join(parent, f".pipeinfer-write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        return f"output_path={path!r} is not writable ({e.strerror}): choose a writable directory with --set output_path=..."
-    if os.path.isdir(path):
-        return f"output_path={path!r} is a directory: give a file path such as {os.path.join(path, 'run.jsonl')!r}"
-    return None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -101,6 +62,7 @@ def prompt_record(index: int, prompt: str, text: str, ids: list[int], prompt_tok
         "type": "prompt",
         "prompt_index": index,
         "prompt": prompt,
+        "prompt_sha256": prompt_hash(prompt),
         "output_text": text,
         "output_ids": ids,
         "prompt_tokens": prompt_tokens,
@@ -113,11 +75,14 @@ def prompt_record(index: int, prompt: str, text: str, ids: list[int], prompt_tok
     }
 
 
-def summary_record(prompts: list[dict], wall_s: float) -> dict:
+def summary_record(prompts: list[dict], wall_s: float, total_prompts: int, interrupted: bool) -> dict:
+    """This attempt's prompts; total_prompts counts those of earlier attempts in the file too."""
     new_tokens = sum(p["new_tokens"] for p in prompts)
     return {
         "type": "summary",
         "prompts": len(prompts),
+        "prompts_total": total_prompts,
+        "interrupted": interrupted,
         "new_tokens": new_tokens,
         "wall_s": wall_s,
         "tokens_per_s": new_tokens / wall_s if wall_s > 0 else None,

@@ -65,18 +65,22 @@ def load_tokenizer(model_path: str):
     return tok
 
 
-def make_batches(tokenizer, prompts: list[str], batch_size: int, max_positions: int | None,
-                 max_new_tokens: int) -> list[Batch]:
+def check_lengths(tokenizer, prompts: list[str], max_positions: int | None, max_new_tokens: int) -> None:
+    """Every prompt must tokenize to something and leave room for max_new_tokens."""
+    for i, ids in enumerate(tokenizer(prompts)["input_ids"]):
+        if not ids:
+            raise ConfigError(f"prompt {i} tokenizes to nothing: give it some text")
+        if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+            raise ConfigError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+                              f"exceeds the model's {max_positions} positions: shorten it or lower max_new_tokens")
+
+
+def make_batches(tokenizer, prompts: list[str], indices: list[int], batch_size: int) -> list[Batch]:
+    """The prompts at `indices`, in order, as left-padded batches of up to batch_size."""
     batches = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True)
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        for i, n in enumerate(lengths):
-            if n == 0:
-                raise ConfigError(f"prompt {start + i} tokenizes to nothing: give it some text")
-            if max_positions is not None and n + max_new_tokens > max_positions:
-                raise ConfigError(f"prompt {start + i} has {n} tokens; with max_new_tokens={max_new_tokens} that "
-                                  f"exceeds the model's {max_positions} positions: shorten it or lower max_new_tokens")
-        batches.append(Batch(list(range(start, start + len(chunk))), enc["input_ids"], enc["attention_mask"], lengths))
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True)
+        batches.append(Batch(chunk, enc["input_ids"], enc["attention_mask"],
+                             enc["attention_mask"].sum(dim=1).tolist()))
     return batches

@@ -5,10 +5,34 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 
 import torch
 
 from pipeinfer.config import ConfigError
+
+# Exit status when SIGTERM or SIGUSR1 (Slurm's warning before the time limit) stopped the run
+# early with its finished prompts saved: "try again later" (EX_TEMPFAIL), so a batch script requeues.
+EXIT_REQUEUE = 75
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGUSR1; polled by the first stage between steps."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        logging.getLogger("pipeinfer").warning("%s received: stopping after the current step", self.signal)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
 
 
 def setup_logging(rank: int) -> None:
@@ -32,8 +56,9 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def read_model_config(model_path: str):
-    """The checkpoint's config.json, with a one-line ConfigError when the directory is not a model."""
+def read_model_config(model_path: str, trust_remote_code: bool = False):
+    """The checkpoint's config.json, with a one-line ConfigError when the directory is not a model, or
+    when it needs its own Python code (auto_map) and trust_remote_code is not set."""
     from transformers import AutoConfig
 
     if not os.path.isdir(model_path):
@@ -42,7 +67,14 @@ def read_model_config(model_path: str):
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise ConfigError(f"model_path={model_path!r} has no config.json: copy the whole checkpoint directory")
     try:
-        return AutoConfig.from_pretrained(model_path, local_files_only=True)
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+            auto_map = json.load(f).get("auto_map")
+        if auto_map and not trust_remote_code:
+            raise ConfigError(f"model_path={model_path!r} needs its own Python code (config.json has auto_map: "
+                              f"{', '.join(auto_map)}): set trust_remote_code=true only if you trust that code")
+        return AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ConfigError:
+        raise
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ConfigError(f"model_path={model_path!r}: config.json cannot be read "
                           f"({str(e).splitlines()[0][:160]})") from None

@@ -22,15 +22,16 @@ def _worker(rank: int, port: int, q) -> None:
         h = torch.arange(2 * 3 * 4, dtype=torch.bfloat16).view(2, 3, 4)
         if rank == 0:
             c.send_hidden(h)
-            c.send_stop((2, 1, 4), torch.bfloat16)
+            c.send_control(pcomm.STOP, (2, 1, 4), torch.bfloat16)
             tokens, stop = c.recv_tokens(2, None, "test")
             q.put(("tokens", tokens.tolist(), stop, c.bytes_sent))
         else:
-            got = c.recv_hidden((2, 3, 4), torch.bfloat16, "test")
-            stopped = c.recv_hidden((2, 1, 4), torch.bfloat16, "test")
+            got, control = c.recv_hidden((2, 3, 4), torch.bfloat16, "test")
+            _, stopped = c.recv_hidden((2, 1, 4), torch.bfloat16, "test")
             c.send_tokens(torch.tensor([7, 9]), True)
-            q.put(("hidden", torch.equal(got, h), stopped is None))
+            q.put(("hidden", torch.equal(got, h) and control == pcomm.CONTINUE, stopped == pcomm.STOP))
         assert c.all_ok(True) and not c.all_ok(rank == 0)
+        assert c.broadcast({"from": rank}) == {"from": 0}
         gathered = c.gather(rank * 10)
         if rank == 0:
             q.put(("gather", gathered))

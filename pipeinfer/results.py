@@ -1,0 +1,117 @@
+"""The results file: append-only JSONL that a rerun of the same config resumes.
+
+Each prompt's record is one complete line, flushed and fsynced before the prompt counts as done.
+A rerun reads the file back (scan_previous): prompts already recorded, matched by prompt_index and
+a hash of the prompt text, are skipped. A torn last line (the writer died mid-write) is cut off
+with a warning; a corrupt line before the end, or records from a different config, refuse the
+start with a one-line ResultsError, so nothing recorded is ever silently mixed or overwritten.
+With resume=false the old file is kept as <output_path>.bak and a new one started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+# Keys that do not change any prompt's output: a run may resume with other values for them.
+RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "resume",
+                               "pipeline_size", "batch_size"})
+
+
+class ResultsError(ValueError):
+    """The results file cannot be resumed; the message says why and what to do."""
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Previous:
+    done: set[int] = field(default_factory=set)  # prompt indices already recorded
+    attempts: int = 0                            # run records already in the file
+
+
+def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> Previous:
+    """Validate an existing results file for resuming; repair a torn tail. Runs on the writer only."""
+    if not os.path.exists(path):
+        return Previous()
+    if not resume:
+        os.replace(path, path + ".bak")
+        log.warning("resume=false: moved the existing %s to %s.bak", path, path)
+        return Previous()
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")  # the piece after the last newline is b"" unless a write was cut short
+    records, keep, torn = [], 0, bool(lines[-1])
+    for n, raw in enumerate(lines[:-1]):
+        try:
+            records.append(json.loads(raw))
+            keep += len(raw) + 1
+        except (ValueError, UnicodeDecodeError):
+            if n < len(lines) - 2 or lines[-1]:
+                raise ResultsError(f"{path} line {n + 1} is corrupt, with more records after it: "
+                                   f"move the file away, or set resume=false to start over") from None
+            torn = True  # a garbled last line: treat it like a cut-short one
+    if torn:
+        log.warning("%s: cutting off a torn last line (%d bytes) left by an interrupted run", path, len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    prev = Previous()
+    for rec in records:
+        kind = rec.get("type") if isinstance(rec, dict) else None
+        if kind == "run":
+            prev.attempts += 1
+            changed = sorted(k for k in set(config) | set(rec.get("config", {}))
+                             if k not in RESUMABLE_CHANGES and config.get(k) != rec.get("config", {}).get(k))
+            if changed:
+                raise ResultsError(f"{path} holds results of a different config ({', '.join(changed)} differ): "
+                                   f"use another output_path, or set resume=false to start over")
+        elif kind == "prompt":
+            i = rec.get("prompt_index")
+            if not isinstance(i, int) or not 0 <= i < len(prompts) or rec.get("prompt_sha256") != prompt_hash(prompts[i]):
+                raise ResultsError(f"{path} records prompt_index={i} for a prompt that is not in this run's input "
+                                   f"(the prompts changed): use another output_path, or set resume=false")
+            if i in prev.done:
+                raise ResultsError(f"{path} records prompt_index={i} twice: move the file away or set resume=false")
+            prev.done.add(i)
+    return prev
+
+
+class ResultsWriter:
+    """Appends complete, fsynced lines to the results file (rank 0 only)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def check_writable(path: str) -> str | None:
+    """None if output_path can be written, else a one-line reason with the fix."""
+    if os.path.isdir(path):
+        return f"output_path={path!r} is a directory: give a file path such as {os.path.join(path, 'run.jsonl')!r}"
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        return (f"output_path={path!r} is not writable ({e.strerror}): "
+                f"choose a writable location with --set output_path=...")
+    return None

@@ -1,0 +1,197 @@
+"""Faults and interruptions: nothing hangs, nothing recorded is lost or duplicated.
+
+    pytest tests/test_reliability.py
+
+Ranks run as plain processes with no torchrun supervising them, as srun starts them. Time
+bounds are generous (timeout_s plus a margin) so a loaded 2-core machine cannot make them flake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENTRY, ROOT, base_config, free_port, prompt_records, rank_env, reference_outputs, run_pipeline
+
+SLOW_PROMPTS = [f"prompt number {i}: " + "word " * (i % 3) for i in range(8)]
+RUN = dict(prompts=SLOW_PROMPTS, max_new_tokens=200, ignore_eos=True, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    from pipeinfer.demo import make_model
+
+    return make_model(str(tmp_path_factory.mktemp("models") / "slow"), seed=3, hidden_size=128,
+                      intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+
+
+def start(cfg: dict, tmp_path, world: int, env_for=None, wrap_rank=None) -> list[subprocess.Popen]:
+    path = tmp_path / f"cfg-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(cfg))
+    port = free_port()
+    procs = []
+    for r in range(world):
+        cmd = [sys.executable, ENTRY, "--config", str(path)]
+        if wrap_rank and r in wrap_rank:
+            cmd = [sys.executable, "-c", wrap_rank[r], "--config", str(path)]
+        env = rank_env(r, world, port)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def wait_for_records(path: str, n: int, procs, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum('"type": "prompt"' in line for line in f) >= n:
+                    return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank exited early: " + " | ".join((p.communicate()[1] or "")[-800:] for p in procs))
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} prompt records in {path} after {timeout}s")
+
+
+def finish(p: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err, time.monotonic() - t0
+
+
+def kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_peer_killed_or_stopped_ends_rank0_within_timeout(slow_model, tmp_path, how):
+    timeout_s = 10
+    cfg = base_config(slow_model, tmp_path, pipeline_size=2, timeout_s=timeout_s, **RUN)
+    procs = start(cfg, tmp_path, 2)
+    try:
+        wait_for_records(cfg["output_path"], 1, procs)
+        os.kill(procs[1].pid, getattr(signal, how))
+        code, err, waited = finish(procs[0], timeout_s + 30)
+        assert code == 1, err
+        assert waited < timeout_s + 20
+        msg = [line for line in err.splitlines() if line.startswith("error:")]
+        # names the peer and what this rank was doing at the time
+        assert len(msg) == 1 and "rank 1" in msg[0] and ("waiting for" in msg[0] or "sending" in msg[0]), err
+        if how == "SIGSTOP":
+            assert f"timeout_s={timeout_s}" in msg[0]
+        assert "Traceback" not in err
+    finally:
+        kill_all(procs)
+
+
+RAISE_ON_THIRD_BATCH = """
+import runpy, sys
+import pipeinfer.generation as g
+real, calls = g.generate_batch, []
+def failing(*a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("injected failure on rank 1")
+    return real(*a, **k)
+g.generate_batch = failing
+sys.argv = [sys.argv[0]] + sys.argv[1:]
+runpy.run_path(%r, run_name="__main__")
+""" % ENTRY
+
+
+def test_exception_on_one_rank_ends_the_job_within_seconds(slow_model, tmp_path):
+    cfg = base_config(slow_model, tmp_path, pipeline_size=3, timeout_s=300, **RUN)
+    procs = start(cfg, tmp_path, 3, wrap_rank={1: RAISE_ON_THIRD_BATCH})
+    try:
+        codes = [finish(p, 120) for p in procs]
+        assert all(code != 0 for code, _, _ in codes), [c for c, _, _ in codes]
+        assert "injected failure on rank 1" in codes[1][1]
+        # far below timeout_s=300: the dead rank's closed connections end the others at once
+        assert max(w for _, _, w in codes) < 60
+        assert "rank 1 is gone" in codes[0][1] or "rank 1 is gone" in codes[2][1]
+    finally:
+        kill_all(procs)
+
+
+def records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_killed_run_resumes_with_one_record_per_prompt(slow_model, tmp_path):
+    cfg = base_config(slow_model, tmp_path, pipeline_size=2, **RUN)
+    procs = start(cfg, tmp_path, 2)
+    try:
+        wait_for_records(cfg["output_path"], 2, procs)
+    finally:
+        kill_all(procs)
+    before = [r for r in records(cfg["output_path"]) if r["type"] == "prompt"]
+    assert 2 <= len(before) < len(SLOW_PROMPTS)
+    with open(cfg["output_path"], "a") as f:
+        f.write('{"type": "prompt", "prompt_index": 7, "outp')  # a write cut short by the kill
+
+    resumed = run_pipeline(cfg, tmp_path, 2)
+    prompts = [r for r in resumed if r["type"] == "prompt"]
+    assert sorted(p["prompt_index"] for p in prompts) == list(range(len(SLOW_PROMPTS)))
+    assert prompts[:len(before)] == before, "earlier records must stay as they were"
+    assert [r["type"] for r in resumed].count("run") == 2
+
+    whole = run_pipeline(dict(cfg, output_path=str(tmp_path / "whole.jsonl")), tmp_path, 2)
+    assert [p["output_ids"] for p in prompt_records(resumed)] == [p["output_ids"] for p in prompt_records(whole)]
+
+
+@pytest.mark.parametrize("sig,to", [("SIGTERM", "all"), ("SIGUSR1", "rank0")])
+def test_signal_saves_finished_prompts_and_exits_75(slow_model, tmp_path, sig, to):
+    cfg = base_config(slow_model, tmp_path, pipeline_size=2, **RUN)
+    procs = start(cfg, tmp_path, 2)
+    try:
+        wait_for_records(cfg["output_path"], 1, procs)
+        for p in (procs if to == "all" else procs[:1]):
+            os.kill(p.pid, getattr(signal, sig))
+        codes = [finish(p, 60) for p in procs]
+        assert [c for c, _, _ in codes] == [75, 75], [e[-500:] for _, e, _ in codes]
+        assert "rerun the same config to resume" in codes[0][1]
+    finally:
+        kill_all(procs)
+    recs = records(cfg["output_path"])
+    assert recs[-1]["type"] == "summary" and recs[-1]["interrupted"] is True
+    done = {r["prompt_index"] for r in recs if r["type"] == "prompt"}
+    assert 1 <= len(done) < len(SLOW_PROMPTS)
+    final = run_pipeline(cfg, tmp_path, 2)
+    assert sorted(r["prompt_index"] for r in final if r["type"] == "prompt") == list(range(len(SLOW_PROMPTS)))
+
+
+def test_corrupt_middle_line_refuses_to_start(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path)
+    run_pipeline(cfg, tmp_path, 1)
+    lines = open(cfg["output_path"]).read().splitlines()
+    lines[1] = lines[1][:20]
+    open(cfg["output_path"], "w").write("\n".join(lines) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "c.json")], cwd=ROOT,
+                         env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "line 2 is corrupt" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, "refused before loading anything"
+    assert open(cfg["output_path"]).read().splitlines() == lines, "nothing may change in a file we refuse"
+
+
+def test_resume_refuses_records_of_another_config(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path)
+    run_pipeline(cfg, tmp_path, 1)
+    (tmp_path / "c.json").write_text(json.dumps(dict(cfg, max_new_tokens=5)))
+    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "c.json")], cwd=ROOT,
+                         env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "max_new_tokens differ" in res.stderr
+    # batch_size and pipeline_size do not change outputs: a rerun with them changed has nothing to do
+    again = run_pipeline(dict(cfg, batch_size=4), tmp_path, 1)
+    assert len(prompt_records(again)) == len(cfg["prompts"])
