@@ -1,0 +1,436 @@
+"""Summarise pipeinfer results: a table in the terminal and PNG plots, one run or several side by side.
+
+    python -m pipeinfer.report results/demo.jsonl --out report/
+    python -m pipeinfer.report results/demo.jsonl results/demo-pp1.jsonl --out report/   # compare runs
+
+Computing and presenting are separate: load_run() and summarize() turn records into a plain summary
+dict (pure, no printing), format_table() prints those dicts, write_plots() draws them. Percentiles
+use linear interpolation between closest ranks, numpy's default: the q-th percentile of n sorted
+values sits at position (n - 1) * q / 100. matplotlib is needed for the plots only; without it the
+table still prints. Bad input (missing file, not JSONL, no prompt records) exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+PERCENTILES = (50, 90, 99)
+LATENCY_METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("latency_s", "latency"), ("itl_s", "ITL"))
+EVENT_COLORS = {"prefill": "#1f4e9c", "decode": "#6fa8dc", "send": "#f0a000", "recv": "#d62728"}
+PLOTS = ("latency.png", "tokens_per_s.png", "stages.png", "timeline.png")
+MPL_HINT = "plots skipped: they need matplotlib (pip install matplotlib)"
+
+
+class ReportError(ValueError):
+    """Bad input: a one-line message naming the file and the fix."""
+
+
+@dataclass
+class Run:
+    path: str
+    label: str
+    run: dict | None
+    prompts: list[dict]
+    stages: list[dict]
+    summary: dict | None
+    sacct: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the reader should know about this file
+
+
+# ---- computing: records -> summary dicts (pure) ----
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None for no values."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def read_records(path: str) -> tuple[list[dict], bool]:
+    """The file's records, and whether a torn last line (a writer killed mid-line) was left out."""
+    fix = "pass the .jsonl a pipeinfer run wrote (its output_path)"
+    if not os.path.exists(path):
+        raise ReportError(f"{path}: no such file: check the path, or {fix}")
+    if os.path.isdir(path):
+        raise ReportError(f"{path}: is a directory: {fix}")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read ({e.strerror}): check its permissions") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records, torn = [], False
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and records:
+                torn = True  # the run was killed mid-write; a resumed run cuts this line off too
+                break
+            raise ReportError(f"{path}: line {n} is not JSON, so this is not a results file: {fix}") from None
+        if not isinstance(rec, dict):
+            raise ReportError(f"{path}: line {n} is not a JSON object: {fix}")
+        records.append(rec)
+    return records, torn
+
+
+def _index_order(k) -> tuple:
+    return (0, k, "") if isinstance(k, int) else (1, 0, str(k))
+
+
+def _of(records: list[dict], kind: str) -> list[dict]:
+    return [r for r in records if r.get("type") == kind]
+
+
+def load_run(path: str) -> Run:
+    """A results file's records by type; unknown types and extra fields are ignored.
+
+    A resumed file holds several attempts, each starting with a run record. Prompts come from all
+    of them; throughput sums the summaries' tokens and wall times; the stage records (and the
+    timeline) are those of the last attempt that wrote any, as ranks may differ between attempts.
+    """
+    records, torn = read_records(path)
+    prompts = {p.get("prompt_index", i): p for i, p in enumerate(_of(records, "prompt"))}
+    if not prompts:
+        raise ReportError(f"{path}: no prompt records ({len(records)} records of other types): "
+                          "the run did not finish a prompt; rerun it, or pass the .jsonl of a finished run")
+    attempts: list[list[dict]] = []
+    for rec in records:
+        if rec.get("type") == "run" or not attempts:
+            attempts.append([])
+        attempts[-1].append(rec)
+    last = next((a for a in reversed(attempts) if _of(a, "stage")), attempts[-1])
+    run = (_of(last, "run") or _of(records, "run") or [None])[0]
+    stages = sorted(_of(last, "stage"), key=lambda s: s.get("rank", 0))
+    summaries = _of(records, "summary")
+    summary = summaries[0] if len(summaries) == 1 else None
+    if len(summaries) > 1:
+        tokens, wall = (sum(_num(s.get(k)) or 0 for s in summaries) for k in ("new_tokens", "wall_s"))
+        summary = {"new_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None}
+    notes = []
+    if len(_of(records, "run")) > 1:
+        notes.append(f"{len(_of(records, 'run'))} attempts (resumed): prompts from all, throughput over "
+                     f"{len(summaries)} summaries, stages and timeline from the last attempt")
+    if any(s.get("interrupted") for s in summaries):
+        notes.append("an attempt was interrupted (its summary says interrupted=true)")
+    if torn:
+        notes.append("torn last line left out (the run was killed mid-write)")
+    sacct = [row for rec in _of(records, "sacct") for row in rec.get("rows", [])]
+    return Run(path, run_label(path, run, stages), run, [prompts[k] for k in sorted(prompts, key=_index_order)],
+               stages, summary, sacct, notes)
+
+
+def run_label(path: str, run: dict | None, stages: list[dict]) -> str:
+    name = os.path.basename(path).removesuffix(".partial").removesuffix(".jsonl")
+    pp = ((run or {}).get("config") or {}).get("pipeline_size") or (run or {}).get("world_size") or len(stages)
+    return f"{name} pp={pp}" if pp else name
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    return {f"p{q}": percentile(values, q) for q in PERCENTILES}
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def stage_summary(stage: dict) -> dict:
+    """A rank's wall time split into compute / recv wait / send / other (the untimed rest), s and %."""
+    wall = _num(stage.get("wall_s")) or 0.0
+    parts = {k: _num(stage.get(k)) or 0.0 for k in ("compute_s", "recv_wait_s", "send_s")}
+    parts["other_s"] = max(wall - sum(parts.values()), 0.0)
+    share = {k.removesuffix("_s") + "_pct": (100 * v / wall if wall > 0 else None) for k, v in parts.items()}
+    return {"rank": stage.get("rank"), "layers": stage.get("layers"), "wall_s": wall, **parts, **share,
+            "bytes_sent": stage.get("bytes_sent"), "peak_memory_bytes": stage.get("peak_memory_bytes"),
+            "events": len(stage.get("events") or []), "events_dropped": stage.get("events_dropped") or 0}
+
+
+def sacct_summary(rows: list[dict]) -> list[dict]:
+    """Per job: the job row's state and elapsed time, and the largest MaxRSS of any of its steps."""
+    jobs = []
+    for job in (r for r in rows if r.get("step") is None):
+        rss = [r["max_rss_bytes"] for r in rows
+               if r.get("job_id") == job.get("job_id") and _num(r.get("max_rss_bytes"))]
+        jobs.append({"job_id": job.get("job_id"), "state": job.get("state"), "elapsed_s": _num(job.get("elapsed_s")),
+                     "max_rss_bytes": max(rss) if rss else None})
+    return jobs
+
+
+def summarize(run: Run) -> dict:
+    """The numbers the table shows, from the records alone. ITL is pooled over all prompts' gaps."""
+    prompts = run.prompts
+
+    def values(key):
+        return [v for p in prompts if (v := _num(p.get(key))) is not None]
+
+    itl = [v for p in prompts for x in (p.get("itl_s") or []) if (v := _num(x)) is not None]
+    per_prompt_tps = values("tokens_per_s")
+    summary = run.summary or {}
+    out = {
+        "label": run.label,
+        "path": run.path,
+        "pipeline_size": ((run.run or {}).get("config") or {}).get("pipeline_size") or len(run.stages) or None,
+        "prompts": len(prompts),
+        "new_tokens": sum(int(p.get("new_tokens") or 0) for p in prompts),
+        "wall_s": _num(summary.get("wall_s")),
+        "tokens_per_s": _num(summary.get("tokens_per_s")),
+        "mean_prompt_tokens_per_s": sum(per_prompt_tps) / len(per_prompt_tps) if per_prompt_tps else None,
+        "stages": [stage_summary(s) for s in run.stages],
+        "sacct": sacct_summary(run.sacct),
+        "notes": list(run.notes),
+    }
+    for key, _ in LATENCY_METRICS:
+        out[key] = _pcts(itl if key == "itl_s" else values(key))
+    return out
+
+
+def timeline_window(stages: list[dict], max_events: int = 300,
+                    window_s: float | None = None) -> tuple[float, float, str]:
+    """(t0, t1, what is shown) for the Gantt chart, in unix seconds.
+
+    The whole run when no rank has more than max_events events; otherwise the first batch (up to
+    rank 0's second prefill), cut further at the end of the busiest rank's max_events-th event.
+    window_s, when given, shows the first window_s seconds instead.
+    """
+    events = {s.get("rank", i): sorted(s.get("events") or [], key=lambda e: e[1]) for i, s in enumerate(stages)}
+    flat = [e for evs in events.values() for e in evs]
+    if not flat:
+        return 0.0, 0.0, "no events recorded"
+    t0, end = min(e[1] for e in flat), max(e[2] for e in flat)
+    total = end - t0
+    if window_s is not None:
+        t1 = min(end, t0 + window_s)
+        return t0, t1, "whole run" if t1 >= end else f"first {t1 - t0:.3g} s of {total:.3g} s"
+    if max(len(evs) for evs in events.values()) <= max_events:
+        return t0, end, f"whole run, {total:.3g} s"
+    first = events[min(events)]
+    prefills = [e[1] for e in first if e[0] == "prefill"]
+    t1, what = (prefills[1], "first batch") if len(prefills) > 1 else (end, "whole run")
+    busiest = max(events.values(), key=len)
+    if len(busiest) > max_events and busiest[max_events - 1][2] < t1:
+        t1, what = busiest[max_events - 1][2], f"first {max_events} events of the busiest rank"
+    return t0, t1, f"{what}: {t1 - t0:.3g} s of {total:.3g} s"
+
+
+# ---- presenting: the table ----
+
+def _ms(x):
+    return "-" if x is None else f"{1000 * x:.2f}"
+
+
+def _bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def table_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
+    rows = [("prompts", [str(s["prompts"]) for s in summaries]),
+            ("new tokens", [str(s["new_tokens"]) for s in summaries]),
+            ("wall (s)", [_f(s["wall_s"], "{:.3f}") for s in summaries])]
+    for key, name in LATENCY_METRICS:
+        for q in PERCENTILES:
+            rows.append((f"{name} p{q} (ms)", [_ms(s[key][f"p{q}"]) for s in summaries]))
+    rows += [("throughput (tok/s)", [_f(s["tokens_per_s"]) for s in summaries]),
+             ("mean per-prompt tok/s", [_f(s["mean_prompt_tokens_per_s"]) for s in summaries])]
+    ranks = sorted({st["rank"] for s in summaries for st in s["stages"]}, key=lambda r: (r is None, r))
+    for r in ranks:
+        stage = [next((st for st in s["stages"] if st["rank"] == r), None) for s in summaries]
+        rows += [
+            (f"rank {r} layers",
+             ["-" if st is None or not st["layers"] else "{}-{}".format(*st["layers"]) for st in stage]),
+            (f"rank {r} compute/recv/send/other %",
+             ["-" if st is None or st["wall_s"] <= 0 else
+              " / ".join(f"{st[k]:.0f}" for k in ("compute_pct", "recv_wait_pct", "send_pct", "other_pct"))
+              for st in stage]),
+            (f"rank {r} bytes sent", ["-" if st is None else _bytes(st["bytes_sent"]) for st in stage]),
+            (f"rank {r} peak memory", ["-" if st is None else _bytes(st["peak_memory_bytes"]) for st in stage]),
+        ]
+    return rows
+
+
+def format_table(summaries: list[dict]) -> str:
+    rows = [("", [s["label"] for s in summaries])] + table_rows(summaries)
+    w0 = max(len(name) for name, _ in rows)
+    widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(summaries))]
+    lines = ["  ".join([name.ljust(w0)] + [c.rjust(w) for c, w in zip(cells, widths)]) for name, cells in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("percentiles: linear interpolation (numpy's default); ITL pooled over all prompts; "
+                 "rank shares are % of that rank's wall_s, other = wall - compute - recv - send")
+    for s in summaries:
+        lines += [f"note {s['label']}: {note}" for note in s["notes"]]
+        for row in s["sacct"]:
+            lines.append(f"sacct {s['label']}: job {row.get('job_id')} {row.get('state')}, "
+                         f"elapsed {_f(row['elapsed_s'], '{:.0f}')} s, "
+                         f"max RSS of its steps {_bytes(row['max_rss_bytes'])}")
+    return "\n".join(lines)
+
+
+# ---- presenting: the plots (matplotlib, Agg) ----
+
+def _ecdf(ax, values, label):
+    xs = sorted(values)
+    if xs:
+        ax.step([xs[0]] + xs, [0.0] + [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
+
+
+def plot_latency(plt, runs, summaries, path):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, (key, name) in zip(axes, LATENCY_METRICS):
+        all_ms = []
+        for run, s in zip(runs, summaries):
+            vals = ([1000 * x for p in run.prompts for x in (p.get("itl_s") or [])] if key == "itl_s"
+                    else [1000 * p[key] for p in run.prompts if _num(p.get(key)) is not None])
+            _ecdf(ax, vals, s["label"])
+            all_ms += vals
+        positive = [v for v in all_ms if v > 0]
+        if positive and max(positive) / min(positive) > 50:
+            ax.set_xscale("log")
+        ax.set(title=f"{name} CDF", xlabel=f"{name} (ms)",
+               ylabel="fraction of gaps" if key == "itl_s" else "fraction of prompts")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tokens_per_s(plt, runs, summaries, path):
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * max(len(r.prompts) for r in runs) * len(runs) + 3), 4))
+    width = 0.8 / len(runs)
+    for i, (run, s) in enumerate(zip(runs, summaries)):
+        xs = [p.get("prompt_index", j) + (i - (len(runs) - 1) / 2) * width for j, p in enumerate(run.prompts)]
+        bars = ax.bar(xs, [_num(p.get("tokens_per_s")) or 0 for p in run.prompts], width, label=s["label"])
+        if s["mean_prompt_tokens_per_s"] is not None:
+            ax.axhline(s["mean_prompt_tokens_per_s"], color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+    ax.set_xticks(sorted({p.get("prompt_index", j) for r in runs for j, p in enumerate(r.prompts)}))
+    ax.set(title="tokens/s per prompt (dashed: mean over prompts)", xlabel="prompt index", ylabel="new tokens / s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_stages(plt, summaries, path):
+    fig, axes = plt.subplots(1, len(summaries), figsize=(3 + 2.5 * len(summaries), 4), squeeze=False)
+    parts = (("compute_s", "compute", EVENT_COLORS["decode"]), ("recv_wait_s", "recv wait", EVENT_COLORS["recv"]),
+             ("send_s", "send", EVENT_COLORS["send"]), ("other_s", "other", "#bbbbbb"))
+    for ax, s in zip(axes[0], summaries):
+        ranks = [f"rank {st['rank']}" for st in s["stages"]]
+        bottom = [0.0] * len(ranks)
+        for key, name, color in parts:
+            vals = [st[key] for st in s["stages"]]
+            ax.bar(ranks, vals, bottom=bottom, color=color, label=name, width=0.6)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set(title=s["label"], ylabel="seconds")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle("per-stage time: compute / recv wait / send / other (wall - the rest)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timeline(plt, runs, summaries, path, window_s=None):
+    from matplotlib.patches import Patch
+
+    heights = [max(len(r.stages), 1) for r in runs]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(13, sum(0.7 * h + 1.3 for h in heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, run, s in zip(axes[:, 0], runs, summaries):
+        t0, t1, what = timeline_window(run.stages, window_s=window_s)
+        for row, stage in enumerate(run.stages):
+            for kind, color in EVENT_COLORS.items():
+                spans = [(1000 * (a - t0), 1000 * (b - a)) for k, a, b in stage.get("events") or []
+                         if k == kind and b >= t0 and a <= t1]
+                ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=color, linewidth=0)
+        dropped = sum(st["events_dropped"] for st in s["stages"])
+        ax.set_yticks(range(len(run.stages)), [f"rank {st.get('rank')}" for st in run.stages])
+        ax.set_ylim(len(run.stages) - 0.5, -0.5)
+        ax.set_xlim(0, 1000 * (t1 - t0) or 1)
+        ax.set_xlabel("ms since the first event")
+        ax.set_title(f"{s['label']}: {what}" + (f" ({dropped} events not recorded)" if dropped else ""), fontsize=10)
+    handles = [Patch(color=c, label=k + (" (waiting)" if k == "recv" else "")) for k, c in EVENT_COLORS.items()]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="idle / untimed"))
+    fig.legend(handles=handles, loc="upper right", ncol=5, fontsize=8)
+    fig.suptitle("pipeline timeline (white gaps and red recv waits are bubbles)", x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(runs: list[Run], summaries: list[dict], out_dir: str, window_s: float | None = None) -> list[str]:
+    """The four PNGs in out_dir; raises ImportError when matplotlib is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [os.path.join(out_dir, name) for name in PLOTS]
+    plot_latency(plt, runs, summaries, paths[0])
+    plot_tokens_per_s(plt, runs, summaries, paths[1])
+    plot_stages(plt, summaries, paths[2])
+    plot_timeline(plt, runs, summaries, paths[3], window_s=window_s)
+    return paths
+
+
+# ---- entry ----
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeinfer.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results JSONL files; several are compared side by side")
+    parser.add_argument("--out", help="directory for the PNG plots (without it, only the table)")
+    parser.add_argument("--window", type=float, metavar="SECONDS",
+                        help="timeline shows the first SECONDS (default: whole run, or the first batch of long runs)")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(p) for p in args.results]
+        if args.out:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise ReportError(f"--out {args.out}: is a file: give a directory for the plots")
+            try:
+                os.makedirs(args.out, exist_ok=True)
+            except OSError as e:
+                raise ReportError(f"--out {args.out}: cannot create it ({e.strerror}): "
+                                  "choose a writable directory") from None
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    seen: dict[str, int] = {}
+    for run in runs:  # the same file twice still gets two distinct columns
+        seen[run.label] = seen.get(run.label, 0) + 1
+        run.label += f" #{seen[run.label]}" if seen[run.label] > 1 else ""
+    summaries = [summarize(r) for r in runs]
+    print(format_table(summaries))
+    if args.out:
+        try:
+            paths = write_plots(runs, summaries, args.out, window_s=args.window)
+        except ImportError:
+            print(MPL_HINT)
+        else:
+            print("plots: " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
