@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import time
 
@@ -20,14 +21,15 @@ from pipeinfer import comm as pcomm
 from pipeinfer.config import ConfigError, check_model, check_world, load_config, world_from_env
 from pipeinfer.families import family_for
 from pipeinfer.generation import GenParams, generate_batch
-from pipeinfer.metrics import peak_memory_bytes, prompt_record, run_record, summary_record
+from pipeinfer.metrics import device_name, peak_memory_bytes, prompt_record, run_record, summary_record
 from pipeinfer.partition import StagePlan
 from pipeinfer.prompts import check_lengths, load_prompts, load_tokenizer, make_batches
 from pipeinfer.results import ResultsError, ResultsWriter, check_writable, scan_previous
-from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, pick_device, read_model_config,
-                               setup_logging)
+from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, pick_device, progress_bar,
+                               read_model_config, setup_logging)
 from pipeinfer.sampling import SamplingParams
 from pipeinfer.stage import LoadError, partition_model, resolve_dtype
+from pipeinfer.timeline import Timeline
 
 log = logging.getLogger("pipeinfer")
 
@@ -59,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(cfg.dtype, device)
 
     # 2. Process group; the writer's checks and every rank's stage load, agreed before going on.
-    comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port)
-    writer, clean = None, False  # clean: every rank reached the same exit point
+    timeline = Timeline(device, cfg.nvtx, rank)
+    comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port, timeline)
+    writer, bar, clean = None, None, False  # clean: every rank reached the same exit point
     try:
         problem, todo = None, None
         if comm.is_first:
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         if comm.is_first and todo:
             writer = ResultsWriter(cfg.output_path)
             writer.write(run_record(cfg.to_dict(), world_size, info.layer_ranges, device, dtype, info.family))
+        if cfg.profile_steps:
+            timeline.trace(cfg.profile_steps, f"{cfg.output_path}.rank{rank}.trace.json")
+        if writer is not None:
+            bar = progress_bar(len(prompts), len(prompts) - len(todo), cfg.progress)
         records, interrupted = [], False
         t0 = time.perf_counter()
         for batch in make_batches(tokenizer, prompts, todo, cfg.batch_size):
@@ -110,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     records.append(prompt_record(i, prompts[i], text, ids, n, times))
                     writer.write(records[-1])
+                bar.update(len(batch.indices))
+                bar.set_postfix_str(f"{sum(r['new_tokens'] for r in records) / (time.perf_counter() - t0):.1f} tok/s")
         wall_s = time.perf_counter() - t0
+        timeline.close()
 
         # 4. Per-stage metrics gathered on rank 0, then the summary.
         layers = info.layer_ranges[rank]
-        mine = {"type": "stage", "rank": rank, "layers": [layers.start, layers.stop - 1],
+        mine = {"type": "stage", "rank": rank, "hostname": socket.gethostname(), "device": device_name(device),
+                "layers": [layers.start, layers.stop - 1],
                 "param_bytes": info.param_bytes, "wall_s": wall_s, "bytes_sent": comm.bytes_sent,
                 "peak_memory_bytes": peak_memory_bytes(device), **comm.timeline.record()}
         gathered = comm.gather(mine)
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: rank {rank}: {e}", file=sys.stderr)
         return 1
     finally:
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
         pcomm.shutdown(clean)

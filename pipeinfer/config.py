@@ -45,6 +45,9 @@ class ExpConfig:
     timeout_s: float = 300.0
     master_port: int = 29500
     resume: bool = True
+    nvtx: bool | str = "auto"
+    profile_steps: int = 0
+    progress: bool = True
     layer_split: str | list[int] = "even"
     max_memory: list[int | str] | None = None
     allow_pickle: bool = False
@@ -77,6 +80,10 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "timeout_s": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
     "master_port": (_INT, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535"),
     "resume": (_BOOL, None, "true (skip prompts already in output_path) or false (start over)"),
+    "nvtx": ((bool, str), lambda v: v in (True, False, "auto"),
+             '"auto" (on when Nsight Systems runs the job), true or false'),
+    "profile_steps": (_INT, lambda v: v >= 0, "an integer >= 0: steps to trace with torch.profiler (0 = off)"),
+    "progress": (_BOOL, None, "true or false (a progress bar on rank 0 when stderr is a terminal)"),
     "layer_split": ((str, list), lambda v: v in ("even", "auto") if isinstance(v, str) else
                     len(v) > 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v),
                     '"even", "auto" or a list of layer counts per stage, each >= 1'),

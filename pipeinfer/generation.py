@@ -96,6 +96,7 @@ def generate_batch(stage: Stage, comm: Comm, batch: Batch, gp: GenParams, hidden
                 comm.send_control(STOP, (B, 1, hidden_size), dtype)
                 break
             x = tokens[:, None]  # (B, 1)
+        comm.timeline.step()
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos[:, -1:] + 1
         step += 1

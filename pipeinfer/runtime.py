@@ -47,6 +47,17 @@ def setup_logging(rank: int) -> None:
     hf_logging.set_verbosity_error()
 
 
+def progress_bar(total: int, done: int, enabled: bool):
+    """Prompts done and tokens/s on rank 0's stderr; silent when stderr is not a terminal."""
+    import shutil
+
+    from tqdm import tqdm
+
+    # shutil falls back to 80 columns where a terminal reports a width of 0 (some ptys do)
+    return tqdm(total=total, initial=done, unit="prompt", desc="generating", disable=None if enabled else True,
+                ncols=shutil.get_terminal_size().columns)
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")

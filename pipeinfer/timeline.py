@@ -1,13 +1,19 @@
 """Where each stage's time goes: named spans (prefill, decode, send, recv) with totals and events.
 
 The same spans feed the {"type": "stage"} record (totals), the report's pipeline timeline
-(events, in wall-clock seconds so ranks on one machine line up), and NVTX ranges when a profiler
-is attached. On CUDA, compute spans synchronise the device at their end, and only they do: that is
-where a measurement needs it; everywhere else kernels stay asynchronous.
+(events, in wall-clock seconds so ranks on one machine line up), and NVTX ranges
+("stage<r>:<kind>") when Nsight Systems runs the job or the config asks for them. On CUDA, compute
+spans synchronise the device at their end, and only they do: that is where a measurement needs
+it; everywhere else kernels stay asynchronous.
+
+Where no system profiler exists, profile_steps=N traces N generation steps with torch.profiler
+into a Chrome/Perfetto JSON per rank (open it in ui.perfetto.dev or chrome://tracing).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -17,20 +23,56 @@ import torch
 COMPUTE = ("prefill", "decode")
 
 
+def profiler_attached() -> bool:
+    """Nsight Systems (and Nsight Compute) inject into CUDA through CUDA_INJECTION64_PATH and set
+    NSYS_* variables; run.sh sets PIPEINFER_NVTX=1 when it wraps the run in nsys."""
+    env = os.environ
+    return (env.get("PIPEINFER_NVTX") == "1" or "CUDA_INJECTION64_PATH" in env
+            or any(k.startswith("NSYS_") for k in env))
+
+
 class Timeline:
-    def __init__(self, device: torch.device | None = None, nvtx: bool = False, max_events: int = 20000):
+    def __init__(self, device: torch.device | None = None, nvtx: bool | str = False, rank: int = 0,
+                 max_events: int = 20000):
         self.sync = device is not None and device.type == "cuda"
-        self.nvtx = nvtx and torch.cuda.is_available()
+        wanted = profiler_attached() if nvtx == "auto" else bool(nvtx)
+        self.nvtx = wanted and torch.cuda.is_available()
+        self.rank = rank
         self.max_events = max_events
+        self._profiler = None
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.events: list[tuple[str, float, float]] = []
         self.dropped = 0
 
+    def trace(self, steps: int, path: str) -> None:
+        """Record `steps` generation steps (after one warm-up step) with torch.profiler into `path`."""
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.sync else [])
+
+        def save(prof) -> None:
+            prof.export_chrome_trace(path)
+            logging.getLogger(__name__).info("torch.profiler trace of %d steps -> %s", steps, path)
+
+        self._profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+                                 on_trace_ready=save, record_shapes=True)
+        self._profiler.start()
+
+    def step(self) -> None:
+        """Called at the end of every generation step."""
+        if self._profiler is not None:
+            self._profiler.step()
+
+    def close(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()  # writes the trace if the run ended before the schedule did
+            self._profiler = None
+
     @contextmanager
     def span(self, kind: str):
         if self.nvtx:
-            torch.cuda.nvtx.range_push(kind)
+            torch.cuda.nvtx.range_push(f"stage{self.rank}:{kind}")
         t0 = time.time()
         try:
             yield
