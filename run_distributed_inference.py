@@ -18,9 +18,9 @@ import sys
 import time
 
 from pipeinfer import comm as pcomm
-from pipeinfer.config import ConfigError, check_model, check_world, load_config, world_from_env
+from pipeinfer.config import ConfigError, check_model, check_world, load_config, micro_batching, world_from_env
 from pipeinfer.families import family_for
-from pipeinfer.generation import GenParams, generate_batch
+from pipeinfer.generation import Aborted, GenParams, generate
 from pipeinfer.metrics import device_name, peak_memory_bytes, prompt_record, run_record, summary_record
 from pipeinfer.partition import StagePlan
 from pipeinfer.prompts import check_lengths, load_prompts, load_tokenizer, make_batches
@@ -105,20 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         if writer is not None:
             bar = progress_bar(len(prompts), len(prompts) - len(todo), cfg.progress)
         records, interrupted = [], False
+        micro_batch_size, in_flight = micro_batching(cfg)
+        batches = make_batches(tokenizer, prompts, todo, micro_batch_size)
         t0 = time.perf_counter()
-        for batch in make_batches(tokenizer, prompts, todo, cfg.batch_size):
-            result = generate_batch(stage, comm, batch, gp, model_config.hidden_size, dtype, stop)
-            if result.aborted:
-                interrupted = True
-                break
-            if writer is not None:
+        try:
+            for batch, result in generate(stage, comm, batches, in_flight, gp, model_config.hidden_size, dtype, stop):
                 for i, ids, times, n in zip(batch.indices, result.output_ids, result.token_times,
                                             batch.prompt_tokens):
                     text = tokenizer.decode(ids, skip_special_tokens=True)
-                    records.append(prompt_record(i, prompts[i], text, ids, n, times))
+                    records.append(prompt_record(i, prompts[i], text, ids, n, times, result.start_s))
                     writer.write(records[-1])
                 bar.update(len(batch.indices))
                 bar.set_postfix_str(f"{sum(r['new_tokens'] for r in records) / (time.perf_counter() - t0):.1f} tok/s")
+        except Aborted:
+            interrupted = True
         wall_s = time.perf_counter() - t0
         timeline.close()
 

@@ -10,7 +10,9 @@ The stop decision is made by the last stage (the only one that sees the tokens);
 the token to the first stage, which sends a STOP frame down the pipe, so every stage ends the
 batch at the same step and nobody waits for a message that will never come.
 
-Every wait is bounded by timeout_s. A peer that died closes its connections, and the wait fails
+Sends are asynchronous: a stage hands its output to isend and goes on computing the next
+micro-batch; the send is waited for only when more than MAX_PENDING_SENDS are outstanding, or at
+drain_sends() before the process group is torn down. Every wait is bounded by timeout_s. A peer that died closes its connections, and the wait fails
 at once; a stuck peer fails it after timeout_s. Either way a PeerFailure names the peer and
 what this rank was doing.
 With pipeline_size 1 there is no process group and the functions are pass-throughs.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from pipeinfer.timeline import Timeline
 
 CONTINUE, STOP, ABORT = 0, 1, 2
+MAX_PENDING_SENDS = 8
 
 
 class PeerFailure(RuntimeError):
@@ -43,6 +47,7 @@ class Comm:
     timeout_s: float
     timeline: Timeline = field(default_factory=Timeline)
     bytes_sent: int = 0
+    _pending: deque = field(default_factory=deque)  # (work, tensor kept alive, what, peer)
 
     @property
     def is_first(self) -> bool:
@@ -97,11 +102,23 @@ class Comm:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _send(self, tensor: torch.Tensor, dst: int, doing: str) -> None:
-        # isend + a bounded wait: a send to a dead peer fails instead of blocking forever.
+        tensor = tensor.contiguous()
         with self.timeline.span("send"):
-            work = dist.isend(tensor.contiguous(), dst)
-            _wait(work, self.timeout_s, f"{doing} to rank {dst}", dst)
+            self._pending.append((dist.isend(tensor, dst), tensor, f"{doing} to rank {dst}", dst))
+            while self._pending and (len(self._pending) > MAX_PENDING_SENDS or self._pending[0][0].is_completed()):
+                self._wait_oldest()
         self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def _wait_oldest(self) -> None:
+        # a bounded wait: a send to a dead or stuck peer fails instead of blocking forever
+        work, _, doing, dst = self._pending.popleft()
+        _wait(work, self.timeout_s, doing, dst)
+
+    def drain_sends(self) -> None:
+        """Wait for every outstanding send (end of a run, before teardown)."""
+        with self.timeline.span("send"):
+            while self._pending:
+                self._wait_oldest()
 
     def _recv(self, buf: torch.Tensor, src: int, doing: str) -> None:
         with self.timeline.span("recv"):

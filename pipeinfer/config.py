@@ -35,6 +35,7 @@ class ExpConfig:
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = 1
+    micro_batch_size: int | str = "auto"
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -70,6 +71,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "dtype": (_STR, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "device": (_STR, lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     "batch_size": (_INT, lambda v: v >= 1, "an integer >= 1"),
+    "micro_batch_size": ((int, str), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
+                         '"auto" or an integer >= 1 (prompts per micro-batch)'),
     "do_sample": (_BOOL, None, "true or false"),
     "temperature": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
     "top_k": (_INT, lambda v: v >= 0, "an integer >= 0 (0 disables top-k)"),
@@ -171,7 +174,24 @@ def build_config(raw: dict) -> ExpConfig:
         if isinstance(values.get(key), list) and len(values[key]) != size:
             raise ConfigError(f"{key}={json.dumps(values[key])} has {len(values[key])} entries but pipeline_size={size}: "
                               f"give one per stage")
-    return ExpConfig(**values)
+    cfg = ExpConfig(**values)
+    if isinstance(cfg.micro_batch_size, int) and cfg.micro_batch_size > cfg.batch_size:
+        raise ConfigError(f"micro_batch_size={cfg.micro_batch_size} > batch_size={cfg.batch_size}: a micro-batch is "
+                          f"part of the batch in flight; lower it or raise batch_size")
+    return cfg
+
+
+def micro_batching(cfg: ExpConfig) -> tuple[int, int]:
+    """(prompts per micro-batch, micro-batches in flight) for the batch_size prompts in flight.
+
+    "auto" splits the batch into as many micro-batches as there are stages (fewer when the batch
+    is smaller), so that every stage has work once the pipe is full; with one stage there is
+    nothing to overlap and the batch stays whole, which computes it most efficiently.
+    """
+    size = cfg.micro_batch_size
+    if size == "auto":
+        size = -(-cfg.batch_size // min(cfg.pipeline_size, cfg.batch_size))
+    return size, -(-cfg.batch_size // size)
 
 
 def check_world(cfg: ExpConfig, world_size: int) -> None:

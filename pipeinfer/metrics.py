@@ -58,8 +58,9 @@ def run_record(config: dict, world_size: int, layer_ranges: list[range], device:
 
 
 def prompt_record(index: int, prompt: str, text: str, ids: list[int], prompt_tokens: int,
-                  times: list[float]) -> dict:
-    """times: seconds from the batch's start to the arrival of each new token at rank 0."""
+                  times: list[float], start_s: float = 0.0) -> dict:
+    """times: seconds from the start of the prompt's micro-batch to the arrival of each new token
+    at rank 0; start_s: when that micro-batch started, in seconds since generation began."""
     n = len(ids)
     latency = times[-1] if times else 0.0
     return {
@@ -76,6 +77,7 @@ def prompt_record(index: int, prompt: str, text: str, ids: list[int], prompt_tok
         "itl_s": [b - a for a, b in zip(times, times[1:])],
         "latency_s": latency,
         "tokens_per_s": n / latency if latency > 0 else None,
+        "start_s": start_s,
     }
 
 

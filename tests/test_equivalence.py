@@ -127,3 +127,24 @@ def test_torchrun_launch_and_set_overrides(tiny_llama, tmp_path):
     prompts = prompt_records(records)
     assert [p["prompt"] for p in prompts] == ["hi", "a longer prompt"]
     assert [p["output_ids"] for p in prompts] == reference_outputs(tiny_llama, ["hi", "a longer prompt"], 12)
+
+
+# Several micro-batches in flight, refilled from the queue as they finish: the same tokens as
+# the naive schedule (one micro-batch) and as whole-model generate().
+@pytest.mark.parametrize("pipeline_size,batch_size,micro_batch_size", [(2, 4, 1), (2, 4, 2), (3, 3, 1), (3, 4, 2)])
+def test_scheduled_micro_batches_match_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size,
+                                                micro_batch_size):
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=pipeline_size, batch_size=batch_size,
+                      micro_batch_size=micro_batch_size)
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    assert [p["output_ids"] for p in prompt_records(records)] == reference
+    stages = [r for r in records if r["type"] == "stage"]
+    assert all(s["prefill_steps"] == -(-len(PROMPTS) // micro_batch_size) for s in stages)
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_eos_with_refill_matches_generate(llama_with_eos, tmp_path, micro_batch_size):
+    """Micro-batches end at different steps (EOS); the queue refills their slots."""
+    ref = reference_outputs(llama_with_eos, PROMPTS, 12)
+    cfg = base_config(llama_with_eos, tmp_path, pipeline_size=3, batch_size=2, micro_batch_size=micro_batch_size)
+    assert [p["output_ids"] for p in prompt_records(run_pipeline(cfg, tmp_path, 3))] == ref

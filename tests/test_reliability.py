@@ -150,9 +150,11 @@ def test_killed_run_resumes_with_one_record_per_prompt(slow_model, tmp_path):
     assert [p["output_ids"] for p in prompt_records(resumed)] == [p["output_ids"] for p in prompt_records(whole)]
 
 
-@pytest.mark.parametrize("sig,to", [("SIGTERM", "all"), ("SIGUSR1", "rank0")])
-def test_signal_saves_finished_prompts_and_exits_75(slow_model, tmp_path, sig, to):
-    cfg = base_config(slow_model, tmp_path, pipeline_size=2, **RUN)
+@pytest.mark.parametrize("sig,to,in_flight", [("SIGTERM", "all", 1), ("SIGUSR1", "rank0", 1), ("SIGTERM", "all", 3)])
+def test_signal_saves_finished_prompts_and_exits_75(slow_model, tmp_path, sig, to, in_flight):
+    """With one micro-batch, or three in flight (frames on their way must drain cleanly)."""
+    cfg = base_config(slow_model, tmp_path, pipeline_size=2,
+                      **dict(RUN, batch_size=in_flight, micro_batch_size=1))
     procs = start(cfg, tmp_path, 2)
     try:
         wait_for_records(cfg["output_path"], 1, procs)
