@@ -1,0 +1,239 @@
+"""submit.sbatch end to end on a real two-node Slurm cluster (tests/slurm/cluster.sh), all on CPU.
+
+    bash .ci/install_slurm.sh && bash tests/slurm/cluster.sh start
+    pytest tests/test_slurm.py
+
+Skipped, with the reason, where sbatch is missing or node1/node2 are not up. Jobs run one at a time:
+each node has one CPU, and submit.sbatch takes both nodes.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
+JOB_TIMEOUT_S = 240
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+def cluster_problem():
+    if shutil.which("sbatch") is None:
+        return "sbatch not on PATH: run bash .ci/install_slurm.sh && bash tests/slurm/cluster.sh start"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"sinfo failed ({err}): start the cluster with bash tests/slurm/cluster.sh start"
+    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    if out.returncode != 0 or not all(states.get(n, "down").rstrip("*") in ("idle", "mix", "alloc")
+                                      for n in ("node1", "node2")):
+        return f"node1/node2 not up (sinfo: {states or out.stderr.strip()}): bash tests/slurm/cluster.sh start"
+    return None
+
+
+pytestmark = pytest.mark.skipif(cluster_problem() is not None, reason=str(cluster_problem()))
+
+PROMPTS = ["The quick brown fox", "Hello", "Pipeline parallelism splits a model"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if not (REPO / "pipeinfer" / "demo.py").exists():
+        pytest.skip("pipeinfer/demo.py (the core's tiny demo model) not there yet")
+    out = tmp_path_factory.mktemp("model") / "demo-llama"
+    subprocess.run([sys.executable, "-m", "pipeinfer.demo", "--out", str(out)], cwd=REPO, check=True, timeout=300)
+    return out
+
+
+def write_config(path, model_dir, output_path, **overrides):
+    config = {"model_path": str(model_dir), "pipeline_size": 2, "prompts": PROMPTS, "max_new_tokens": 8,
+              "batch_size": 2, "seed": 0, "output_path": str(output_path), "timeout_s": 60}
+    config.update(overrides)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def local_reference(model_dir, tmp_path_factory):
+    """The same config run locally with torchrun: the token ids every Slurm run must reproduce."""
+    tmp = tmp_path_factory.mktemp("local")
+    config = write_config(tmp / "config.json", model_dir, tmp / "local.jsonl")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                    "run_distributed_inference.py", "--config", str(config)],
+                   cwd=REPO, timeout=300, capture_output=True, text=True)
+    records = read_jsonl(tmp / "local.jsonl")
+    prompts = {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}
+    assert sorted(prompts) == list(range(len(PROMPTS))), f"local torchrun run incomplete: {records}"
+    return prompts
+
+
+def job_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PYTHON=sys.executable, MODULES="")
+    env.update(extra)
+    return env
+
+
+def job_state(job_id, timeout_s=30):
+    """The job's final State (first word) from sacct, waiting for accounting to show it ended."""
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-P", "--noheader", "--format=State"],
+                             capture_output=True, text=True).stdout.split()
+        state = out[0] if out else ""
+        if state in FINISHED:
+            return state
+        time.sleep(1)
+    return state
+
+
+def sbatch(tmp_path, env, *args, wait=True):
+    """Submit submit.sbatch from the repo root; returns (job id, sbatch status or None, log path)."""
+    log = tmp_path / "slurm-%j.out"
+    command = ["sbatch", "--parsable", f"--output={log}"] + (["--wait"] if wait else []) + ["submit.sbatch", *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = proc.stdout.readline().strip().split(";")[0]
+    assert job_id.isdigit(), f"sbatch said {job_id!r}: {proc.stderr.read()}"
+    status = None
+    if wait:
+        try:
+            status = proc.wait(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["scancel", job_id])
+            proc.kill()
+            pytest.fail(f"job {job_id} still running after {JOB_TIMEOUT_S} s: {Path(str(log).replace('%j', job_id)).read_text()}")
+    return job_id, status, Path(str(log).replace("%j", job_id))
+
+
+def assert_completed_run(job_id, status, log, output, reference):
+    assert status == 0, log.read_text()
+    assert job_state(job_id) == "COMPLETED"
+    records = read_jsonl(output)
+    prompts = [r for r in records if r["type"] == "prompt"]
+    assert len(prompts) == len(PROMPTS)
+    assert {r["prompt_index"]: r["output_ids"] for r in prompts} == reference
+    sacct = records[-1]
+    assert sacct["type"] == "sacct" and sacct["job_id"] == job_id
+    rows = {r["step"] or "job": r for r in sacct["rows"]}
+    assert {"job", "batch", "extern", "0"} <= set(rows), sacct
+    assert rows["0"]["state"] == "COMPLETED" and rows["0"]["node_list"] == "node[1-2]"
+    assert all(r["elapsed_s"] is not None for r in rows.values())
+    assert rows["0"]["max_rss_bytes"] > 0
+    return records
+
+
+def test_two_nodes_without_container(tmp_path, model_dir, local_reference):
+    output = tmp_path / "out" / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output)
+    job_id, status, log = sbatch(tmp_path, job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config)))
+    assert_completed_run(job_id, status, log, output, local_reference)
+    text = log.read_text()
+    assert "rendezvous node1:" in text and f":{20000 + int(job_id) % 20000}" in text
+
+
+def test_two_nodes_with_fake_apptainer(tmp_path, model_dir, local_reference):
+    output = tmp_path / "out" / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output)
+    image = tmp_path / "pytorch.sif"
+    image.write_text("stand-in image for tests/slurm/fake-apptainer\n")
+    env = job_env(CONTAINER_IMAGE=str(image), EXP_CONFIG=str(config))
+    env["PATH"] = f"{FAKE_APPTAINER}:{env['PATH']}"
+    job_id, status, log = sbatch(tmp_path, env)
+    assert_completed_run(job_id, status, log, output, local_reference)
+    assert log.read_text().count("fake-apptainer: running") == 2       # one container per rank
+
+
+def rank_pid(job_id, rank, timeout_s):
+    """The pid of the runner process of `rank` in the job's srun step, found through /proc."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if (b"run_distributed_inference.py" in cmdline and f"SLURM_JOB_ID={job_id}".encode() in environ
+                    and f"SLURM_PROCID={rank}".encode() in environ and b"SLURM_STEP_ID=0" in environ):
+                return int(proc.name)
+        time.sleep(0.2)
+    return None
+
+
+def test_killed_rank_fails_the_job_without_hanging(tmp_path, model_dir):
+    output = tmp_path / "out" / "run.jsonl"
+    timeout_s = 30
+    config = write_config(tmp_path / "config.json", model_dir, output, prompts=PROMPTS * 40, batch_size=1,
+                          max_new_tokens=200, ignore_eos=True, timeout_s=timeout_s)
+    job_id, _, log = sbatch(tmp_path, job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config)), wait=False)
+    try:
+        deadline = time.monotonic() + 120       # both stages loaded: rank 1 is in the pipeline
+        while time.monotonic() < deadline and (not log.exists() or log.read_text().count(" owns layers ") < 2):
+            time.sleep(0.5)
+        time.sleep(2)
+        pid = rank_pid(job_id, rank=1, timeout_s=10)
+        assert pid, f"rank 1 of job {job_id} not found: {log.read_text() if log.exists() else 'no log'}"
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        state = job_state(job_id, timeout_s=timeout_s + 60)
+        assert state in ("FAILED", "NODE_FAIL", "CANCELLED"), f"job {job_id} state {state!r}: {log.read_text()}"
+        assert time.monotonic() - killed_at < timeout_s + 60
+        text = log.read_text()
+        assert "srun exited with status 0" not in text and "scontrol requeue" not in text, text
+    finally:
+        subprocess.run(["scancel", job_id])
+
+
+def test_pipeline_size_not_matching_the_allocation_is_one_line_error(tmp_path, model_dir):
+    config = write_config(tmp_path / "config.json", model_dir, tmp_path / "run.jsonl", pipeline_size=3)
+    job_id, status, log = sbatch(tmp_path, job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config)))
+    assert status == 2
+    errors = [line for line in log.read_text().splitlines() if "error" in line]
+    assert errors == [f"submit.sbatch: error: pipeline_size=3 in {config} but the allocation has 2 tasks: "
+                      "submit with sbatch --nodes=3, or set pipeline_size to 2"]
+    assert not (tmp_path / "run.jsonl").exists()
+    assert job_state(job_id) == "FAILED"
+
+
+def test_usr1_before_time_limit_is_forwarded_and_exit_75_requeues(tmp_path, model_dir):
+    """The time-limit warning path with a stub runner: USR1 -> ranks exit 75 -> requeued -> rerun completes."""
+    runner = tmp_path / "runner-stub"
+    runner.write_text(
+        "#!/bin/bash\n# Stand-in runner: the first run waits for USR1 and exits 75, the requeued run succeeds.\n"
+        "echo \"stub rank $RANK restart ${SLURM_RESTART_COUNT:-0}\"\n"
+        "[[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]] && exit 0\n"
+        "trap 'echo \"stub rank $RANK got USR1\"; exit 75' USR1\n"
+        "for _ in $(seq 600); do sleep 0.1; done\nexit 1\n")
+    runner.chmod(0o755)
+    output = tmp_path / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output)
+    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config), RUNNER=str(runner))
+    proc_job, _, log = sbatch(tmp_path, env, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not log.exists() or log.read_text().count("stub rank") < 2):
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", proc_job], check=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and len(re.findall(r"stub rank \d restart 1", log.read_text())) < 2:
+            time.sleep(1)
+        text = log.read_text()
+        assert "got SIGUSR1, forwarding" in text and text.count("got USR1") == 2
+        assert f"scontrol requeue {proc_job}" in text and len(re.findall(r"stub rank \d restart 1", text)) == 2, text
+        assert job_state(proc_job, timeout_s=60) == "COMPLETED"
+    finally:
+        subprocess.run(["scancel", proc_job])
