@@ -224,12 +224,24 @@ def world_from_env() -> tuple[int, int, int]:
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
     ap = argparse.ArgumentParser(description="Validate an exp_config.json and print it resolved.")
     ap.add_argument("config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--fields", nargs="+", metavar="KEY",
+                    help="print only these keys, one per line (paths made absolute), for shell scripts")
     args = ap.parse_args()
     try:
-        print(json.dumps(load_config(args.config, args.set).to_dict(), indent=2))
+        resolved = load_config(args.config, args.set).to_dict()
     except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not args.fields:
+        print(json.dumps(resolved, indent=2))
+    for key in args.fields or ():
+        if key not in resolved:
+            print(f"error: --fields {key}: not a config key", file=sys.stderr)
+            sys.exit(2)
+        value = resolved[key]
+        print(os.path.abspath(value) if key.endswith(("_path", "_folder", "_file")) and value else value)
