@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("all %d prompts are already in %s: nothing to do", len(prompts), cfg.output_path)
         clean = True
         if interrupted:
-            log.warning("stopped by %s: %d of %d prompts saved; rerun the same config to resume (exit %d)",
-                        stop.signal or "a stop request", len(prompts) - len(todo) + len(records), len(prompts),
-                        EXIT_REQUEUE)
+            if comm.is_first:
+                log.warning("stopped by %s: %d of %d prompts saved; rerun the same config to resume (exit %d)",
+                            stop.signal or "a stop request", len(prompts) - len(todo) + len(records), len(prompts),
+                            EXIT_REQUEUE)
             return EXIT_REQUEUE
         return 0
     except pcomm.PeerFailure as e:

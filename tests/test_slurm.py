@@ -40,7 +40,14 @@ def cluster_problem():
     return None
 
 
-pytestmark = pytest.mark.skipif(cluster_problem() is not None, reason=str(cluster_problem()))
+PROBLEM = cluster_problem()
+# CI starts the cluster and sets PIPEINFER_REQUIRE_SLURM=1: there a missing cluster fails, never skips.
+REQUIRED = os.environ.get("PIPEINFER_REQUIRE_SLURM") == "1"
+pytestmark = pytest.mark.skipif(PROBLEM is not None and not REQUIRED, reason=str(PROBLEM))
+
+
+def test_cluster_is_up():
+    assert PROBLEM is None, PROBLEM
 
 PROMPTS = ["The quick brown fox", "Hello", "Pipeline parallelism splits a model"]
 
@@ -209,31 +216,31 @@ def test_pipeline_size_not_matching_the_allocation_is_one_line_error(tmp_path, m
     assert job_state(job_id) == "FAILED"
 
 
-def test_usr1_before_time_limit_is_forwarded_and_exit_75_requeues(tmp_path, model_dir):
-    """The time-limit warning path with a stub runner: USR1 -> ranks exit 75 -> requeued -> rerun completes."""
-    runner = tmp_path / "runner-stub"
-    runner.write_text(
-        "#!/bin/bash\n# Stand-in runner: the first run waits for USR1 and exits 75, the requeued run succeeds.\n"
-        "echo \"stub rank $RANK restart ${SLURM_RESTART_COUNT:-0}\"\n"
-        "[[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]] && exit 0\n"
-        "trap 'echo \"stub rank $RANK got USR1\"; exit 75' USR1\n"
-        "for _ in $(seq 600); do sleep 0.1; done\nexit 1\n")
-    runner.chmod(0o755)
+def test_usr1_before_time_limit_stops_requeues_and_resumes(tmp_path, model_dir):
+    """The time-limit warning path with the real runner: USR1 to the batch shell -> forwarded to the
+    ranks -> they save finished prompts and exit 75 -> the job is requeued -> the rerun resumes."""
+    prompts = [f"prompt {i}: " + "x" * i for i in range(12)]
     output = tmp_path / "run.jsonl"
-    config = write_config(tmp_path / "config.json", model_dir, output)
-    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config), RUNNER=str(runner))
-    proc_job, _, log = sbatch(tmp_path, env, wait=False)
+    config = write_config(tmp_path / "config.json", model_dir, output, prompts=prompts, max_new_tokens=200,
+                          ignore_eos=True, batch_size=1)
+    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config))
+    job, _, log = sbatch(tmp_path, env, wait=False)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not log.exists() or log.read_text().count("stub rank") < 2):
-            time.sleep(0.5)
-        subprocess.run(["scancel", "--batch", "--signal=USR1", proc_job], check=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and len(re.findall(r"stub rank \d restart 1", log.read_text())) < 2:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (output.exists() and '"type": "prompt"' in output.read_text()):
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        deadline = time.monotonic() + 300  # Slurm holds a requeued job back for a while before it restarts
+        while time.monotonic() < deadline and "resuming:" not in log.read_text():
             time.sleep(1)
+        assert job_state(job, timeout_s=120) == "COMPLETED", log.read_text()[-3000:]
         text = log.read_text()
-        assert "got SIGUSR1, forwarding" in text and text.count("got USR1") == 2
-        assert f"scontrol requeue {proc_job}" in text and len(re.findall(r"stub rank \d restart 1", text)) == 2, text
-        assert job_state(proc_job, timeout_s=60) == "COMPLETED"
+        assert "got SIGUSR1, forwarding" in text and f"scontrol requeue {job}" in text, text[-3000:]
+        assert "rerun the same config to resume" in text and "resuming:" in text, text[-3000:]
     finally:
-        subprocess.run(["scancel", proc_job])
+        subprocess.run(["scancel", job])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    indices = sorted(r["prompt_index"] for r in records if r["type"] == "prompt")
+    assert indices == list(range(len(prompts))), "exactly one record per prompt across the two attempts"
+    assert [r["type"] for r in records].count("run") == 2
+    assert records[-1]["type"] == "sacct"
