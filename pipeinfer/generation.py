@@ -145,8 +145,12 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
                 _step(stage, comm, s, x, gp, eos, hidden_size)
                 s.advance()
                 comm.timeline.step()
-    finally:
+    except Aborted:
         comm.drain_sends()
+        raise
+    # Not in a `finally`: after a PeerFailure, waiting on sends to the failed peer would only
+    # delay the exit by another timeout_s each.
+    comm.drain_sends()
 
 
 def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eos: torch.Tensor,
