@@ -39,10 +39,12 @@ def make_tokenizer():
 def make_model(out: str, seed: int = 0, dtype: str = "float32", model_type: str = "llama", **overrides) -> str:
     """Write a random-weight model and tokenizer to `out` (atomically: a temp dir, then rename)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
     tokenizer = make_tokenizer()
-    kwargs = dict(DEMO, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    defaults = CONFIG_MAPPING[model_type]()  # DEMO's sizes only where this family has such a key (GPT-2: no GQA)
+    kwargs = {k: v for k, v in DEMO.items() if hasattr(defaults, k)}
+    kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)

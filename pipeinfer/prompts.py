@@ -51,11 +51,11 @@ class Batch:
     prompt_tokens: list[int]
 
 
-def load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"no usable tokenizer in model_path={model_path!r} ({str(e).splitlines()[0][:120]}): "
                           f"stage tokenizer.json / tokenizer_config.json next to the weights") from None
@@ -65,14 +65,17 @@ def load_tokenizer(model_path: str):
     return tok
 
 
-def check_lengths(tokenizer, prompts: list[str], max_positions: int | None, max_new_tokens: int) -> None:
-    """Every prompt must tokenize to something and leave room for max_new_tokens."""
+def check_lengths(tokenizer, prompts: list[str], max_positions: int | None, max_new_tokens: int) -> list[int]:
+    """Every prompt must tokenize to something and leave room for max_new_tokens. Returns the lengths."""
+    lengths = []
     for i, ids in enumerate(tokenizer(prompts)["input_ids"]):
+        lengths.append(len(ids))
         if not ids:
             raise ConfigError(f"prompt {i} tokenizes to nothing: give it some text")
         if max_positions is not None and len(ids) + max_new_tokens > max_positions:
             raise ConfigError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
                               f"exceeds the model's {max_positions} positions: shorten it or lower max_new_tokens")
+    return lengths
 
 
 def make_batches(tokenizer, prompts: list[str], indices: list[int], batch_size: int) -> list[Batch]:
