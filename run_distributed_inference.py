@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(rank)
         cfg = load_config(args.config, args.set)
         check_world(cfg, world_size)
-        model_config = read_model_config(cfg.model_path)
+        model_config = read_model_config(cfg.model_path, cfg.trust_remote_code)
         family_for(model_config.model_type)
         check_model(cfg, model_config.num_hidden_layers)
         prompts = load_prompts(cfg)
-        tokenizer = load_tokenizer(cfg.model_path)
-        check_lengths(tokenizer, prompts, getattr(model_config, "max_position_embeddings", None), cfg.max_new_tokens)
+        tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+        prompt_lengths = check_lengths(tokenizer, prompts, getattr(model_config, "max_position_embeddings", None),
+                                       cfg.max_new_tokens)
         device = pick_device(cfg.device, local_rank)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if comm.all_ok(problem is None):
             try:
                 stage, info = partition_model(cfg.model_path, StagePlan(rank, world_size, range(0)), device, dtype,
-                                              f"{cfg.offload_folder}/rank{rank}")
+                                              f"{cfg.offload_folder}/rank{rank}", cfg=cfg,
+                                              longest_prompt=max(prompt_lengths))
             except LoadError as e:
                 problem = str(e)
             ok = comm.all_ok(problem is None)

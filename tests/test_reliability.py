@@ -197,3 +197,72 @@ def test_resume_refuses_records_of_another_config(tiny_llama, tmp_path):
     # batch_size and pipeline_size do not change outputs: a rerun with them changed has nothing to do
     again = run_pipeline(dict(cfg, batch_size=4), tmp_path, 1)
     assert len(prompt_records(again)) == len(cfg["prompts"])
+
+
+def broken_copy(model: str, tmp_path, name: str) -> str:
+    import shutil
+
+    path = str(tmp_path / name)
+    shutil.copytree(model, path)
+    return path
+
+
+def run_single(cfg: dict, tmp_path) -> subprocess.CompletedProcess:
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    return subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "c.json")], cwd=ROOT,
+                          env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=120)
+
+
+def error_lines(res) -> list[str]:
+    return [line for line in res.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("truncate", "is corrupt"),
+    ("missing config", "has no config.json"),
+    ("missing tokenizer", "no usable tokenizer"),
+    ("missing shard", "is missing"),
+])
+def test_broken_checkpoint_is_one_line_error(tiny_llama, tmp_path, damage, needle):
+    path = broken_copy(tiny_llama, tmp_path, "broken")
+    weights = os.path.join(path, "model.safetensors")
+    if damage == "truncate":
+        os.truncate(weights, os.path.getsize(weights) // 2)
+    elif damage == "missing config":
+        os.remove(os.path.join(path, "config.json"))
+    elif damage == "missing tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            os.remove(os.path.join(path, name))
+    else:  # a sharded checkpoint whose index names a shard that is not there
+        from safetensors import safe_open
+        with safe_open(weights, framework="pt") as f:
+            names = list(f.keys())
+        os.rename(weights, os.path.join(path, "model-00001-of-00002.safetensors"))
+        weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+        weight_map[names[-1]] = "model-00002-of-00002.safetensors"
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    res = run_single(base_config(path, tmp_path), tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(error_lines(res)) == 1 and needle in error_lines(res)[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(tmp_path / "out.jsonl") or "prompt" not in open(tmp_path / "out.jsonl").read()
+
+
+def test_broken_shard_stops_every_rank(tiny_llama, tmp_path):
+    """Every rank checks the shards before loading, so all exit 2 together instead of waiting on each other."""
+    path = broken_copy(tiny_llama, tmp_path, "broken")
+    weights = os.path.join(path, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 100)
+    cfg = base_config(path, tmp_path, pipeline_size=2)
+    from conftest import launch
+    results = launch(cfg, tmp_path, 2, timeout=120)
+    assert [r.returncode for r in results] == [2, 2]
+    assert all(len(error_lines(r)) == 1 for r in results)
+
+
+def test_non_utf8_prompts_file(tiny_llama, tmp_path):
+    (tmp_path / "prompts.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=str(tmp_path / "prompts.txt"))
+    res = run_single(cfg, tmp_path)
+    assert res.returncode == 2 and "not UTF-8" in res.stderr and len(res.stderr.strip().splitlines()) == 1
