@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import time
@@ -29,7 +30,7 @@ from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, pick_d
                                read_model_config, setup_logging)
 from pipeinfer.sampling import SamplingParams
 from pipeinfer.stage import LoadError, partition_model, resolve_dtype
-from pipeinfer.timeline import Timeline
+from pipeinfer.timeline import PROFILERS_KEPT, Timeline
 
 log = logging.getLogger("pipeinfer")
 
@@ -161,4 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if PROFILERS_KEPT:  # skip interpreter teardown: see Timeline.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 COMPUTE = ("prefill", "decode")
+PROFILERS_KEPT: list = []
 
 
 def profiler_attached() -> bool:
@@ -67,6 +68,10 @@ class Timeline:
     def close(self) -> None:
         if self._profiler is not None:
             self._profiler.stop()  # writes the trace if the run ended before the schedule did
+            # Never freed: with torch 2.13, destroying the results of a profile that recorded gloo
+            # send/recv crashes the process (SIGSEGV in kineto's MemoryTraceLogger destructor).
+            # The entry script ends such a process with os._exit once everything is written.
+            PROFILERS_KEPT.append(self._profiler)
             self._profiler = None
 
     @contextmanager

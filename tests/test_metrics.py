@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from conftest import base_config, prompt_records, run_pipeline
+from pipeinfer.config import build_config, micro_batching
 from pipeinfer.metrics import prompt_record
 from pipeinfer.timeline import Timeline, profiler_attached
 
@@ -24,7 +25,8 @@ def test_stage_time_adds_up_to_wall_time(tiny_llama, tmp_path):
     for s in stages:
         covered = s["compute_s"] + s["recv_wait_s"] + s["send_s"]
         assert COVERAGE * s["wall_s"] <= covered <= s["wall_s"] * 1.001 + 1e-3, s
-        assert s["decode_steps"] == 59 and s["prefill_steps"] == 1
+        micro_batches = -(-len(cfg["prompts"]) // micro_batching(build_config(cfg))[0])
+        assert s["prefill_steps"] == micro_batches and s["decode_steps"] == 59 * micro_batches
         kinds = {e[0] for e in s["events"]}
         assert {"prefill", "decode"} <= kinds and all(e[1] <= e[2] for e in s["events"])
         assert s["peak_memory_bytes"] > 0 and s["hostname"]

@@ -94,24 +94,23 @@ def test_peer_killed_or_stopped_ends_rank0_within_timeout(slow_model, tmp_path, 
         kill_all(procs)
 
 
-RAISE_ON_THIRD_BATCH = """
+RAISE_MID_RUN = """
 import runpy, sys
 import pipeinfer.generation as g
-real, calls = g.generate_batch, []
+real, calls = g._step, []
 def failing(*a, **k):
     calls.append(1)
-    if len(calls) == 3:
+    if len(calls) == 300:
         raise RuntimeError("injected failure on rank 1")
     return real(*a, **k)
-g.generate_batch = failing
-sys.argv = [sys.argv[0]] + sys.argv[1:]
+g._step = failing
 runpy.run_path(%r, run_name="__main__")
 """ % ENTRY
 
 
 def test_exception_on_one_rank_ends_the_job_within_seconds(slow_model, tmp_path):
     cfg = base_config(slow_model, tmp_path, pipeline_size=3, timeout_s=300, **RUN)
-    procs = start(cfg, tmp_path, 3, wrap_rank={1: RAISE_ON_THIRD_BATCH})
+    procs = start(cfg, tmp_path, 3, wrap_rank={1: RAISE_MID_RUN})
     try:
         codes = [finish(p, 120) for p in procs]
         assert all(code != 0 for code, _, _ in codes), [c for c, _, _ in codes]
