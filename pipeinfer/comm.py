@@ -11,8 +11,12 @@ the token to the first stage, which sends a STOP frame down the pipe, so every s
 batch at the same step and nobody waits for a message that will never come.
 
 Sends are asynchronous: a stage hands its output to isend and goes on computing the next
-micro-batch; the send is waited for only when more than MAX_PENDING_SENDS are outstanding, or at
-drain_sends() before the process group is torn down. Every wait is bounded by timeout_s. A peer that died closes its connections, and the wait fails
+micro-batch. A gloo send completes only once the peer has posted the matching recv, so a rank
+must never block on its own send while the peer may be blocked on one of its own: that is a
+deadlock as soon as two micro-batches are in flight. Sends are therefore only reaped when already
+complete, and waited for at drain_sends(), when every frame has been received. The schedule bounds
+what can be outstanding (one frame or token message per micro-batch in flight).
+Every wait is bounded by timeout_s. A peer that died closes its connections, and the wait fails
 at once; a stuck peer fails it after timeout_s. Either way a PeerFailure names the peer and
 what this rank was doing.
 With pipeline_size 1 there is no process group and the functions are pass-throughs.
@@ -32,7 +36,6 @@ import torch.distributed as dist
 from pipeinfer.timeline import Timeline
 
 CONTINUE, STOP, ABORT = 0, 1, 2
-MAX_PENDING_SENDS = 8
 
 
 class PeerFailure(RuntimeError):
@@ -105,8 +108,8 @@ class Comm:
         tensor = tensor.contiguous()
         with self.timeline.span("send"):
             self._pending.append((dist.isend(tensor, dst), tensor, f"{doing} to rank {dst}", dst))
-            while self._pending and (len(self._pending) > MAX_PENDING_SENDS or self._pending[0][0].is_completed()):
-                self._wait_oldest()
+            while self._pending and self._pending[0][0].is_completed():
+                self._wait_oldest()  # completed: returns at once, or raises the send's error
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def _wait_oldest(self) -> None:

@@ -148,3 +148,12 @@ def test_eos_with_refill_matches_generate(llama_with_eos, tmp_path, micro_batch_
     ref = reference_outputs(llama_with_eos, PROMPTS, 12)
     cfg = base_config(llama_with_eos, tmp_path, pipeline_size=3, batch_size=2, micro_batch_size=micro_batch_size)
     assert [p["output_ids"] for p in prompt_records(run_pipeline(cfg, tmp_path, 3))] == ref
+
+
+def test_many_micro_batches_in_flight(tiny_llama, tmp_path):
+    """12 micro-batches in flight on 3 stages: sends must never wait on a peer that waits on them."""
+    prompts = [f"{i}: " + PROMPTS[i % len(PROMPTS)] for i in range(12)]
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=3, prompts=prompts, batch_size=12, micro_batch_size=1,
+                      timeout_s=60)
+    got = [p["output_ids"] for p in prompt_records(run_pipeline(cfg, tmp_path, 3))]
+    assert got == reference_outputs(tiny_llama, prompts, 12)
