@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         records, interrupted = [], False
         micro_batch_size, in_flight = micro_batching(cfg)
         batches = make_batches(tokenizer, prompts, todo, micro_batch_size)
+        stage.warm_up(model_config.hidden_size, dtype, device)
         t0 = time.perf_counter()
         try:
             for batch, result in generate(stage, comm, batches, in_flight, gp, model_config.hidden_size, dtype, stop):

@@ -71,6 +71,18 @@ class Stage(nn.Module):
         cache.layers = cache.layers[self.plan.layers.start:self.plan.layers.stop]
         return cache
 
+    def warm_up(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """One prefill and one decode step on dummy inputs, this stage alone (no communication), so
+        that one-time costs (kernel selection, allocator growth) stay out of the measured run."""
+        cache = self.new_cache()
+        for step, length in enumerate((4, 1)):
+            if self.plan.is_first:
+                x = torch.zeros(1, length, dtype=torch.long, device=device)  # (1, T)
+            else:
+                x = torch.zeros(1, length, hidden_size, dtype=dtype, device=device)  # (1, T, H)
+            pos = torch.arange(step * 4, step * 4 + length, device=device)[None]
+            self(x, None, pos, cache)
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                 cache) -> torch.Tensor:
