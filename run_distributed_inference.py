@@ -29,7 +29,7 @@ from pipeinfer.results import ResultsError, ResultsWriter, check_writable, scan_
 from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, pick_device, progress_bar,
                                read_model_config, setup_logging)
 from pipeinfer.sampling import SamplingParams
-from pipeinfer.stage import LoadError, partition_model, resolve_dtype
+from pipeinfer.stage import LoadError, partition_model, resolve_dtype, saved_dtype
 from pipeinfer.timeline import PROFILERS_KEPT, Timeline
 
 log = logging.getLogger("pipeinfer")
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, saved_dtype(model_config))
 
     # 2. Process group; the writer's checks and every rank's stage load, agreed before going on.
     timeline = Timeline(device, cfg.nvtx, rank)

@@ -156,15 +156,23 @@ def _check_shard(path: str) -> list[str]:
     return names
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": float32 on CPU (exact, and fast where there is no bf16 matrix unit); on CUDA bf16
-    where the GPU supports it, else float16 (T4-class cards). partition_model() warns when float16
-    meets a checkpoint saved in bfloat16: values beyond float16's range (65504) overflow to inf."""
+def resolve_dtype(name: str, device: torch.device, saved: str | None = None) -> torch.dtype:
+    """"auto": on CUDA bf16 where the GPU supports it, else float16 (T4-class cards);
+    partition_model() warns when float16 meets a checkpoint saved in bfloat16 (values beyond
+    float16's range, 65504, overflow to inf). On CPU the checkpoint's own dtype when it is float32
+    or bfloat16, else float32: loading in another dtype makes transformers read and convert every
+    tensor of the checkpoint, other stages' too, where the saved dtype maps only this stage's."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if saved == "bfloat16" else torch.float32
+
+
+def saved_dtype(model_config) -> str | None:
+    """The dtype the checkpoint was saved in, per its config.json (`dtype`, or `torch_dtype` before 4.56)."""
+    saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return str(saved).removeprefix("torch.") if saved is not None else None
 
 
 def stage_costs(skeleton: nn.Module, family: Family, config, dtype: torch.dtype, kv_tokens: int) -> StageCosts:
@@ -205,8 +213,7 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
     config = read_model_config(model_path, trust_remote_code=trust)
     family = family_for(config.model_type)
     num_layers = config.num_hidden_layers
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved = str(saved).removeprefix("torch.") if saved is not None else None
+    saved = saved_dtype(config)
     if dtype == torch.float16 and saved == "bfloat16":
         log.warning("running a bfloat16 checkpoint in float16 (this GPU has no bf16): activations beyond "
                     "float16's range (65504) overflow to inf; set dtype=float32 if outputs turn to NaN")

@@ -109,3 +109,14 @@ def test_bin_only_checkpoint_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(LoadError, match="pickle"):
         checkpoint_names(str(tmp_path))
+
+
+def test_dtype_auto():
+    from pipeinfer.stage import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, "bfloat16") == torch.bfloat16  # no conversion: only this stage is read
+    assert resolve_dtype("auto", cpu, "float32") == torch.float32
+    assert resolve_dtype("auto", cpu, "float16") == torch.float32    # fp16 matmuls are slow or missing on CPU
+    assert resolve_dtype("auto", cpu, None) == torch.float32
+    assert resolve_dtype("float16", cpu, "bfloat16") == torch.float16
