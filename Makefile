@@ -5,7 +5,7 @@ VENV     ?= .venv
 # The CPU wheel; on a machine whose torch is already right, run e.g. `make TORCH= test`.
 TORCH    ?= torch==2.13.0
 # The lowest transformers release requirements.txt admits, for test-compat.
-TF_MIN   ?= transformers==4.57.0
+TF_MIN   ?= transformers==4.57.1
 BIN      := $(VENV)/bin
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 .PHONY: demo test test-compat bench
 demo: $(VENV)/.installed
 	$(BIN)/python -m pipeinfer.demo --out models/demo-llama
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json --set resume=false
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -109,8 +109,14 @@ def check_writable(path: str) -> str | None:
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
+        if os.path.exists(path):
+            with open(path, "a", encoding="utf-8"):  # appending nothing leaves it as it is
+                pass
+        else:  # probe the directory without creating output_path itself
+            probe = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.probe")
+            with open(probe, "w", encoding="utf-8"):
+                pass
+            os.remove(probe)
     except OSError as e:
         return (f"output_path={path!r} is not writable ({e.strerror}): "
                 f"choose a writable location with --set output_path=...")
