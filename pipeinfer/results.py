@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 # Keys that do not change any prompt's output: a run may resume with other values for them.
 RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "resume",
-                               "pipeline_size", "batch_size"})
+                               "pipeline_size", "batch_size", "micro_batch_size", "layer_split", "max_memory",
+                               "nvtx", "profile_steps", "progress"})
 
 
 class ResultsError(ValueError):
@@ -34,7 +35,6 @@ def prompt_hash(prompt: str) -> str:
 @dataclass
 class Previous:
     done: set[int] = field(default_factory=set)  # prompt indices already recorded
-    attempts: int = 0                            # run records already in the file
 
 
 def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> Previous:
@@ -67,7 +67,6 @@ def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> 
     for rec in records:
         kind = rec.get("type") if isinstance(rec, dict) else None
         if kind == "run":
-            prev.attempts += 1
             changed = sorted(k for k in set(config) | set(rec.get("config", {}))
                              if k not in RESUMABLE_CHANGES and config.get(k) != rec.get("config", {}).get(k))
             if changed:
