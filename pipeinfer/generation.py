@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeinfer.comm import ABORT, CONTINUE, STOP, Comm
+from pipeinfer.comm import ABORT, STOP, Comm
 from pipeinfer.prompts import Batch
 from pipeinfer.sampling import SamplingParams, prompt_generator, sample
 from pipeinfer.stage import Stage

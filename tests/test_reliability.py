@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ENTRY, ROOT, base_config, free_port, prompt_records, rank_env, reference_outputs, run_pipeline
+from conftest import ENTRY, ROOT, base_config, free_port, prompt_records, rank_env, run_pipeline
 
 SLOW_PROMPTS = [f"prompt number {i}: " + "word " * (i % 3) for i in range(8)]
 RUN = dict(prompts=SLOW_PROMPTS, max_new_tokens=200, ignore_eos=True, batch_size=1)

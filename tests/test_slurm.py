@@ -9,7 +9,6 @@ each node has one CPU, and submit.sbatch takes both nodes.
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
