@@ -2,7 +2,7 @@
 
     python bench/decode_scaling.py [--tokens 1024] [--json results/decode_scaling.json]
 
-Runs the runner's own generate_batch() on one stage (pipeline_size 1, one thread) over a
+Runs the runner's own generate() on one stage (pipeline_size 1, one thread) over a
 locally built model, with ignore_eos, and reports the mean decode-step time in windows of
 generated positions. For contrast it times a forward pass without a cache over the same
 context lengths, which is what a runner that recomputes the prefix would pay per token.
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeinfer.comm import Comm  # noqa: E402
 from pipeinfer.demo import make_model  # noqa: E402
-from pipeinfer.generation import GenParams, generate_batch  # noqa: E402
+from pipeinfer.generation import GenParams, generate  # noqa: E402
 from pipeinfer.partition import StagePlan  # noqa: E402
 from pipeinfer.prompts import Batch  # noqa: E402
 from pipeinfer.sampling import SamplingParams  # noqa: E402
@@ -48,7 +48,8 @@ def main() -> None:
         batch = Batch([0], prompt, torch.ones_like(prompt), [16])
         gp = GenParams(args.tokens, True, (), 0, SamplingParams(), 0)
         comm = Comm(0, 1, torch.device("cpu"), 60)
-        generate_batch(stage, comm, batch, gp, shape["hidden_size"], torch.float32)
+        for _ in generate(stage, comm, [batch], 1, gp, shape["hidden_size"], torch.float32):
+            pass
         steps = [end - start for kind, start, end in comm.timeline.events if kind == "decode"]  # context 16+i+1
 
         from transformers import AutoModelForCausalLM
@@ -65,7 +66,8 @@ def main() -> None:
             return min(times)
 
     n = len(steps)
-    windows = [(0, 64), (n // 2 - 32, n // 2 + 32), (n - 64, n)]
+    w = min(64, n // 3)  # window width in steps
+    windows = [(0, w), (n // 2 - w // 2, n // 2 + w - w // 2), (n - w, n)]
     rows = []
     for lo, hi in windows:
         ctx = 16 + (lo + hi) // 2

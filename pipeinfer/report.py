@@ -133,7 +133,7 @@ def load_run(path: str) -> Run:
 
 
 def run_label(path: str, run: dict | None, stages: list[dict]) -> str:
-    name = os.path.basename(path).removesuffix(".partial").removesuffix(".jsonl")
+    name = os.path.basename(path).removesuffix(".jsonl")
     pp = ((run or {}).get("config") or {}).get("pipeline_size") or (run or {}).get("world_size") or len(stages)
     return f"{name} pp={pp}" if pp else name
 

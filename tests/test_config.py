@@ -47,7 +47,7 @@ def test_bad_config_exits_2_with_one_line(tiny_llama, tmp_path, name, over, need
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
     assert "Traceback" not in res.stderr
-    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.partial").exists()
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_missing_model_path_key(tmp_path):
