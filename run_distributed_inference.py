@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 stage, info = partition_model(cfg.model_path, StagePlan(rank, world_size, range(0)), device, dtype,
                                               f"{cfg.offload_folder}/rank{rank}", cfg=cfg,
-                                              longest_prompt=max(prompt_lengths))
+                                              longest_prompt=max(prompt_lengths), model_config=model_config)
             except LoadError as e:
                 problem = str(e)
             ok = comm.all_ok(problem is None)

@@ -37,21 +37,22 @@ MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num
 PREFILL = (2, 64)  # (B, T) of the forward each rank runs after loading
 
 
-def peak_rss() -> int:
-    """The process's resident high-water mark in bytes (VmHWM)."""
+def _status_bytes(field: str) -> int:
+    """A kB field of /proc/self/status, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss() -> int:
+    """The process's resident high-water mark in bytes (VmHWM)."""
+    return _status_bytes("VmHWM")
 
 
 def current_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return _status_bytes("VmRSS")
 
 
 def runtime_worker(role: str) -> dict:

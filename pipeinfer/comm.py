@@ -25,6 +25,7 @@ With pipeline_size 1 there is no process group and the functions are pass-throug
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from collections import deque
@@ -81,7 +82,7 @@ class Comm:
 
     def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, doing: str) -> tuple[torch.Tensor, int]:
         """(B, T, H) hidden states from the previous stage, and the frame's control value."""
-        buf = torch.empty(_numel(shape) + 1, dtype=dtype, device=self.device)
+        buf = torch.empty(math.prod(shape) + 1, dtype=dtype, device=self.device)
         self._recv(buf, self.prev, doing)
         return buf[:-1].view(shape), int(buf[-1].item())
 
@@ -165,13 +166,6 @@ def _cpu_group():
 
 def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
     return torch.cat([hidden.reshape(-1), hidden.new_tensor([control])])
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _wait(work, timeout_s: float, doing: str, peer: int) -> None:

@@ -194,12 +194,14 @@ def stage_costs(skeleton: nn.Module, family: Family, config, dtype: torch.dtype,
 
 
 def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtype: torch.dtype,
-                    offload_folder: str, *, cfg=None, longest_prompt: int = 0) -> tuple[Stage, StageInfo]:
+                    offload_folder: str, *, cfg=None, longest_prompt: int = 0,
+                    model_config=None) -> tuple[Stage, StageInfo]:
     """Build this rank's Stage, materialising only its own weights.
 
     cfg (an ExpConfig) supplies layer_split, max_memory, allow_pickle and trust_remote_code; without it
     the defaults hold (even split, safetensors only, no custom code). longest_prompt (tokens) sizes
     the KV-cache headroom the split plans for: batch_size x (longest_prompt + max_new_tokens) per layer.
+    model_config: the checkpoint's config when the caller has read it already (else it is read here).
     """
     from accelerate import init_empty_weights
     from accelerate.hooks import remove_hook_from_module
@@ -210,7 +212,7 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
 
     trust = bool(cfg and cfg.trust_remote_code)
     allow_pickle = bool(cfg and cfg.allow_pickle)
-    config = read_model_config(model_path, trust_remote_code=trust)
+    config = model_config if model_config is not None else read_model_config(model_path, trust_remote_code=trust)
     family = family_for(config.model_type)
     num_layers = config.num_hidden_layers
     saved = saved_dtype(config)
