@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_lengths = check_lengths(tokenizer, prompts, getattr(model_config, "max_position_embeddings", None),
                                        cfg.max_new_tokens)
         device = pick_device(cfg.device, local_rank)
+        pcomm.check_backend(cfg.comm_backend, device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -64,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Process group; the writer's checks and every rank's stage load, agreed before going on.
     timeline = Timeline(device, cfg.nvtx, rank)
-    comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port, timeline)
+    try:
+        comm = pcomm.init(rank, world_size, device, cfg.timeout_s, cfg.master_port, timeline, cfg.comm_backend)
+    except ConfigError as e:  # raised on every rank alike, from the placements they all gathered
+        print(f"error: {e}", file=sys.stderr)
+        pcomm.shutdown()
+        return 2
     writer, bar, clean = None, None, False  # clean: every rank reached the same exit point
     try:
         problem, todo = None, None
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = {"type": "stage", "rank": rank, "hostname": socket.gethostname(), "device": device_name(device),
                 "layers": [layers.start, layers.stop - 1],
                 "param_bytes": info.param_bytes, "wall_s": wall_s, "bytes_sent": comm.bytes_sent,
+                "comm_backend": comm.backend,
                 "peak_memory_bytes": peak_memory_bytes(device), **comm.timeline.record()}
         gathered = comm.gather(mine)
         if writer is not None:

@@ -1,4 +1,4 @@
-"""Stage-to-stage communication over torch.distributed (gloo on CPU, NCCL on GPU).
+"""Stage-to-stage communication over torch.distributed (gloo, and NCCL between GPUs).
 
 Two messages travel, both with shapes the receiver already knows from the schedule:
   hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element:
@@ -20,13 +20,20 @@ Every wait is bounded by timeout_s. A peer that died closes its connections, and
 at once; a stuck peer fails it after timeout_s. Either way a PeerFailure names the peer and
 what this rank was doing.
 With pipeline_size 1 there is no process group and the functions are pass-throughs.
+
+Backends. The process group is gloo: it carries the small collectives (broadcasts, the exit
+barrier) on every device. Stage-to-stage messages between GPUs go over an NCCL group when every
+rank has a GPU of its own; NCCL cannot pair two ranks on one GPU, so ranks that share one (or
+comm_backend="gloo") send through gloo, staging each message in host memory (`wire` below).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,9 +41,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pipeinfer.config import ConfigError
 from pipeinfer.timeline import Timeline
 
 CONTINUE, STOP, ABORT = 0, 1, 2
+log = logging.getLogger(__name__)
 
 
 class PeerFailure(RuntimeError):
@@ -50,8 +59,19 @@ class Comm:
     device: torch.device
     timeout_s: float
     timeline: Timeline = field(default_factory=Timeline)
+    wire: torch.device | None = None  # where messages travel from: `device` over NCCL, host memory over gloo
+    group: object = None              # the stage-to-stage group (None: the default, gloo)
     bytes_sent: int = 0
     _pending: deque = field(default_factory=deque)  # (work, tensor kept alive, what, peer)
+
+    def __post_init__(self):
+        if self.wire is None:
+            self.wire = self.device
+
+    @property
+    def backend(self) -> str | None:
+        """What carries stage-to-stage messages: "nccl", "gloo", or None with one stage."""
+        return None if self.world_size == 1 else "nccl" if self.group is not None else "gloo"
 
     @property
     def is_first(self) -> bool:
@@ -77,14 +97,14 @@ class Comm:
     def send_control(self, control: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """STOP or ABORT for every later stage, in a frame of the shape they expect; no-op on the last."""
         if not self.is_last:
-            self._send(_frame(torch.zeros(shape, dtype=dtype, device=self.device), control), self.next,
+            self._send(_frame(torch.zeros(shape, dtype=dtype, device=self.wire), control), self.next,
                        "sending the end of the batch")
 
     def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, doing: str) -> tuple[torch.Tensor, int]:
         """(B, T, H) hidden states from the previous stage, and the frame's control value."""
-        buf = torch.empty(math.prod(shape) + 1, dtype=dtype, device=self.device)
+        buf = torch.empty(math.prod(shape) + 1, dtype=dtype, device=self.wire)
         self._recv(buf, self.prev, doing)
-        return buf[:-1].view(shape), int(buf[-1].item())
+        return buf[:-1].view(shape).to(self.device), int(buf[-1].item())
 
     # -- sampled tokens, last stage -> first -------------------------------------------------
 
@@ -99,16 +119,16 @@ class Comm:
     def recv_tokens(self, batch: int, local: torch.Tensor | None, doing: str) -> tuple[torch.Tensor, bool]:
         """On the first stage: (B,) tokens and the stop flag, from the last stage (or `local`)."""
         if local is None:
-            local = torch.empty(batch + 1, dtype=torch.int64, device=self.device)
+            local = torch.empty(batch + 1, dtype=torch.int64, device=self.wire)
             self._recv(local, self.world_size - 1, doing)
         return local[:-1], bool(local[-1].item())
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _send(self, tensor: torch.Tensor, dst: int, doing: str) -> None:
-        tensor = tensor.contiguous()
         with self.timeline.span("send"):
-            self._pending.append((dist.isend(tensor, dst), tensor, f"{doing} to rank {dst}", dst))
+            tensor = tensor.to(self.wire).contiguous()  # a GPU -> host copy waits for the tensor
+            self._pending.append((dist.isend(tensor, dst, group=self.group), tensor, f"{doing} to rank {dst}", dst))
             while self._pending and self._pending[0][0].is_completed():
                 self._wait_oldest()  # completed: returns at once, or raises the send's error
         self.bytes_sent += tensor.numel() * tensor.element_size()
@@ -126,14 +146,14 @@ class Comm:
 
     def _recv(self, buf: torch.Tensor, src: int, doing: str) -> None:
         with self.timeline.span("recv"):
-            _wait(dist.irecv(buf, src), self.timeout_s, doing, src)
+            _wait(dist.irecv(buf, src, group=self.group), self.timeout_s, doing, src)
 
     def broadcast(self, obj):
         """Rank 0's small picklable object, on every rank."""
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=_cpu_group())
+        dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_ok(self, ok: bool) -> bool:
@@ -141,7 +161,7 @@ class Comm:
         if self.world_size == 1:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
     def gather(self, obj) -> list | None:
@@ -149,19 +169,8 @@ class Comm:
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=_cpu_group())
+        dist.gather_object(obj, out, dst=0)
         return out
-
-
-_CPU_GROUP = None
-
-
-def _cpu_group():
-    """Collectives of small Python objects run on gloo even when stages talk over NCCL."""
-    global _CPU_GROUP
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    return _CPU_GROUP
 
 
 def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
@@ -183,26 +192,59 @@ def _wait(work, timeout_s: float, doing: str, peer: int) -> None:
         raise PeerFailure(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g}")
 
 
+def check_backend(choice: str, device: torch.device) -> None:
+    """Before any process group: comm_backend="nccl" needs GPUs (ConfigError otherwise)."""
+    if choice == "nccl" and device.type != "cuda":
+        raise ConfigError(f'comm_backend="nccl" but this rank runs on {device.type}: NCCL moves GPU tensors only; '
+                          f'use comm_backend="auto" or "gloo"')
+
+
+def p2p_backend(choice: str, placements: list[tuple[str, int | None]]) -> str:
+    """The backend for stage-to-stage messages, given each rank's (hostname, CUDA index or None).
+
+    "auto" is NCCL when every rank has a GPU and no two share one, else gloo. An explicit "nccl"
+    with two ranks on one GPU is refused: NCCL would fail or hang when it pairs them."""
+    on_gpu = all(index is not None for _, index in placements)
+    shared = len(set(placements)) < len(placements)
+    if choice == "nccl" and shared:
+        host, index = next(p for p in placements if placements.count(p) > 1)
+        ranks = [r for r, p in enumerate(placements) if p == (host, index)]
+        raise ConfigError(f'comm_backend="nccl" but ranks {ranks} share cuda:{index} on {host}: NCCL cannot pair '
+                          f'two ranks on one GPU; use comm_backend="auto" (gloo through host memory) or give '
+                          f'each rank its own GPU')
+    if choice == "auto":
+        return "nccl" if on_gpu and not shared else "gloo"
+    return choice
+
+
 def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int,
-         timeline: Timeline | None = None) -> Comm:
+         timeline: Timeline | None = None, backend: str = "auto") -> Comm:
     """Join the process group (skipped when world_size is 1). MASTER_ADDR/PORT come from the
-    environment as torchrun and submit.sbatch set them; defaults suit ranks on one machine."""
-    if world_size > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(master_port))
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    return Comm(rank, world_size, device, timeout_s, timeline or Timeline(device))
+    environment as torchrun and submit.sbatch set them; defaults suit ranks on one machine.
+    Raises ConfigError (on every rank alike) when `backend` cannot serve this placement."""
+    timeline = timeline or Timeline(device)
+    if world_size == 1:
+        return Comm(rank, world_size, device, timeout_s, timeline)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(master_port))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    placements: list = [None] * world_size
+    dist.all_gather_object(placements, (socket.gethostname(), device.index if device.type == "cuda" else None))
+    chosen = p2p_backend(backend, [tuple(p) for p in placements])
+    if rank == 0:
+        log.info("stage-to-stage messages over %s (comm_backend=%s; ranks on %s)", chosen, backend,
+                 ", ".join(f"{host}:{'cpu' if i is None else f'cuda:{i}'}" for host, i in placements))
+    if chosen == "nccl":
+        return Comm(rank, world_size, device, timeout_s, timeline, wire=device,
+                    group=dist.new_group(backend="nccl", timeout=timeout))
+    return Comm(rank, world_size, device, timeout_s, timeline, wire=torch.device("cpu"))
 
 
 def shutdown(clean: bool = True) -> None:
     """Leave the process group. On a clean exit every rank first meets at a barrier: a rank that
     tears down while a peer still finishes its last collective can abort that peer (gloo)."""
-    global _CPU_GROUP
     if dist.is_initialized():
         if clean:
-            dist.barrier(group=_cpu_group())
+            dist.barrier()
         dist.destroy_process_group()
-    _CPU_GROUP = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class ExpConfig:
     offload_folder: str = "offload"
     timeout_s: float = 300.0
     master_port: int = 29500
+    comm_backend: str = "auto"
     resume: bool = True
     nvtx: bool | str = "auto"
     profile_steps: int = 0
@@ -82,6 +84,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "offload_folder": (_STR, lambda v: v != "", "a directory for disk offload"),
     "timeout_s": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
     "master_port": (_INT, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535"),
+    "comm_backend": (_STR, lambda v: v in BACKENDS,
+                     f"one of {', '.join(BACKENDS)} (auto: NCCL between GPUs of their own, else gloo)"),
     "resume": (_BOOL, None, "true (skip prompts already in output_path) or false (start over)"),
     "nvtx": ((bool, str), lambda v: v in (True, False, "auto"),
              '"auto" (on when Nsight Systems runs the job), true or false'),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 # Keys that do not change any prompt's output: a run may resume with other values for them.
-RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "resume",
+RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "comm_backend", "resume",
                                "pipeline_size", "batch_size", "micro_batch_size", "layer_split", "max_memory",
                                "nvtx", "profile_steps", "progress"})
 

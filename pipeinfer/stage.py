@@ -63,12 +63,18 @@ class Stage(nn.Module):
         # transformers >= 5.2x names the cache argument `cache`; earlier releases `past_key_values`.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def new_cache(self):
-        """A KV cache for this stage's layers only (renumbered 0..n-1), typed per layer as generate() types it."""
+    def new_cache(self, capacity: int = 0):
+        """A KV cache for this stage's layers only (renumbered 0..n-1), typed per layer as generate()
+        types it, except that full-attention layers append in place into room for `capacity`
+        positions (kvcache.py); sliding-window and other special layers stay as they are."""
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        from pipeinfer.kvcache import PreallocatedLayer
 
         cache = DynamicCache(config=self.config)
-        cache.layers = cache.layers[self.plan.layers.start:self.plan.layers.stop]
+        cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+                        for layer in cache.layers[self.plan.layers.start:self.plan.layers.stop]]
         return cache
 
     def warm_up(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:

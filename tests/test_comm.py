@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from conftest import free_port
+from pipeinfer.comm import p2p_backend
+from pipeinfer.config import ConfigError
 
 
 def _worker(rank: int, port: int, q) -> None:
@@ -55,3 +58,16 @@ def test_round_trip_over_gloo():
     assert tokens == [7, 9] and stop is True
     assert sent == (2 * 3 * 4 + 1 + 2 * 1 * 4 + 1) * 2  # two bf16 frames, each with its control element
     assert got["gather"] == ([0, 10],)
+
+
+def test_backend_choice_from_placements():
+    own_gpus = [("n1", 0), ("n2", 0)]        # one GPU per node, as on the cluster
+    one_gpu = [("n1", 0), ("n1", 0)]         # two ranks on one GPU
+    assert p2p_backend("auto", own_gpus) == "nccl"
+    assert p2p_backend("auto", [("n1", 0), ("n1", 1)]) == "nccl"
+    assert p2p_backend("auto", one_gpu) == "gloo"  # NCCL cannot pair them: through host memory
+    assert p2p_backend("auto", [("n1", None), ("n1", None)]) == "gloo"
+    assert p2p_backend("gloo", own_gpus) == "gloo"
+    assert p2p_backend("nccl", own_gpus) == "nccl"
+    with pytest.raises(ConfigError, match=r"ranks \[0, 1\] share cuda:0 on n1"):
+        p2p_backend("nccl", one_gpu + [("n2", 0)])

@@ -35,6 +35,8 @@ BAD = [
     ("top_p > 1", {"top_p": 1.5}, "top_p"),
     ("temperature 0", {"temperature": 0}, "temperature"),
     ("model_path missing dir", {"model_path": "/nonexistent/model"}, "model_path"),
+    ("backend unknown", {"comm_backend": "mpi"}, "comm_backend"),
+    ("nccl without a GPU", {"comm_backend": "nccl", "device": "cpu"}, 'comm_backend="nccl" but this rank runs on cpu'),
 ]
 
 

@@ -1,0 +1,63 @@
+"""The in-place KV-cache layer holds what transformers' DynamicLayer holds, step for step.
+
+    pytest tests/test_kvcache.py
+
+The end-to-end proof is elsewhere (every equivalence test runs generation through it against
+generate(), which uses DynamicLayer); these tests pin down the layer itself: growth past its
+room, crop, and which layers Stage.new_cache() replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, LlamaConfig, MistralConfig
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from pipeinfer.kvcache import PreallocatedLayer
+from pipeinfer.partition import StagePlan
+from pipeinfer.stage import Stage
+
+
+def _kv(g: torch.Generator, t: int, batch: int = 2, heads: int = 3, dim: int = 4):
+    return torch.randn(batch, heads, t, dim, generator=g), torch.randn(batch, heads, t, dim, generator=g)
+
+
+def test_appends_match_dynamic_layer_through_growth_and_crop():
+    g = torch.Generator().manual_seed(0)
+    ours, ref = PreallocatedLayer(capacity=8), DynamicLayer()
+    length = 0
+    for step, t in enumerate([5] + [1] * 20):  # prefill, then decode: past the room for 8 positions
+        k, v = _kv(g, t)
+        got, want = ours.update(k, v), ref.update(k, v)
+        length += t
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == ref.get_seq_length() == length
+        if step == 8:  # drop the last 3 positions, as generate() undoes rejected speculative tokens
+            ours.crop(-3)
+            ref.crop(-3)
+            length -= 3
+            assert ours.get_seq_length() == ref.get_seq_length() == length
+    assert length == 22 and ours._k.shape[-2] == 32  # room 8 -> 16 -> 32
+    assert ours.keys.data_ptr() == ours._k.data_ptr()  # a view of the buffer, not a copy
+
+
+def test_a_full_room_is_allocated_once():
+    layer = PreallocatedLayer(capacity=10)
+    g = torch.Generator().manual_seed(1)
+    layer.update(*_kv(g, 4))
+    buffer = layer._k.data_ptr()
+    for _ in range(6):
+        layer.update(*_kv(g, 1))
+    assert layer._k.data_ptr() == buffer and layer.get_seq_length() == 10
+
+
+def _stage(config, layers: range) -> Stage:
+    return Stage(torch.nn.Module(), None, StagePlan(0, 1, layers), config)
+
+
+def test_new_cache_replaces_full_attention_layers_only():
+    cache = _stage(LlamaConfig(num_hidden_layers=4), range(1, 3)).new_cache(capacity=16)
+    assert isinstance(cache, DynamicCache) and len(cache.layers) == 2
+    assert all(type(layer) is PreallocatedLayer and layer.capacity == 16 for layer in cache.layers)
+    sliding = _stage(MistralConfig(num_hidden_layers=2, sliding_window=8), range(0, 2)).new_cache(capacity=16)
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in sliding.layers)
