@@ -1,10 +1,11 @@
 """Generated tokens per second, side by side: generate(), transformers' PP mode, and this runner.
 
-    python bench/throughput.py [--quick] [--json results/throughput.json]
+    python bench/throughput.py [--quick] [--device cuda] [--json results/throughput.json]
 
-One machine, one run, one locally built model (make_model, seed 0, float32, cached under
---workdir), the same prompts (deterministic, 8 to 64 tokens), greedy decoding and a fixed token
-count. For each total batch size (prompts in flight at once) it times:
+One machine, one run, one locally built model (make_model, seed 0, cached under --workdir:
+float32 and 26M parameters on CPU, bf16 (fp16 without bf16) and 0.9B parameters on CUDA), the
+same prompts (deterministic, 8 to 64 tokens), greedy decoding and a fixed token count. For each
+total batch size (prompts in flight at once) it times:
 
   generate     transformers generate() in this process, one thread, pinned to core 0, prompts in
                left-padded batches, timed around generate() only after a warm-up
@@ -13,6 +14,14 @@ count. For each total batch size (prompts in flight at once) it times:
   pp1          the runner, pipeline_size 1, one rank process on core 0
   pp2_naive    the runner, pipeline_size 2, micro_batch_size = batch_size: one micro-batch in flight
   pp2_sched    the runner, pipeline_size 2, micro_batch_size = "auto": the schedule
+
+The cells run in --rounds rounds (default 2), each round every configuration at one batch size
+before the next batch size, so a drift in machine speed (shared hosts drift 5-8% over minutes)
+touches every configuration alike; each cell reports its best round.
+With --device cuda the ranks share the one GPU (pipeline_size 2 then talks through gloo in host
+memory: NCCL cannot pair two ranks on one device), tf_pp2 is skipped (its ranks would need NCCL
+on one device), and the batch-1 rows give the weight bandwidth achieved: weight bytes per
+generated token / time per token, against a device-to-device copy's measured bandwidth.
 
 The runner's tokens/s is its JSONL summary's new_tokens / wall_s (generation only, model load
 excluded). A fixed token count means no stop at EOS: the runner runs with ignore_eos (a sampled
@@ -51,6 +60,10 @@ from pipeinfer.prompts import load_tokenizer, make_batches  # noqa: E402
 # one thread here, so per-step Python and communication overheads are measured against real work.
 SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=512)
+# On CUDA: a TinyLlama-like shape with 16 layers (0.9B parameters, 1.8 GB in bf16), large enough
+# that reading the weights, not launching kernels, should bound a batch-1 step.
+GPU_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=4, max_position_embeddings=512)
 SEED = 0
 NOISY = 0.15  # cores used by other processes during a cell above which the cell is flagged
 RUNNER = ("pp1", "pp2_naive", "pp2_sched")
@@ -165,20 +178,29 @@ def generation_config(max_new_tokens: int, tokenizer):
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
-def time_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> dict:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
+                  device: torch.device = torch.device("cpu")) -> dict:
     """Left-padded batches of batch_size through model.generate(); the clock runs around generate only."""
     batches = make_batches(tokenizer, prompts, list(range(len(prompts))), batch_size)
     # The model's own generation_config has eos_token_id; a passed config only overrides what it sets,
     # so None there would fall back to it and generate() would stop at EOS. Clear it at the source.
     model.generation_config.eos_token_id = None
     with torch.inference_mode():
-        model.generate(batches[0].input_ids, attention_mask=batches[0].attention_mask,
+        model.generate(batches[0].input_ids.to(device), attention_mask=batches[0].attention_mask.to(device),
                        generation_config=generation_config(4, tokenizer))  # warm-up
         gc = generation_config(max_new_tokens, tokenizer)
         outputs, wall_s = {}, 0.0
         for b in batches:
+            ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
+            sync(device)
             t = time.perf_counter()
-            out = model.generate(b.input_ids, attention_mask=b.attention_mask, generation_config=gc)  # (B, T + N)
+            out = model.generate(ids, attention_mask=mask, generation_config=gc)  # (B, T + N)
+            sync(device)
             wall_s += time.perf_counter() - t
             for i, row in zip(b.indices, out[:, b.input_ids.shape[1]:].tolist()):
                 outputs[i] = row
@@ -186,7 +208,8 @@ def time_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new
     return {"tokens_per_s": new_tokens / wall_s, "new_tokens": new_tokens, "wall_s": wall_s, "output_ids": outputs}
 
 
-def step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), context: int = 32, steps: int = 8) -> dict:
+def step_times(model, device: torch.device, batch_sizes=(1, 2, 4, 8, 16, 32), context: int = 32,
+               steps: int = 8) -> dict:
     """Median ms of one whole-model decode step (cache of `context` positions) per batch size."""
     import inspect
 
@@ -196,15 +219,31 @@ def step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), context: int = 32, steps
     with torch.inference_mode():
         for b in batch_sizes:
             cache = DynamicCache(config=model.config)
-            ids = torch.randint(0, 256, (b, context), generator=torch.Generator().manual_seed(b))
+            ids = torch.randint(0, 256, (b, context), generator=torch.Generator().manual_seed(b)).to(device)
             model(ids, use_cache=True, **{key: cache})
             times, tok = [], ids[:, -1:]
             for _ in range(steps):
+                sync(device)
                 t = time.perf_counter()
                 model(tok, use_cache=True, **{key: cache})
+                sync(device)
                 times.append(time.perf_counter() - t)
             result[b] = 1e3 * statistics.median(times)
     return result
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s a large copy on `device` moves, counting bytes read and written (best of `repeats`)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
 
 
 def tf_pp_worker(spec_path: str) -> int:
@@ -253,9 +292,10 @@ def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], token
 
 # -- this runner ---------------------------------------------------------------------------------
 
-def runner_config(model_path: str, prompts: list[str], tokens: int, work: str) -> dict:
-    return dict(model_path=model_path, prompts=prompts, max_new_tokens=tokens, ignore_eos=True, dtype="float32",
-                device="cpu", do_sample=False, offload_folder=os.path.join(work, "offload"), timeout_s=60,
+def runner_config(model_path: str, prompts: list[str], tokens: int, work: str, device: str = "cpu",
+                  dtype: str = "float32") -> dict:
+    return dict(model_path=model_path, prompts=prompts, max_new_tokens=tokens, ignore_eos=True, dtype=dtype,
+                device=device, do_sample=False, offload_folder=os.path.join(work, "offload"), timeout_s=60,
                 progress=False, nvtx=False)
 
 
@@ -296,12 +336,13 @@ def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, 
 
 # -- report --------------------------------------------------------------------------------------
 
-def machine() -> dict:
+def machine(device: torch.device) -> dict:
     model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     import transformers
-    return {"hostname": socket.gethostname(), "nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "loadavg_start": os.getloadavg(),
-            "git": git_state()}
+    gpu = {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda} if device.type == "cuda" else {}
+    return {"hostname": socket.gethostname(), "nproc": os.cpu_count(), "cpu": model, **gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "loadavg_start": os.getloadavg(), "git": git_state()}
 
 
 def git_state() -> dict:
@@ -311,16 +352,23 @@ def git_state() -> dict:
             "modified": run("status", "--short", "--", "pipeinfer", "run_distributed_inference.py").splitlines()}
 
 
+def best(cells: list[dict]) -> dict:
+    """A cell's reported run: the fastest of its rounds (an error only if every round failed)."""
+    ok = [c for c in cells if "error" not in c]
+    return max(ok, key=lambda c: c["tokens_per_s"]) if ok else cells[-1]
+
+
+def _cell(results: dict, name: str, b: int) -> dict:
+    cell = results.get(name, {}).get(b)
+    return cell if isinstance(cell, dict) else {}
+
+
 def tps(results: dict, name: str, b: int) -> float | None:
-    cell = results.get(name, {})
-    cell = cell.get(b) if isinstance(cell, dict) else None
-    return cell.get("tokens_per_s") if isinstance(cell, dict) else None
+    return _cell(results, name, b).get("tokens_per_s")
 
 
 def busy(results: dict, name: str, b: int) -> float:
-    cell = results.get(name, {})
-    cell = cell.get(b) if isinstance(cell, dict) else None
-    return cell.get("others_cores", 0.0) if isinstance(cell, dict) else 0.0
+    return _cell(results, name, b).get("others_cores", 0.0)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -356,23 +404,38 @@ def targets(results: dict, batch_sizes: list[int], step_ms: dict) -> list[dict]:
     return rows
 
 
-def check_outputs(results: dict, batch_sizes: list[int]) -> tuple[int, list[str]]:
-    """Every configuration's output_ids against generate()'s at the same batch size."""
+def check_outputs(runs: dict, batch_sizes: list[int]) -> tuple[int, list[str]]:
+    """Every run of every configuration against generate()'s outputs at the same batch size."""
     compared, bad = 0, []
     for b in batch_sizes:
-        ref = results["generate"][b]["output_ids"]
+        ref = next((c["output_ids"] for c in runs["generate"][b] if "output_ids" in c), None)
+        if ref is None:
+            continue
         for name in CONFIGS[1:]:
-            cell = results.get(name, {})
-            cell = cell.get(b) if isinstance(cell, dict) else None
-            if not isinstance(cell, dict) or "output_ids" not in cell:
-                continue
-            for i, ids in ref.items():
-                compared += 1
-                got = cell["output_ids"].get(i)
-                if got != ids:
-                    at = next((k for k, (x, y) in enumerate(zip(got or [], ids)) if x != y), min(len(got or []), len(ids)))
-                    bad.append(f"{name} batch {b} prompt {i}: differs from generate() at new token {at}")
+            for cell in runs.get(name, {}).get(b, []):
+                if "output_ids" not in cell:
+                    continue
+                for i, ids in ref.items():
+                    compared += 1
+                    got = cell["output_ids"].get(i)
+                    if got != ids:
+                        at = next((k for k, (x, y) in enumerate(zip(got or [], ids)) if x != y),
+                                  min(len(got or []), len(ids)))
+                        bad.append(f"{name} batch {b} prompt {i} (round {cell['round']}): differs from generate() "
+                                   f"at new token {at}")
     return compared, bad
+
+
+def weight_bandwidth(results: dict, param_bytes: int, copy_gb_s: float) -> dict:
+    """Batch 1: every generated token reads every weight once, so param_bytes x tokens/s is the
+    weight bandwidth achieved (the embedding, of which a step reads one row, counted whole)."""
+    rows = {}
+    for name in CONFIGS:
+        t = tps(results, name, 1)
+        if t:
+            gb_s = param_bytes * t / 1e9
+            rows[name] = {"gb_s": gb_s, "of_copy": gb_s / copy_gb_s}
+    return rows
 
 
 def print_table(results: dict, batch_sizes: list[int]) -> None:
@@ -384,17 +447,20 @@ def print_table(results: dict, batch_sizes: list[int]) -> None:
     if any(busy(results, c, b) > NOISY for c in CONFIGS for b in batch_sizes):
         print(f"* other processes used more than {NOISY} of a core while this cell ran: its number is suspect")
     for c in CONFIGS:
-        if isinstance(results.get(c), dict) and "error" in results[c]:
-            print(f"{c}: not measured: {results[c]['error']}")
+        for b in batch_sizes:
+            if "error" in _cell(results, c, b):
+                print(f"{c} batch {b}: not measured: {_cell(results, c, b)['error']}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="8 prompts, 8 new tokens, batch sizes 1, 2, 8: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="8 prompts, 8 new tokens, batch sizes 1, 2, 8, one round")
     ap.add_argument("--json", default="results/throughput.json")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--prompts", type=int, default=32, help="prompts per run (the same at every batch size)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per prompt (EOS does not stop)")
     ap.add_argument("--batch-sizes", default="1,2,8,32")
+    ap.add_argument("--rounds", type=int, default=2, help="times every cell runs, interleaved; the best counts")
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "pipeinfer-bench"),
                     help="model cache and per-run files (logs, configs, JSONL)")
@@ -407,83 +473,86 @@ def main() -> int:
     if args.tf_pp_worker:
         return tf_pp_worker(args.tf_pp_worker)
     if args.quick:
-        args.prompts, args.tokens, args.batch_sizes = 8, 8, "1,2,8"
+        args.prompts, args.tokens, args.batch_sizes, args.rounds = 8, 8, "1,2,8", 1
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     only = set(args.only.split(",")) | {"generate"}  # generate() is the reference for the output check
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+        only.discard("tf_pp2")  # its two ranks would need NCCL on one GPU
+        shape, dtype = GPU_SHAPE, "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        shape, dtype = SHAPE, "float32"
 
-    model_path = os.path.join(args.workdir, "model-" + "-".join(str(v) for v in SHAPE.values()) + f"-s{SEED}")
+    model_path = os.path.join(args.workdir, "model-" + "-".join(str(v) for v in shape.values()) + f"-s{SEED}-{dtype}")
     if not os.path.exists(os.path.join(model_path, "config.json")):
-        make_model(model_path, seed=SEED, dtype="float32", **SHAPE)
+        make_model(model_path, seed=SEED, dtype=dtype, **shape)
     work = os.path.join(args.workdir, "runs")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     prompts = make_prompts(args.prompts)
-    info = {"machine": machine(), "model": dict(SHAPE, seed=SEED, dtype="float32", path=model_path),
+    info = {"machine": machine(device), "model": dict(shape, seed=SEED, dtype=dtype, path=model_path),
             "workload": {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
                          "max_new_tokens": args.tokens, "batch_sizes": batch_sizes, "greedy": True,
-                         "threads_per_rank": 1}}
-    results: dict = {}
+                         "threads_per_rank": 1, "rounds": args.rounds, "device": args.device}}
 
-    # (a) generate(), one process, one thread, core 0; and the step-time profile behind the ratios.
+    # generate(), in this process: one thread, core 0 (also on CUDA, where the CPU launches kernels).
     from transformers import AutoModelForCausalLM
-    affinity = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {0})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True).eval()
-        info["model"]["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        tokenizer = load_tokenizer(model_path)
-        results["generate"] = {}
-        for b in batch_sizes:
-            cell, facts = measure(lambda: time_generate(model, tokenizer, prompts, b, args.tokens), args.wait_quiet,
-                                  args.retries)
-            results["generate"][b] = dict(cell, **facts)
-            print(f"generate   batch {b:>2}: {cell['tokens_per_s']:8.1f} tokens/s  "
-                  f"(others used {facts['others_cores']:.2f} cores)", flush=True)
-        info["decode_step_ms"] = step_times(model)
-        del model
-    finally:
-        torch.set_num_threads(threads)
-        os.sched_setaffinity(0, affinity)
-    print("whole-model decode step, 1 thread (ms): " +
-          ", ".join(f"batch {b}: {ms:.2f}" for b, ms in info["decode_step_ms"].items()), flush=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), local_files_only=True)
+    model = model.to(device).eval()
+    info["model"]["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokenizer = load_tokenizer(model_path)
 
-    # (b) transformers' PP mode.
-    if "tf_pp2" in only:
-        results["tf_pp2"], facts = measure(lambda: run_tf_pp(model_path, prompts, batch_sizes, args.tokens, work),
-                                           args.wait_quiet, args.retries)
-        for cell in results["tf_pp2"].values():
-            if isinstance(cell, dict):
-                cell.update(facts)
-        for b in batch_sizes:
-            print(f"tf_pp2     batch {b:>2}: {tps(results, 'tf_pp2', b) or 0:8.1f} tokens/s  "
-                  f"(others used {facts['others_cores']:.2f} cores)", flush=True)
-        if "error" in results["tf_pp2"]:
-            print(f"tf_pp2: FAILED: {results['tf_pp2']['error']}", file=sys.stderr)
+    def pinned(fn):
+        affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+        os.sched_setaffinity(0, {0})
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+            os.sched_setaffinity(0, affinity)
 
-    # (c) the runner.
-    base = runner_config(model_path, prompts, args.tokens, work)
+    base = runner_config(model_path, prompts, args.tokens, work, args.device, dtype)
     no_schedule = schedule_support(base, work)
     if no_schedule:
         print(f"runner rejects micro_batch_size ({no_schedule}): pp2_naive runs without it (one micro-batch "
               f"per batch), pp2_sched is skipped", file=sys.stderr)
-    for name in RUNNER:
-        if name not in only:
-            continue
-        if name == "pp2_sched" and no_schedule:
-            results[name] = {"error": f"micro_batch_size not accepted by the runner: {no_schedule}"}
-            continue
-        results[name] = {}
-        for b in batch_sizes:
-            micro = None if name == "pp1" or no_schedule else (b if name == "pp2_naive" else "auto")
-            cell, facts = measure(lambda: run_runner(base, name, b, micro, work), args.wait_quiet, args.retries)
-            cell = results[name][b] = dict(cell, **facts)
-            print(f"{name:<10} batch {b:>2}: " + (f"{cell['tokens_per_s']:8.1f} tokens/s  (others used "
-                                                  f"{facts['others_cores']:.2f} cores)" if "error" not in cell
-                                                  else f"FAILED: {cell['error']}"), flush=True)
 
-    compared, mismatches = check_outputs(results, batch_sizes)
+    def cell_fn(name: str, b: int):
+        if name == "generate":
+            return lambda: pinned(lambda: time_generate(model, tokenizer, prompts, b, args.tokens, device))
+        if name == "tf_pp2":
+            def tf_pp2() -> dict:
+                got = run_tf_pp(model_path, prompts, [b], args.tokens, work)
+                return got.get(b) or {"error": got.get("error", "no result")}
+            return tf_pp2
+        if name == "pp2_sched" and no_schedule:
+            return lambda: {"error": f"micro_batch_size not accepted by the runner: {no_schedule}"}
+        micro = None if name == "pp1" or no_schedule else (b if name == "pp2_naive" else "auto")
+        return lambda: run_runner(base, name, b, micro, work)
+
+    # Every cell in every round, a batch size's configurations one after the other.
+    runs: dict = {name: {b: [] for b in batch_sizes} for name in CONFIGS if name in only}
+    for rnd in range(1, args.rounds + 1):
+        for b in batch_sizes:
+            for name in runs:
+                cell, facts = measure(cell_fn(name, b), args.wait_quiet, args.retries)
+                cell = dict(cell, **facts, round=rnd)
+                runs[name][b].append(cell)
+                print(f"round {rnd} {name:<10} batch {b:>2}: " + (
+                    f"{cell['tokens_per_s']:8.1f} tokens/s  (others used {facts['others_cores']:.2f} cores)"
+                    if "error" not in cell else f"FAILED: {cell['error']}"), flush=True)
+    results = {name: {b: best(cells) for b, cells in per_b.items()} for name, per_b in runs.items()}
+
+    info["decode_step_ms"] = pinned(lambda: step_times(model, device))
+    print("whole-model decode step, 1 thread (ms): " +
+          ", ".join(f"batch {b}: {ms:.2f}" for b, ms in info["decode_step_ms"].items()), flush=True)
+    info["copy_bandwidth_gb_s"] = copy_bandwidth(device) / 1e9
+
+    compared, mismatches = check_outputs(runs, batch_sizes)
     info["machine"]["loadavg_end"] = os.getloadavg()
     rows = targets(results, batch_sizes, info["decode_step_ms"])
     print_table(results, batch_sizes)
@@ -494,6 +563,11 @@ def main() -> int:
         bound = f"  (bound with perfect overlap: step(b)/step(b/2) = {r['bound']:.2f})" if r.get("bound") else ""
         print(f"  {r['target']:<55} {shown:>7}  " + (f">= {r['min']:.2f} {verdict}" if r["min"] else "(no target)")
               + bound)
+    info["weight_bandwidth"] = weight_bandwidth(results, info["model"]["param_bytes"], info["copy_bandwidth_gb_s"])
+    print(f"\nweight bandwidth at batch 1 (weight bytes per token / time per token), against a "
+          f"{info['copy_bandwidth_gb_s']:.1f} GB/s copy on {args.device}:")
+    for name, row in info["weight_bandwidth"].items():
+        print(f"  {name:<10} {row['gb_s']:8.1f} GB/s  {row['of_copy']:.1%} of the copy's")
     print(f"\noutput check: {compared} prompt outputs compared with generate() at the same batch size, "
           f"{len(mismatches)} mismatches")
     for m in mismatches:
@@ -502,7 +576,7 @@ def main() -> int:
     for b in batch_sizes:
         n = sum(m.startswith(f"tf_pp2 batch {b} ") for m in mismatches)
         if n:
-            print(f"MISMATCH: tf_pp2 batch {b}: {n} of {len(prompts)} prompts differ from generate() "
+            print(f"MISMATCH: tf_pp2 batch {b}: {n} prompt outputs differ from generate() "
                   f"(each listed in the JSON)", file=sys.stderr)
     if any(m.startswith("tf_pp2 ") for m in mismatches):
         print(f"note: {TF_PP_PADDING}", file=sys.stderr)
@@ -510,11 +584,9 @@ def main() -> int:
           f"(on {info['machine']['nproc']} cores: above ~0.5 + the ranks running, someone else shares the CPU)")
 
     def strip(cell):  # the JSON keeps timings, not the ids
-        if isinstance(cell, dict) and "output_ids" in cell:
-            return {k: v for k, v in cell.items() if k != "output_ids"}
-        return cell
-    out = dict(info, results={n: ({b: strip(c) for b, c in r.items()} if "error" not in r else r)
-                              for n, r in results.items()},
+        return {k: v for k, v in cell.items() if k != "output_ids"} if isinstance(cell, dict) else cell
+    out = dict(info, results={n: {b: strip(c) for b, c in r.items()} for n, r in results.items()},
+               rounds={n: {b: [c.get("tokens_per_s") for c in cells] for b, cells in r.items()} for n, r in runs.items()},
                ratios=rows, output_check={"compared": compared, "mismatches": mismatches,
                                           "tf_pp2_note": TF_PP_PADDING if any(m.startswith("tf_pp2 ") for m in mismatches)
                                           else None})
