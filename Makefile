@@ -27,7 +27,7 @@ test-compat:
 	$(PY) -m venv .venv-min
 	.venv-min/bin/pip install -q $(TORCH)
 	.venv-min/bin/pip install -q -r requirements.txt -r requirements-dev.txt "$(TF_MIN)"
-	.venv-min/bin/python -m pytest -q tests/test_equivalence.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py
+	.venv-min/bin/python -m pytest -q tests/test_equivalence.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/decode_scaling.py

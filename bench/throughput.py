@@ -576,8 +576,8 @@ def main() -> int:
     for b in batch_sizes:
         n = sum(m.startswith(f"tf_pp2 batch {b} ") for m in mismatches)
         if n:
-            print(f"MISMATCH: tf_pp2 batch {b}: {n} prompt outputs differ from generate() "
-                  f"(each listed in the JSON)", file=sys.stderr)
+            print(f"MISMATCH: tf_pp2 batch {b}: {n} of {len(prompts) * len(runs['tf_pp2'][b])} prompt outputs "
+                  f"({len(prompts)} prompts x rounds) differ from generate() (each listed in the JSON)", file=sys.stderr)
     if any(m.startswith("tf_pp2 ") for m in mismatches):
         print(f"note: {TF_PP_PADDING}", file=sys.stderr)
     print(f"load average at start {info['machine']['loadavg_start'][0]:.2f}, end {info['machine']['loadavg_end'][0]:.2f} "
