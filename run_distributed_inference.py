@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         prompt_lengths = check_lengths(tokenizer, prompts, getattr(model_config, "max_position_embeddings", None),
                                        cfg.max_new_tokens)
         device = pick_device(cfg.device, local_rank)
-        pcomm.check_backend(cfg.comm_backend, device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -192,29 +192,36 @@ def _wait(work, timeout_s: float, doing: str, peer: int) -> None:
         raise PeerFailure(f"{doing}: rank {peer} did not answer within timeout_s={timeout_s:g}")
 
 
-def check_backend(choice: str, device: torch.device) -> None:
-    """Before any process group: comm_backend="nccl" needs GPUs (ConfigError otherwise)."""
-    if choice == "nccl" and device.type != "cuda":
-        raise ConfigError(f'comm_backend="nccl" but this rank runs on {device.type}: NCCL moves GPU tensors only; '
-                          f'use comm_backend="auto" or "gloo"')
-
-
-def p2p_backend(choice: str, placements: list[tuple[str, int | None]]) -> str:
-    """The backend for stage-to-stage messages, given each rank's (hostname, CUDA index or None).
+def p2p_backend(choice: str, placements: list[tuple[str, str | None, int | None]]) -> str:
+    """The backend for stage-to-stage messages, from each rank's (hostname, GPU UUID or None on
+    CPU, CUDA index or None). GPUs are told apart by UUID: under per-task GPU isolation two ranks
+    of one node both see their own GPU as cuda:0.
 
     "auto" is NCCL when every rank has a GPU and no two share one, else gloo. An explicit "nccl"
-    with two ranks on one GPU is refused: NCCL would fail or hang when it pairs them."""
-    on_gpu = all(index is not None for _, index in placements)
-    shared = len(set(placements)) < len(placements)
+    with a CPU rank, or with two ranks on one GPU, is refused: NCCL would fail or hang."""
+    gpus = [(host, uuid) for host, uuid, _ in placements]
+    on_gpu = all(uuid is not None for _, uuid in gpus)
+    shared = on_gpu and len(set(gpus)) < len(gpus)
+    if choice == "nccl" and not on_gpu:
+        cpu = [r for r, (_, uuid) in enumerate(gpus) if uuid is None]
+        raise ConfigError(f'comm_backend="nccl" but rank(s) {cpu} run on CPU: NCCL moves GPU tensors only; '
+                          f'use comm_backend="auto" or "gloo"')
     if choice == "nccl" and shared:
-        host, index = next(p for p in placements if placements.count(p) > 1)
-        ranks = [r for r, p in enumerate(placements) if p == (host, index)]
-        raise ConfigError(f'comm_backend="nccl" but ranks {ranks} share cuda:{index} on {host}: NCCL cannot pair '
-                          f'two ranks on one GPU; use comm_backend="auto" (gloo through host memory) or give '
-                          f'each rank its own GPU')
+        first = next(p for p in gpus if gpus.count(p) > 1)
+        ranks = [r for r, p in enumerate(gpus) if p == first]
+        raise ConfigError(f'comm_backend="nccl" but ranks {ranks} share one GPU (cuda:{placements[ranks[0]][2]}) on '
+                          f'{first[0]}: NCCL cannot pair two ranks on one GPU; use comm_backend="auto" (gloo through '
+                          f'host memory) or give each rank its own GPU')
     if choice == "auto":
         return "nccl" if on_gpu and not shared else "gloo"
     return choice
+
+
+def _placement(device: torch.device) -> tuple[str, str | None, int | None]:
+    if device.type != "cuda":
+        return socket.gethostname(), None, None
+    props = torch.cuda.get_device_properties(device)
+    return socket.gethostname(), str(getattr(props, "uuid", device.index)), device.index
 
 
 def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int,
@@ -230,11 +237,11 @@ def init(rank: int, world_size: int, device: torch.device, timeout_s: float, mas
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     placements: list = [None] * world_size
-    dist.all_gather_object(placements, (socket.gethostname(), device.index if device.type == "cuda" else None))
-    chosen = p2p_backend(backend, [tuple(p) for p in placements])
+    dist.all_gather_object(placements, _placement(device))
+    chosen = p2p_backend(backend, [tuple(p) for p in placements])  # the same on every rank
     if rank == 0:
         log.info("stage-to-stage messages over %s (comm_backend=%s; ranks on %s)", chosen, backend,
-                 ", ".join(f"{host}:{'cpu' if i is None else f'cuda:{i}'}" for host, i in placements))
+                 ", ".join(f"{host}:{'cpu' if i is None else f'cuda:{i}'}" for host, _, i in placements))
     if chosen == "nccl":
         return Comm(rank, world_size, device, timeout_s, timeline, wire=device,
                     group=dist.new_group(backend="nccl", timeout=timeout))

@@ -98,7 +98,8 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
     def start(batch: Batch) -> _Slot:
         mask = batch.attention_mask.to(dev)
         gens = [prompt_generator(gp.seed, i, dev) for i in batch.indices] if gp.sampling.do_sample else []
-        return _Slot(batch, stage.new_cache(mask.shape[1] + gp.max_new_tokens), mask, position_ids(mask), not bool(mask.all()), gens,
+        cache = stage.new_cache(capacity=mask.shape[1] + gp.max_new_tokens)  # room for the whole sequence
+        return _Slot(batch, cache, mask, position_ids(mask), not bool(mask.all()), gens,
                      torch.zeros(len(batch.indices), dtype=torch.bool, device=dev), t0=time.perf_counter())
 
     slots: list[_Slot | None] = [start(queue.popleft()) for _ in range(min(in_flight, len(queue)))]

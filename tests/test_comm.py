@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import base_config, free_port, launch
 from pipeinfer.comm import p2p_backend
 from pipeinfer.config import ConfigError
 
@@ -61,13 +61,29 @@ def test_round_trip_over_gloo():
 
 
 def test_backend_choice_from_placements():
-    own_gpus = [("n1", 0), ("n2", 0)]        # one GPU per node, as on the cluster
-    one_gpu = [("n1", 0), ("n1", 0)]         # two ranks on one GPU
+    own_gpus = [("n1", "GPU-a", 0), ("n2", "GPU-b", 0)]      # one GPU per node, as on the cluster
+    one_gpu = [("n1", "GPU-a", 0), ("n1", "GPU-a", 0)]       # two ranks on one GPU
+    isolated = [("n1", "GPU-a", 0), ("n1", "GPU-b", 0)]      # one node, a GPU per task: both see cuda:0
+    cpu = [("n1", None, None), ("n1", None, None)]
     assert p2p_backend("auto", own_gpus) == "nccl"
-    assert p2p_backend("auto", [("n1", 0), ("n1", 1)]) == "nccl"
+    assert p2p_backend("auto", isolated) == "nccl"
     assert p2p_backend("auto", one_gpu) == "gloo"  # NCCL cannot pair them: through host memory
-    assert p2p_backend("auto", [("n1", None), ("n1", None)]) == "gloo"
+    assert p2p_backend("auto", cpu) == "gloo"
     assert p2p_backend("gloo", own_gpus) == "gloo"
-    assert p2p_backend("nccl", own_gpus) == "nccl"
-    with pytest.raises(ConfigError, match=r"ranks \[0, 1\] share cuda:0 on n1"):
-        p2p_backend("nccl", one_gpu + [("n2", 0)])
+    assert p2p_backend("nccl", isolated) == "nccl"
+    with pytest.raises(ConfigError, match=r"ranks \[0, 1\] share one GPU \(cuda:0\) on n1"):
+        p2p_backend("nccl", one_gpu + [("n2", "GPU-c", 0)])
+    with pytest.raises(ConfigError, match=r"rank\(s\) \[1\] run on CPU"):
+        p2p_backend("nccl", [own_gpus[0], cpu[1]])
+
+
+def test_nccl_without_gpus_exits_2_on_every_rank(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=2, comm_backend="nccl", device="cpu")
+    results = launch(cfg, tmp_path, 2)
+    assert [r.returncode for r in results] == [2, 2]
+    for r in results:
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1] == ('error: comm_backend="nccl" but rank(s) [0, 1] run on CPU: NCCL moves GPU tensors '
+                             'only; use comm_backend="auto" or "gloo"'), r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -36,7 +36,6 @@ BAD = [
     ("temperature 0", {"temperature": 0}, "temperature"),
     ("model_path missing dir", {"model_path": "/nonexistent/model"}, "model_path"),
     ("backend unknown", {"comm_backend": "mpi"}, "comm_backend"),
-    ("nccl without a GPU", {"comm_backend": "nccl", "device": "cpu"}, 'comm_backend="nccl" but this rank runs on cpu'),
 ]
 
 

@@ -9,6 +9,7 @@ room, crop, and which layers Stage.new_cache() replaces.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, MistralConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -49,6 +50,40 @@ def test_a_full_room_is_allocated_once():
     for _ in range(6):
         layer.update(*_kv(g, 1))
     assert layer._k.data_ptr() == buffer and layer.get_seq_length() == 10
+
+
+def _same(ours, ref) -> bool:
+    return (ours.get_seq_length() == ref.get_seq_length() and torch.equal(ours.keys, ref.keys)
+            and torch.equal(ours.values, ref.values))
+
+
+# DynamicLayer's own methods that replace keys/values; the next update must carry on from them.
+EDITS = {
+    "reorder_cache": lambda layer: layer.reorder_cache(torch.tensor([2, 0, 1])),
+    "batch_select_indices": lambda layer: layer.batch_select_indices(torch.tensor([0, 2])),
+    "batch_repeat_interleave": lambda layer: layer.batch_repeat_interleave(2),
+    "reset": lambda layer: layer.reset(),
+    "crop": lambda layer: layer.crop(-2),
+    "offload+prefetch": lambda layer: (layer.offload(), layer.prefetch()),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_updates_after_dynamic_layer_methods(edit):
+    g = torch.Generator().manual_seed(2)
+    ours, ref = PreallocatedLayer(capacity=6), DynamicLayer()
+    for t in (4, 1):
+        k, v = _kv(g, t, batch=3)
+        ours.update(k, v)
+        ref.update(k, v)
+    EDITS[edit](ours)
+    EDITS[edit](ref)
+    batch = ref.keys.shape[0] if ref.get_seq_length() else 3
+    for t in (1, 1, 3):  # the last step outgrows the room
+        k, v = _kv(g, t, batch=batch)
+        ours.update(k, v)
+        ref.update(k, v)
+        assert _same(ours, ref), edit
 
 
 def _stage(config, layers: range) -> Stage:
