@@ -16,9 +16,9 @@ must never block on its own send while the peer may be blocked on one of its own
 deadlock as soon as two micro-batches are in flight. Sends are therefore only reaped when already
 complete, and waited for at drain_sends(), when every frame has been received. The schedule bounds
 what can be outstanding (one frame or token message per micro-batch in flight).
-Every wait is bounded by timeout_s. A peer that died closes its connections, and the wait fails
-at once; a stuck peer fails it after timeout_s. Either way a PeerFailure names the peer and
-what this rank was doing.
+Every wait is bounded by timeout_s. Over gloo a peer that died closes its connections and the
+wait fails at once; a stuck peer (or, over NCCL, a dead one too) fails it after timeout_s. Either
+way a PeerFailure names the peer and what this rank was doing.
 With pipeline_size 1 there is no process group and the functions are pass-throughs.
 
 Backends. The process group is gloo: it carries the small collectives (broadcasts, the exit
