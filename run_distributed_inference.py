@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             timeline.trace(cfg.profile_steps, f"{cfg.output_path}.rank{rank}.trace.json")
         if writer is not None:
             bar = progress_bar(len(prompts), len(prompts) - len(todo), cfg.progress)
-        records, interrupted = [], False
+        records, interrupted, new_tokens = [], False, 0
         micro_batch_size, in_flight = micro_batching(cfg)
         batches = make_batches(tokenizer, prompts, todo, micro_batch_size)
         stage.warm_up(model_config.hidden_size, dtype, device)
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     records.append(prompt_record(i, prompts[i], text, ids, n, times, result.start_s))
                     writer.write(records[-1])
+                    new_tokens += len(ids)
                 bar.update(len(batch.indices))
-                bar.set_postfix_str(f"{sum(r['new_tokens'] for r in records) / (time.perf_counter() - t0):.1f} tok/s")
+                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):.1f} tok/s")
         except Aborted:
             interrupted = True
         wall_s = time.perf_counter() - t0

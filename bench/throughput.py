@@ -94,13 +94,9 @@ def rank_env(rank: int, world: int, port: int) -> dict:
                 MASTER_PORT=str(port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-CELL_TIMEOUT_S = [900.0]  # --cell-timeout: a hung rank costs at most this, not the whole run
-
-
-def launch(argv: list[str], world: int, log_prefix: str) -> list[int]:
+def launch(argv: list[str], world: int, log_prefix: str, timeout: float) -> list[int]:
     """Start `world` rank processes, rank r pinned to core r; return their exit codes (-9 for a
-    rank killed after --cell-timeout)."""
-    timeout = CELL_TIMEOUT_S[0]
+    rank killed after `timeout` seconds: a hung rank costs one cell, not the whole run)."""
     port, procs = free_port(), []
     for r in range(world):
         with open(f"{log_prefix}.rank{r}.log", "w") as log:
@@ -286,7 +282,8 @@ def tf_pp_worker(spec_path: str) -> int:
     return 0
 
 
-def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], tokens: int, work: str) -> dict:
+def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], tokens: int, work: str,
+              timeout: float) -> dict:
     spec = dict(model=model_path, prompts=prompts, batch_sizes=batch_sizes, max_new_tokens=tokens,
                 out=os.path.join(work, "tf_pp2.json"))
     spec_path = os.path.join(work, "tf_pp2.spec.json")
@@ -294,7 +291,7 @@ def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], token
         json.dump(spec, f)
     if os.path.exists(spec["out"]):
         os.remove(spec["out"])  # an earlier attempt's
-    codes = launch([os.path.abspath(__file__), "--tf-pp-worker", spec_path], 2, os.path.join(work, "tf_pp2"))
+    codes = launch([os.path.abspath(__file__), "--tf-pp-worker", spec_path], 2, os.path.join(work, "tf_pp2"), timeout)
     if any(codes) or not os.path.exists(spec["out"]):
         errs = [f"rank {r} exit {c}: {tail(os.path.join(work, f'tf_pp2.rank{r}.log'))}" for r, c in enumerate(codes) if c]
         return {"error": " | ".join(errs) or "no results written"}
@@ -312,17 +309,7 @@ def runner_config(model_path: str, prompts: list[str], tokens: int, work: str, d
                 progress=False, nvtx=False)
 
 
-def schedule_support(base: dict, work: str) -> str | None:
-    """None when the runner accepts micro_batch_size, else its one-line error."""
-    path = os.path.join(work, "probe.json")
-    with open(path, "w") as f:
-        json.dump(dict(base, output_path=os.path.join(work, "probe.jsonl")), f)
-    res = subprocess.run([sys.executable, "-m", "pipeinfer.config", path, "--set", "micro_batch_size=auto"],
-                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    return None if res.returncode == 0 else (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1]
-
-
-def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, work: str) -> dict:
+def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, work: str, timeout: float) -> dict:
     world = 1 if name == "pp1" else 2
     tag, k = f"{name}-b{batch_size}", 1
     while os.path.exists(os.path.join(work, f"{tag}-{k}.config.json")):  # a fresh output_path per run: no resume
@@ -334,7 +321,7 @@ def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, 
     path = os.path.join(work, f"{tag}.config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
-    codes = launch([ENTRY, "--config", path], world, os.path.join(work, tag))
+    codes = launch([ENTRY, "--config", path], world, os.path.join(work, tag), timeout)
     if any(codes):
         return {"error": " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'{tag}.rank{r}.log'))}"
                                     for r, c in enumerate(codes) if c)}
@@ -504,7 +491,6 @@ def main() -> int:
     if args.quick:
         args.prompts, args.tokens, args.batch_sizes, args.rounds = 8, 8, "1,2,8", 1
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    CELL_TIMEOUT_S[0] = args.cell_timeout
     only = set(args.only.split(",")) | {"generate"}  # generate() is the reference for the output check
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -546,23 +532,17 @@ def main() -> int:
             os.sched_setaffinity(0, affinity)
 
     base = runner_config(model_path, prompts, args.tokens, work, args.device, dtype)
-    no_schedule = schedule_support(base, work)
-    if no_schedule:
-        print(f"runner rejects micro_batch_size ({no_schedule}): pp2_naive runs without it (one micro-batch "
-              f"per batch), pp2_sched is skipped", file=sys.stderr)
 
     def cell_fn(name: str, b: int):
         if name == "generate":
             return lambda: pinned(lambda: time_generate(model, tokenizer, prompts, b, args.tokens, device))
         if name == "tf_pp2":
             def tf_pp2() -> dict:
-                got = run_tf_pp(model_path, prompts, [b], args.tokens, work)
+                got = run_tf_pp(model_path, prompts, [b], args.tokens, work, args.cell_timeout)
                 return got.get(b) or {"error": got.get("error", "no result")}
             return tf_pp2
-        if name == "pp2_sched" and no_schedule:
-            return lambda: {"error": f"micro_batch_size not accepted by the runner: {no_schedule}"}
-        micro = None if name == "pp1" or no_schedule else (b if name == "pp2_naive" else "auto")
-        return lambda: run_runner(base, name, b, micro, work)
+        micro = None if name == "pp1" else (b if name == "pp2_naive" else "auto")
+        return lambda: run_runner(base, name, b, micro, work, args.cell_timeout)
 
     # Every cell in every round, a batch size's configurations one after the other.
     runs: dict = {name: {b: [] for b in batch_sizes} for name in CONFIGS if name in only}

@@ -63,7 +63,7 @@ class _Slot:
     """One micro-batch in flight, as this rank sees it."""
     batch: Batch
     cache: object
-    mask: torch.Tensor     # (B, T + step)
+    mask: torch.Tensor     # (B, T + step) when padded, else the prompt's (unused)
     pos: torch.Tensor      # (B, T), then (B, 1)
     padded: bool
     gens: list
@@ -79,8 +79,8 @@ class _Slot:
         return (B, T if self.step == 0 else 1, hidden_size)  # (B, T, H)
 
     def advance(self) -> None:
-        B = self.mask.shape[0]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)
+        if self.padded:  # an unpadded batch runs without a mask (as generate() drops an all-ones one)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         self.pos = self.pos[:, -1:] + 1
         self.step += 1
 

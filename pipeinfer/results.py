@@ -37,14 +37,10 @@ class Previous:
     done: set[int] = field(default_factory=set)  # prompt indices already recorded
 
 
-def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> Previous:
-    """Validate an existing results file for resuming; repair a torn tail. Runs on the writer only."""
-    if not os.path.exists(path):
-        return Previous()
-    if not resume:
-        os.replace(path, path + ".bak")
-        log.warning("resume=false: moved the existing %s to %s.bak", path, path)
-        return Previous()
+def read_results(path: str) -> list:
+    """The records of an existing results file, after cutting off a torn last line (a writer died
+    mid-write) with a warning, so that whatever is appended next starts on a line of its own.
+    ResultsError when a corrupt line has records after it: that is not a torn write."""
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")  # the piece after the last newline is b"" unless a write was cut short
@@ -63,6 +59,18 @@ def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> 
         with open(path, "r+b") as f:
             f.truncate(keep)
             os.fsync(f.fileno())
+    return records
+
+
+def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> Previous:
+    """Validate an existing results file for resuming; repair a torn tail. Runs on the writer only."""
+    if not os.path.exists(path):
+        return Previous()
+    if not resume:
+        os.replace(path, path + ".bak")
+        log.warning("resume=false: moved the existing %s to %s.bak", path, path)
+        return Previous()
+    records = read_results(path)
     prev = Previous()
     for rec in records:
         kind = rec.get("type") if isinstance(rec, dict) else None

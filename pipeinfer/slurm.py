@@ -8,12 +8,13 @@ Outside Slurm, without sacct, or with accounting disabled it prints one info lin
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+
+from pipeinfer.results import ResultsWriter, read_results
 
 # The sacct columns, in the order `--format` asks for them and parse_sacct reads them.
 SACCT_FIELDS = (
@@ -130,18 +131,17 @@ def query_sacct(job_id, retries=10, delay_s=1.0, sacct="sacct"):
     return rows
 
 
-def append_jsonl(output_path, record):
-    """Append one complete JSON line, flushed and fsynced; starts a new line if the file ends mid-line."""
-    line = json.dumps(record) + "\n"
-    with open(output_path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line        # a writer killed mid-line must not swallow this record
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
+def append_record(output_path, record):
+    """Append one record to a results file as the runner's writer does (one fsynced line), after
+    cutting off a torn last line the way a resume would: a rank-0 process killed mid-write must
+    leave neither this record swallowed nor a broken line before it (which no resume accepts)."""
+    if os.path.exists(output_path):
+        read_results(output_path)  # repairs a torn tail; ResultsError on a corrupt file
+    writer = ResultsWriter(output_path)
+    try:
+        writer.write(record)
+    finally:
+        writer.close()
 
 
 def maybe_log_sacct(output_path, job_id=None, retries=10, delay_s=1.0):
@@ -166,7 +166,7 @@ def maybe_log_sacct(output_path, job_id=None, retries=10, delay_s=1.0):
             _info(f"sacct knows no job {job_id}; no sacct record written")
             return None
         record = {"type": "sacct", "job_id": str(job_id), "rows": rows}
-        append_jsonl(output_path, record)
+        append_record(output_path, record)
         return record
     except Exception as err:  # accounting is a bonus: it must never fail the run
         _info(f"sacct record for job {job_id} not written to {output_path}: {type(err).__name__}: {err}")

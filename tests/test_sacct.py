@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeinfer import slurm
+from pipeinfer.results import read_results
 
 DATA = Path(__file__).parent / "data" / "sacct"
 REPO = Path(__file__).resolve().parents[1]
@@ -164,5 +165,8 @@ def test_append_writes_one_complete_sacct_line(tmp_path):
 def test_append_after_a_torn_last_line_starts_a_new_line(tmp_path):
     out = tmp_path / "run.jsonl"
     out.write_text('{"type": "run"}\n{"type": "prom')     # a writer killed mid-line
-    slurm.append_jsonl(out, {"type": "sacct"})
+    slurm.append_record(str(out), {"type": "sacct"})
     assert out.read_text().splitlines()[-1] == '{"type": "sacct"}'
+    # the fragment is cut off, as a resume would cut it, so the file still resumes and reports
+    assert out.read_text().splitlines() == ['{"type": "run"}', '{"type": "sacct"}']
+    assert read_results(str(out)) == [{"type": "run"}, {"type": "sacct"}]
