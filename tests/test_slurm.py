@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import reference_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
@@ -49,19 +50,18 @@ def test_cluster_is_up():
     assert PROBLEM is None, PROBLEM
 
 PROMPTS = ["The quick brown fox", "Hello", "Pipeline parallelism splits a model"]
+MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    if not (REPO / "pipeinfer" / "demo.py").exists():
-        pytest.skip("pipeinfer/demo.py (the core's tiny demo model) not there yet")
     out = tmp_path_factory.mktemp("model") / "demo-llama"
     subprocess.run([sys.executable, "-m", "pipeinfer.demo", "--out", str(out)], cwd=REPO, check=True, timeout=300)
     return out
 
 
 def write_config(path, model_dir, output_path, **overrides):
-    config = {"model_path": str(model_dir), "pipeline_size": 2, "prompts": PROMPTS, "max_new_tokens": 8,
+    config = {"model_path": str(model_dir), "pipeline_size": 2, "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS,
               "batch_size": 2, "seed": 0, "output_path": str(output_path), "timeout_s": 60}
     config.update(overrides)
     path.write_text(json.dumps(config))
@@ -73,17 +73,9 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def local_reference(model_dir, tmp_path_factory):
-    """The same config run locally with torchrun: the token ids every Slurm run must reproduce."""
-    tmp = tmp_path_factory.mktemp("local")
-    config = write_config(tmp / "config.json", model_dir, tmp / "local.jsonl")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                    "run_distributed_inference.py", "--config", str(config)],
-                   cwd=REPO, timeout=300, capture_output=True, text=True)
-    records = read_jsonl(tmp / "local.jsonl")
-    prompts = {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}
-    assert sorted(prompts) == list(range(len(PROMPTS))), f"local torchrun run incomplete: {records}"
-    return prompts
+def reference(model_dir):
+    """Whole-model transformers generate() on the same prompts: every Slurm run must reproduce it."""
+    return dict(enumerate(reference_outputs(str(model_dir), PROMPTS, MAX_NEW_TOKENS)))
 
 
 def job_env(**extra):
@@ -142,16 +134,16 @@ def assert_completed_run(job_id, status, log, output, reference):
     return records
 
 
-def test_two_nodes_without_container(tmp_path, model_dir, local_reference):
+def test_two_nodes_without_container(tmp_path, model_dir, reference):
     output = tmp_path / "out" / "run.jsonl"
     config = write_config(tmp_path / "config.json", model_dir, output)
     job_id, status, log = sbatch(tmp_path, job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config)))
-    assert_completed_run(job_id, status, log, output, local_reference)
+    assert_completed_run(job_id, status, log, output, reference)
     text = log.read_text()
     assert "rendezvous node1:" in text and f":{20000 + int(job_id) % 20000}" in text
 
 
-def test_two_nodes_with_fake_apptainer(tmp_path, model_dir, local_reference):
+def test_two_nodes_with_fake_apptainer(tmp_path, model_dir, reference):
     output = tmp_path / "out" / "run.jsonl"
     config = write_config(tmp_path / "config.json", model_dir, output)
     image = tmp_path / "pytorch.sif"
@@ -159,7 +151,7 @@ def test_two_nodes_with_fake_apptainer(tmp_path, model_dir, local_reference):
     env = job_env(CONTAINER_IMAGE=str(image), EXP_CONFIG=str(config))
     env["PATH"] = f"{FAKE_APPTAINER}:{env['PATH']}"
     job_id, status, log = sbatch(tmp_path, env)
-    assert_completed_run(job_id, status, log, output, local_reference)
+    assert_completed_run(job_id, status, log, output, reference)
     assert log.read_text().count("fake-apptainer: running") == 2       # one container per rank
 
 
