@@ -484,6 +484,9 @@ def main() -> int:
                     help="rerun a cell up to this many times while other processes disturbed it")
     ap.add_argument("--cell-timeout", type=float, default=900, metavar="S",
                     help="kill a cell's rank processes after S seconds (the cell is then reported as failed)")
+    ap.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"], metavar="H",
+                    help="on CPU, the model's width (MLP width 2.75 H, 8 heads, 8 layers): a wider model shows how "
+                         "the per-token costs of a stage boundary weigh against more weights")
     ap.add_argument("--tf-pp-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tf_pp_worker:
@@ -501,6 +504,11 @@ def main() -> int:
         shape, dtype = GPU_SHAPE, "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     else:
         shape, dtype = SHAPE, "float32"
+        if args.hidden_size != SHAPE["hidden_size"]:
+            if args.hidden_size % SHAPE["num_attention_heads"]:
+                print(f"error: --hidden-size must be a multiple of {SHAPE['num_attention_heads']}", file=sys.stderr)
+                return 2
+            shape = dict(SHAPE, hidden_size=args.hidden_size, intermediate_size=round(2.75 * args.hidden_size))
 
     model_path = os.path.join(args.workdir, "model-" + "-".join(str(v) for v in shape.values()) + f"-s{SEED}-{dtype}")
     if not os.path.exists(os.path.join(model_path, "config.json")):
