@@ -36,10 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeinfer.demo import make_model  # noqa: E402
 from pipeinfer.partition import StagePlan  # noqa: E402
 from pipeinfer.stage import partition_model  # noqa: E402
+from throughput import SEED, SHAPE, cpu_shape, model_dir  # noqa: E402  (bench/ is this script's directory)
 
 PROMPT_LEN = 16
-SHAPE = dict(intermediate_ratio=2.75, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-             max_position_embeddings=512)  # throughput.py's CPU shape, at any width
 
 
 def _load(path: str, rank: int, world: int, workdir: str):
@@ -179,14 +178,10 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    shape = {k: v for k, v in SHAPE.items() if k != "intermediate_ratio"}
-    shape.update(hidden_size=args.hidden_size, intermediate_size=round(SHAPE["intermediate_ratio"] * args.hidden_size))
-    # the same directory name as throughput.py gives this shape, so either script reuses the other's model
-    path = os.path.join(args.workdir, "model-" + "-".join(str(shape[k]) for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "max_position_embeddings")) + "-s0-float32")
+    shape = cpu_shape(args.hidden_size)
+    path = model_dir(args.workdir, shape, "float32")  # throughput.py's model at this width, shared
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_model(path, seed=0, dtype="float32", **shape)
+        make_model(path, seed=SEED, dtype="float32", **shape)
     if PROMPT_LEN + args.steps + 1 > shape["max_position_embeddings"]:
         raise SystemExit(f"error: --steps must be at most {shape['max_position_embeddings'] - PROMPT_LEN - 1}")
     ways = {"whole": (whole,), "in_process": (in_process,), "two_cores": (taking_turns, (0, 1)),

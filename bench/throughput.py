@@ -66,6 +66,18 @@ SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_a
 GPU_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, max_position_embeddings=512)
 SEED = 0
+
+
+def cpu_shape(hidden_size: int) -> dict:
+    """SHAPE at another width, the MLP widened in proportion (1408 = 2.75 x 512)."""
+    return dict(SHAPE, hidden_size=hidden_size, intermediate_size=round(2.75 * hidden_size))
+
+
+def model_dir(workdir: str, shape: dict, dtype: str) -> str:
+    """Where the benchmark model of this shape lives (built once, reused by later runs)."""
+    return os.path.join(workdir, "model-" + "-".join(str(v) for v in shape.values()) + f"-s{SEED}-{dtype}")
+
+
 NOISY = 0.15  # cores used by other processes during a cell above which the cell is flagged
 RUNNER = ("pp1", "pp2_naive", "pp2_sched")
 CONFIGS = ("generate", "tf_pp2") + RUNNER
@@ -501,16 +513,18 @@ def main() -> int:
             print("error: --device cuda but torch sees no GPU", file=sys.stderr)
             return 2
         only.discard("tf_pp2")  # its two ranks would need NCCL on one GPU
+        if args.hidden_size != SHAPE["hidden_size"]:
+            print("error: --hidden-size sets the CPU model's width; on CUDA the model is TinyLlama's shape",
+                  file=sys.stderr)
+            return 2
         shape, dtype = GPU_SHAPE, "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     else:
-        shape, dtype = SHAPE, "float32"
-        if args.hidden_size != SHAPE["hidden_size"]:
-            if args.hidden_size % SHAPE["num_attention_heads"]:
-                print(f"error: --hidden-size must be a multiple of {SHAPE['num_attention_heads']}", file=sys.stderr)
-                return 2
-            shape = dict(SHAPE, hidden_size=args.hidden_size, intermediate_size=round(2.75 * args.hidden_size))
+        if args.hidden_size % SHAPE["num_attention_heads"]:
+            print(f"error: --hidden-size must be a multiple of {SHAPE['num_attention_heads']}", file=sys.stderr)
+            return 2
+        shape, dtype = cpu_shape(args.hidden_size), "float32"
 
-    model_path = os.path.join(args.workdir, "model-" + "-".join(str(v) for v in shape.values()) + f"-s{SEED}-{dtype}")
+    model_path = model_dir(args.workdir, shape, dtype)
     if not os.path.exists(os.path.join(model_path, "config.json")):
         make_model(model_path, seed=SEED, dtype=dtype, **shape)
     work = os.path.join(args.workdir, "runs")
