@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         pcomm.shutdown()
         return 2
+    except pcomm.PeerFailure as e:
+        print(f"error: rank {rank}: {e}", file=sys.stderr)
+        pcomm.shutdown(clean=False)
+        return 1
     writer, bar, clean = None, None, False  # clean: every rank reached the same exit point
     try:
         problem, todo = None, None
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 problem = check_writable(cfg.output_path)
                 if problem is None:
-                    previous = scan_previous(cfg.output_path, cfg.to_dict(), prompts, cfg.resume)
+                    previous = scan_previous(cfg.output_path, cfg.to_dict(), prompts, cfg.resume,
+                                             str(dtype).removeprefix("torch."), device.type)
                     todo = [i for i in range(len(prompts)) if i not in previous.done]
             except (ResultsError, OSError) as e:
                 problem = str(e)
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                                               longest_prompt=max(prompt_lengths), model_config=model_config)
             except LoadError as e:
                 problem = str(e)
-            ok = comm.all_ok(problem is None)
+            ok = comm.all_ok(problem is None, f"agreeing that every rank loaded its stage (a rank that loads for longer "
+                                              f"than timeout_s={cfg.timeout_s:g} also ends here: raise timeout_s)")
         else:
             ok = False
         if not ok:
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                             EXIT_REQUEUE)
             return EXIT_REQUEUE
         return 0
-    except pcomm.PeerFailure as e:
+    except (pcomm.PeerFailure, ResultsError) as e:  # ResultsError here: output_path could not be written
         print(f"error: rank {rank}: {e}", file=sys.stderr)
         return 1
     finally:

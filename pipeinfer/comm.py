@@ -25,6 +25,7 @@ Backends. The process group is gloo: it carries the small collectives (broadcast
 barrier) on every device. Stage-to-stage messages between GPUs go over an NCCL group when every
 rank has a GPU of its own; NCCL cannot pair two ranks on one GPU, so ranks that share one (or
 comm_backend="gloo") send through gloo, staging each message in host memory (`wire` below).
+Token messages always go over gloo (see send_tokens): over NCCL, one direction per pair of ranks.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -108,27 +111,37 @@ class Comm:
 
     # -- sampled tokens, last stage -> first -------------------------------------------------
 
+    # Token messages always go over the default group, gloo, in host memory, even where hidden
+    # states go over NCCL: NCCL runs a pair's sends and receives in one queue per rank, so with two
+    # micro-batches in flight between two stages, rank 0's send of frame B and rank 1's send of
+    # token A would each wait for a receive queued behind the other (a deadlock). Over gloo every
+    # message is matched on its own; and the first stage needs the tokens on the host anyway.
+
     def send_tokens(self, tokens: torch.Tensor, stop: bool) -> torch.Tensor | None:
         """From the last stage. Returns the message itself when this rank is also the first."""
         msg = torch.cat([tokens.to(torch.int64), torch.tensor([int(stop)], device=tokens.device)])
         if self.is_first:
             return msg
-        self._send(msg, 0, "sending sampled tokens")
+        self._send(msg, 0, "sending sampled tokens", group=None)
         return None
 
     def recv_tokens(self, batch: int, local: torch.Tensor | None, doing: str) -> tuple[torch.Tensor, bool]:
         """On the first stage: (B,) tokens and the stop flag, from the last stage (or `local`)."""
         if local is None:
-            local = torch.empty(batch + 1, dtype=torch.int64, device=self.wire)
-            self._recv(local, self.world_size - 1, doing)
+            local = torch.empty(batch + 1, dtype=torch.int64)
+            self._recv(local, self.world_size - 1, doing, group=None)
         return local[:-1], bool(local[-1].item())
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _send(self, tensor: torch.Tensor, dst: int, doing: str) -> None:
+    def _send(self, tensor: torch.Tensor, dst: int, doing: str, group=...) -> None:
+        """isend to dst over `group` (default: the stage-to-stage group; None: the default gloo group,
+        from host memory)."""
+        group = self.group if group is ... else group
+        wire = self.wire if group is self.group else torch.device("cpu")
         with self.timeline.span("send"):
-            tensor = tensor.to(self.wire).contiguous()  # a GPU -> host copy waits for the tensor
-            self._pending.append((dist.isend(tensor, dst, group=self.group), tensor, f"{doing} to rank {dst}", dst))
+            tensor = tensor.to(wire).contiguous()  # a GPU -> host copy waits for the tensor
+            self._pending.append((dist.isend(tensor, dst, group=group), tensor, f"{doing} to rank {dst}", dst))
             while self._pending and self._pending[0][0].is_completed():
                 self._wait_oldest()  # completed: returns at once, or raises the send's error
         self.bytes_sent += tensor.numel() * tensor.element_size()
@@ -144,33 +157,51 @@ class Comm:
             while self._pending:
                 self._wait_oldest()
 
-    def _recv(self, buf: torch.Tensor, src: int, doing: str) -> None:
+    def _recv(self, buf: torch.Tensor, src: int, doing: str, group=...) -> None:
         with self.timeline.span("recv"):
-            _wait(dist.irecv(buf, src, group=self.group), self.timeout_s, doing, src)
+            _wait(dist.irecv(buf, src, group=self.group if group is ... else group), self.timeout_s, doing, src)
 
-    def broadcast(self, obj):
+    def broadcast(self, obj, doing: str = "receiving the list of prompts to run from rank 0"):
         """Rank 0's small picklable object, on every rank."""
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _collective(doing, self.timeout_s):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_ok(self, ok: bool) -> bool:
+    def all_ok(self, ok: bool, doing: str = "agreeing that every rank passed its checks") -> bool:
         """True when every rank's ok is true: lets a rank's local failure stop everybody cleanly."""
         if self.world_size == 1:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        with _collective(doing, self.timeout_s):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
-    def gather(self, obj) -> list | None:
+    def gather(self, obj, doing: str = "gathering every rank's stage record") -> list | None:
         """Collect a small picklable object from every rank onto rank 0 (None elsewhere)."""
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        with _collective(doing, self.timeout_s):
+            dist.gather_object(obj, out, dst=0)
         return out
+
+
+@contextmanager
+def _collective(doing: str, timeout_s: float):
+    """A collective on the default group: its failure (a rank gone, or one that did not join within
+    timeout_s) becomes a one-line PeerFailure instead of gloo's RuntimeError."""
+    t0 = time.monotonic()
+    try:
+        yield
+    except RuntimeError as e:
+        waited = time.monotonic() - t0
+        said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:160]
+        why = (f"a rank did not join within timeout_s={timeout_s:g}" if waited >= 0.9 * timeout_s
+               else f"a rank is gone after {waited:.1f}s")
+        raise PeerFailure(f"{doing}: {why} ({said}); see the other ranks' messages") from None
 
 
 def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
@@ -224,6 +255,39 @@ def _placement(device: torch.device) -> tuple[str, str | None, int | None]:
     return socket.gethostname(), str(getattr(props, "uuid", device.index)), device.index
 
 
+class _native_stderr_held:
+    """Holds what C++ code writes to stderr (fd 2) in a temporary file while the block runs.
+
+    release() writes it out, as if it had never been held (the rendezvous succeeded: torch's
+    retry warnings stay visible). Without release() it is dropped: a failed rendezvous makes
+    torch's c10d log each attempt with its C++ stack, dozens of lines that the one-line
+    PeerFailure above replaces (it quotes their first line)."""
+
+    def __enter__(self) -> "_native_stderr_held":
+        import tempfile
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._file = tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+        self._released = False
+        return self
+
+    def release(self) -> None:
+        self._released = True
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if self._released:
+            self._file.seek(0)
+            held = memoryview(self._file.read())
+            while held:
+                held = held[os.write(2, held):]
+        self._file.close()
+
+
 def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int,
          timeline: Timeline | None = None, backend: str = "auto") -> Comm:
     """Join the process group (skipped when world_size is 1). MASTER_ADDR/PORT come from the
@@ -235,9 +299,18 @@ def init(rank: int, world_size: int, device: torch.device, timeout_s: float, mas
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(master_port))
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     placements: list = [None] * world_size
-    dist.all_gather_object(placements, _placement(device))
+    try:
+        with _native_stderr_held() as held:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+            dist.all_gather_object(placements, _placement(device))
+            held.release()
+    except RuntimeError as e:  # torch's DistNetworkError / DistStoreError / gloo errors; the text ends in C++ frames
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        raise PeerFailure(f"could not join the {world_size} ranks at {where} ({said}): check that every rank started, "
+                          f"with the same MASTER_ADDR and MASTER_PORT, that rank 0's host is reachable on that port, "
+                          f"and that nothing else listens there (master_port)") from None
     chosen = p2p_backend(backend, [tuple(p) for p in placements])  # the same on every rank
     if rank == 0:
         log.info("stage-to-stage messages over %s (comm_backend=%s; ranks on %s)", chosen, backend,
@@ -253,5 +326,9 @@ def shutdown(clean: bool = True) -> None:
     tears down while a peer still finishes its last collective can abort that peer (gloo)."""
     if dist.is_initialized():
         if clean:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as e:  # everything is written by now; a peer that died at the very end
+                log.warning("the exit barrier failed (%s): another rank ended early; this rank's work is complete",
+                            next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:160])
         dist.destroy_process_group()

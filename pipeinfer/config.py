@@ -19,6 +19,7 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "nccl", "gloo")
+MAX_TIMEOUT_S = 1e6  # 11.6 days for one wait: far beyond any step, and within what timedelta and gloo hold
 
 
 class ConfigError(ValueError):
@@ -82,7 +83,7 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "seed": (_INT, lambda v: v >= 0, "an integer >= 0"),
     "output_path": (_STR, lambda v: v != "", "a path for the JSONL results"),
     "offload_folder": (_STR, lambda v: v != "", "a directory for disk offload"),
-    "timeout_s": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
+    "timeout_s": (_FLOAT, lambda v: 0 < v <= MAX_TIMEOUT_S, f"a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}"),
     "master_port": (_INT, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535"),
     "comm_backend": (_STR, lambda v: v in BACKENDS,
                      f"one of {', '.join(BACKENDS)} (auto: NCCL between GPUs of their own, else gloo)"),
@@ -113,7 +114,10 @@ def parse_bytes(value: int | str) -> int:
     unit = value.strip()[len(number):].strip().upper()
     if unit not in _UNITS:
         raise ValueError(f"unknown unit in {value!r}")
-    return int(float(number) * _UNITS[unit])
+    amount = float(number) * _UNITS[unit]
+    if not math.isfinite(amount):
+        raise ValueError(f"{value!r} is not a finite number of bytes")
+    return int(amount)
 
 
 def _is_bytes(value: object) -> bool:
@@ -159,6 +163,9 @@ def load_config(path: str, overrides: list[str] = ()) -> ExpConfig:
         raise ConfigError(f"config file {path!r} not found: pass --config PATH to an exp_config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path!r} is not valid JSON ({e}): fix the syntax") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"config file {path!r} cannot be read ({e.strerror}): pass --config PATH to a readable "
+                          f"exp_config.json") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path!r} must hold a JSON object of key: value pairs")
     for item in overrides:
@@ -223,7 +230,13 @@ def world_from_env() -> tuple[int, int, int]:
             return int(raw)
         except ValueError:
             raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+    rank, world_size, local_rank = env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world_size}: ranks run 0..WORLD_SIZE-1; launch with torchrun "
+                          f"or srun, which set both, or set them by hand consistently")
+    if local_rank < 0:
+        raise ConfigError(f"LOCAL_RANK={local_rank} is negative: leave it to torchrun or run.sh")
+    return rank, world_size, local_rank
 
 
 if __name__ == "__main__":

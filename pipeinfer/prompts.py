@@ -12,17 +12,31 @@ from pipeinfer.config import ConfigError, ExpConfig
 
 
 def load_prompts(cfg: ExpConfig) -> list[str]:
-    if cfg.prompts is not None:
-        return list(cfg.prompts)
-    path = cfg.prompts_file
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+    prompts = list(cfg.prompts) if cfg.prompts is not None else _read_prompts_file(cfg.prompts_file)
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON admits lone surrogates ("\ud800"); no tokenizer does
+            raise ConfigError(f"prompt {i} is not valid Unicode (a lone surrogate {p[e.start]!r} at character "
+                              f"{e.start}): fix the text where it was written") from None
+    return prompts
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"prompts_file={path!r} not found: give an existing .jsonl or .txt file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"prompts_file={path!r} is not UTF-8 (byte {e.start}): re-encode it, "
                           f"e.g. iconv -f LATIN1 -t UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"prompts_file={path!r} cannot be read ({e.strerror}): give a readable .jsonl or .txt "
+                          f"file") from None
+    # Lines end at \n (or \r\n) only: str.splitlines() would also cut at form feeds, U+2028 and the
+    # like, which may sit inside a prompt (and raw inside a JSON string).
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     if path.endswith(".jsonl"):
         prompts = []
         for n, line in enumerate(lines, 1):

@@ -63,8 +63,10 @@ def read_records(path: str) -> tuple[list[dict], bool]:
     if os.path.isdir(path):
         raise ReportError(f"{path}: is a directory: {fix}")
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            # records end at "\n" only: a JSON string written with ensure_ascii=False may hold U+2028, U+2029 or
+            # NEL raw, where str.splitlines() would cut the record in two
+            lines = f.read().split("\n")
     except OSError as e:
         raise ReportError(f"{path}: cannot read ({e.strerror}): check its permissions") from None
     while lines and not lines[-1].strip():

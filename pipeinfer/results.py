@@ -62,12 +62,21 @@ def read_results(path: str) -> list:
     return records
 
 
-def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> Previous:
-    """Validate an existing results file for resuming; repair a torn tail. Runs on the writer only."""
+def scan_previous(path: str, config: dict, prompts: list[str], resume: bool, dtype: str | None = None,
+                  device_type: str | None = None) -> Previous:
+    """Validate an existing results file for resuming; repair a torn tail. Runs on the writer only.
+
+    dtype and device_type ("cpu", "cuda") are what this run resolved "auto" to: an earlier run
+    that computed in another dtype or on another kind of device refuses the resume, since its
+    outputs would differ in precision from the ones this run would append."""
     if not os.path.exists(path):
         return Previous()
     if not resume:
-        os.replace(path, path + ".bak")
+        try:
+            os.replace(path, path + ".bak")
+        except OSError as e:
+            raise ResultsError(f"resume=false but {path} cannot be moved to {path}.bak ({e.strerror}): move or delete "
+                               f"{path} yourself, or choose another output_path") from None
         log.warning("resume=false: moved the existing %s to %s.bak", path, path)
         return Previous()
     records = read_results(path)
@@ -80,6 +89,12 @@ def scan_previous(path: str, config: dict, prompts: list[str], resume: bool) -> 
             if changed:
                 raise ResultsError(f"{path} holds results of a different config ({', '.join(changed)} differ): "
                                    f"use another output_path, or set resume=false to start over")
+            ran = (rec.get("dtype"), str(rec.get("device", "")).split(":")[0])
+            if dtype is not None and ran != (dtype, device_type):
+                raise ResultsError(f"{path} holds results computed in {ran[0]} on {ran[1]}, but this run resolves "
+                                   f"dtype={config.get('dtype')!r}, device={config.get('device')!r} to {dtype} on "
+                                   f"{device_type}: resume where the outputs are computed alike (set dtype and device "
+                                   f"explicitly), or use another output_path, or set resume=false")
         elif kind == "prompt":
             i = rec.get("prompt_index")
             if not isinstance(i, int) or not 0 <= i < len(prompts) or rec.get("prompt_sha256") != prompt_hash(prompts[i]):
@@ -96,13 +111,23 @@ class ResultsWriter:
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise self._error(e) from None
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # a full disk, a quota, an I/O error: what is recorded so far stays resumable
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> ResultsError:
+        return ResultsError(f"cannot write output_path={self.path!r} ({e.strerror}): free space there or choose "
+                            f"another output_path, then rerun to resume")
 
     def close(self) -> None:
         if not self._f.closed:
@@ -111,8 +136,11 @@ class ResultsWriter:
 
 def check_writable(path: str) -> str | None:
     """None if output_path can be written, else a one-line reason with the fix."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         return f"output_path={path!r} is a directory: give a file path such as {os.path.join(path, 'run.jsonl')!r}"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return (f"output_path={path!r} is not a regular file (a device or a pipe): results are appended, fsynced and "
+                f"read back on a rerun; give a file path")
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)

@@ -13,6 +13,8 @@ import inspect
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -247,10 +249,13 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
     local = "cpu" if device.type == "cpu" else str(device)
     top = [n for n, _ in skeleton.named_children()]
     dmap = stage_device_map(top, [n for n, _ in base.named_children()], num_layers, family, plan, tied, local)
-    check_complete(dmap, list(skeleton.state_dict()), "model parameters and buffers")
     stored = checkpoint_names(model_path, allow_pickle)
-    if stored is not None:
-        check_complete(dmap, _checkpoint_keys(stored, top, family), "checkpoint tensors")
+    try:
+        check_complete(dmap, list(skeleton.state_dict()), "model parameters and buffers")
+        if stored is not None:
+            check_complete(dmap, _checkpoint_keys(stored, top, family), "checkpoint tensors")
+    except ValueError as e:
+        raise LoadError(str(e)) from None
     del skeleton
 
     owned = f"layers {plan.layers.start}..{plan.layers.stop - 1}" + \
@@ -260,12 +265,20 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
              "all ranks: %s)", plan.rank, owned, num_layers, local, str(dtype).removeprefix("torch."),
              stage_bytes[plan.rank], json.dumps(cfg.layer_split if cfg else "even"), stage_bytes)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, local_files_only=True, low_cpu_mem_usage=True, use_safetensors=stored is not None,
-        dtype=dtype, device_map=dmap, offload_folder=offload_folder, trust_remote_code=trust)
-    model.eval()
-    remove_hook_from_module(model, recurse=True)  # owned weights are already on `device`; others are dropped
-    stage = _extract_stage(model, family, plan, config, tied)
+    # The "disk" entries are the other stages' modules, dropped once loaded. From safetensors nothing
+    # is written for them; a pickle checkpoint cannot be read lazily, so transformers copies them
+    # into the offload folder: a scratch directory there, removed once this stage is built.
+    os.makedirs(offload_folder, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="loading-", dir=offload_folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, local_files_only=True, low_cpu_mem_usage=True, use_safetensors=stored is not None,
+            dtype=dtype, device_map=dmap, offload_folder=scratch, trust_remote_code=trust)
+        model.eval()
+        remove_hook_from_module(model, recurse=True)  # owned weights are already on `device`; others are dropped
+        stage = _extract_stage(model, family, plan, config, tied)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in stage.parameters()}.values())
     log.info("rank %d holds %d bytes of parameters", plan.rank, param_bytes)
     return stage, StageInfo(family.name, num_layers, layer_ranges, dmap, param_bytes, stage_bytes)

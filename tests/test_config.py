@@ -36,6 +36,9 @@ BAD = [
     ("temperature 0", {"temperature": 0}, "temperature"),
     ("model_path missing dir", {"model_path": "/nonexistent/model"}, "model_path"),
     ("backend unknown", {"comm_backend": "mpi"}, "comm_backend"),
+    ("max_memory infinite", {"max_memory": ["inf"]}, "max_memory"),
+    ("timeout_s beyond timedelta", {"timeout_s": 1e300}, "timeout_s"),
+    ("prompt with a lone surrogate", {"prompts": ["ab\ud800cd"]}, "prompt 0 is not valid Unicode"),
 ]
 
 
@@ -95,13 +98,53 @@ def test_build_config_defaults_and_types():
 def test_prompts_file_formats(tiny_llama, tmp_path):
     from pipeinfer.prompts import load_prompts
 
+    def load(name):
+        return load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / name)}))
+
     (tmp_path / "p.jsonl").write_text('{"prompt": "one"}\n\n{"prompt": "two"}\n')
     (tmp_path / "p.txt").write_text("alpha\n\nbeta\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    assert load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / "p.jsonl")})) == ["one", "two"]
-    assert load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / "p.txt")})) == ["alpha", "beta"]
+    assert load("p.jsonl") == ["one", "two"]
+    assert load("p.txt") == ["alpha", "beta"]
     with pytest.raises(ConfigError, match="not UTF-8"):
-        load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / "latin1.txt")}))
+        load("latin1.txt")
+    # a byte-order mark is not text; lines end at \n or \r\n only, never inside a prompt
+    (tmp_path / "bom.txt").write_bytes("\ufeffHello\r\nWorld\n".encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"prompt": "Hello"}\n'.encode("utf-8"))
+    (tmp_path / "breaks.txt").write_bytes("page\x0cfeed\nA\u2028B\x85C\n".encode("utf-8"))
+    (tmp_path / "ls.jsonl").write_bytes((json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n").encode("utf-8"))
+    assert load("bom.txt") == ["Hello", "World"]
+    assert load("bom.jsonl") == ["Hello"]
+    assert load("breaks.txt") == ["page\x0cfeed", "A\u2028B\x85C"]
+    assert load("ls.jsonl") == ["a\u2028b"]
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "x\\udc00"}\n')
+    with pytest.raises(ConfigError, match="prompt 0 is not valid Unicode"):
+        load("surrogate.jsonl")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load(".")  # a directory
+
+
+@pytest.mark.parametrize("path,needle", [("newdir/", "is a directory"), ("/dev/null", "not a regular file")])
+def test_output_path_that_is_no_file(tiny_llama, tmp_path, path, needle):
+    out = path if path.startswith("/") else f"{tmp_path}/{path}"  # (pathlib would drop the trailing slash)
+    res = run_entry(base_config(tiny_llama, tmp_path, output_path=out), tmp_path)
+    assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_config_file_that_is_a_directory(tmp_path):
+    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path)], cwd=ROOT, env=rank_env(0, 1, 1),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "cannot be read (Is a directory)" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rank,world", [(1, 1), (-1, 1), (2, 2)])
+def test_rank_outside_world_size(tiny_llama, tmp_path, rank, world):
+    (tmp_path / "cfg.json").write_text(json.dumps(base_config(tiny_llama, tmp_path, pipeline_size=world)))
+    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "cfg.json")], cwd=ROOT,
+                         env=rank_env(rank, world, 1), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"RANK={rank} with WORLD_SIZE={world}" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_prompt_too_long_for_model(tiny_llama, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,5 @@ def test_pickle_checkpoint_needs_allow_pickle(neox5, tmp_path):
     cfg = base_config(path, tmp_path / "b", pipeline_size=2, allow_pickle=True, batch_size=len(PROMPTS))
     got = [p["output_ids"] for p in prompt_records(run_pipeline(cfg, tmp_path, 2))]
     assert got == reference_outputs(neox5, PROMPTS, 12)
+    left = [str(f) for f in Path(cfg["offload_folder"]).rglob("*") if f.is_file()]
+    assert not left, f"{len(left)} copies of other stages' weights left after loading, e.g. {left[:2]}"
