@@ -26,8 +26,8 @@ from pipeinfer.metrics import device_name, peak_memory_bytes, prompt_record, run
 from pipeinfer.partition import StagePlan
 from pipeinfer.prompts import check_lengths, load_prompts, load_tokenizer, make_batches
 from pipeinfer.results import ResultsError, ResultsWriter, check_writable, scan_previous
-from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, pick_device, progress_bar,
-                               read_model_config, setup_logging)
+from pipeinfer.runtime import (EXIT_REQUEUE, StopRequest, generation_ids, load_generation_config, pick_device,
+                               progress_bar, read_model_config, score_settings, setup_logging)
 from pipeinfer.sampling import SamplingParams
 from pipeinfer.stage import LoadError, partition_model, resolve_dtype, saved_dtype
 from pipeinfer.timeline import Timeline
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
         prompt_lengths = check_lengths(tokenizer, prompts, getattr(model_config, "max_position_embeddings", None),
                                        cfg.max_new_tokens)
+        gen_config = load_generation_config(cfg.model_path, model_config)
+        score_changes = score_settings(gen_config)
+        eos_ids, pad_id = generation_ids(gen_config, model_config, tokenizer)
         device = pick_device(cfg.device, local_rank)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -108,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                      cfg.output_path)
 
         # 3. Generate, batch by batch; rank 0 writes each prompt's record as soon as it is done.
-        eos_ids, pad_id = generation_ids(cfg.model_path, model_config, tokenizer)
+        if comm.is_first and score_changes:
+            log.info("applying %s from the checkpoint's generation_config.json, as generate() does",
+                     ", ".join(f"{k}={v}" for k, v in score_changes.items()))
         gp = GenParams(cfg.max_new_tokens, cfg.ignore_eos, eos_ids, pad_id,
-                       SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed)
+                       SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed,
+                       gen_config if score_changes else None)
         if comm.is_first and todo:
             writer = ResultsWriter(cfg.output_path)
             writer.write(run_record(cfg.to_dict(), world_size, info.layer_ranges, device, dtype, info.family))

@@ -26,7 +26,7 @@ import torch
 
 from pipeinfer.comm import ABORT, STOP, Comm
 from pipeinfer.prompts import Batch
-from pipeinfer.sampling import SamplingParams, prompt_generator, sample
+from pipeinfer.sampling import SamplingParams, checkpoint_processors, prompt_generator, sample
 from pipeinfer.stage import Stage
 
 
@@ -38,6 +38,9 @@ class GenParams:
     pad_id: int
     sampling: SamplingParams
     seed: int
+    # the checkpoint's GenerationConfig when it sets something that changes scores
+    # (runtime.score_settings), applied on the last stage as generate() applies it; else None
+    score_config: object = None
 
 
 @dataclass
@@ -73,6 +76,8 @@ class _Slot:
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
     arrivals: list = field(default_factory=list)  # first stage: seconds since t0
     local: torch.Tensor | None = None             # pipeline_size 1: tokens sampled by this same rank
+    processors: object = None                     # last stage: transformers' LogitsProcessorList, or None
+    history: torch.Tensor | None = None           # last stage, with processors: (B, T + step) ids so far
 
     def frame_shape(self, hidden_size: int) -> tuple[int, int, int]:
         B, T = self.batch.input_ids.shape
@@ -99,8 +104,13 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
         mask = batch.attention_mask.to(dev)
         gens = [prompt_generator(gp.seed, i, dev) for i in batch.indices] if gp.sampling.do_sample else []
         cache = stage.new_cache(capacity=mask.shape[1] + gp.max_new_tokens)  # room for the whole sequence
-        return _Slot(batch, cache, mask, position_ids(mask), not bool(mask.all()), gens,
+        slot = _Slot(batch, cache, mask, position_ids(mask), not bool(mask.all()), gens,
                      torch.zeros(len(batch.indices), dtype=torch.bool, device=dev), t0=time.perf_counter())
+        if comm.is_last and gp.score_config is not None:
+            slot.history = batch.input_ids.to(dev)  # left padding included, as generate()'s input_ids
+            slot.processors = checkpoint_processors(stage.lm, gp.score_config, slot.history, mask, gp.max_new_tokens,
+                                                    None if gp.ignore_eos else gp.eos_ids)
+        return slot
 
     slots: list[_Slot | None] = [start(queue.popleft()) for _ in range(min(in_flight, len(queue)))]
     eos = torch.tensor(gp.eos_ids, device=dev)
@@ -160,10 +170,14 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
     with comm.timeline.span("prefill" if s.step == 0 else "decode"):
         out = stage(x, s.mask if s.padded else None, s.pos, s.cache)
         if comm.is_last:
+            if s.processors is not None:
+                out = s.processors(s.history, out)
             tokens = sample(out, gp.sampling, s.gens)  # (B,)
             if not gp.ignore_eos:
                 tokens = tokens.masked_fill(s.finished, gp.pad_id)
                 s.finished |= torch.isin(tokens, eos)
+            if s.processors is not None:
+                s.history = torch.cat([s.history, tokens[:, None]], dim=1)
             stop = s.step + 1 >= gp.max_new_tokens or (not gp.ignore_eos and bool(s.finished.all()))
     if comm.is_last:
         s.local = comm.send_tokens(tokens, stop)

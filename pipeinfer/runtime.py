@@ -91,14 +91,39 @@ def read_model_config(model_path: str, trust_remote_code: bool = False):
                           f"({str(e).splitlines()[0][:160]})") from None
 
 
-def generation_ids(model_path: str, model_config, tokenizer) -> tuple[tuple[int, ...], int]:
-    """(eos ids, pad id) as generate() would use them: generation_config.json first, then config.json."""
+def load_generation_config(model_path: str, model_config):
+    """The checkpoint's generation_config.json as generate() reads it, else one derived from config.json."""
     from transformers import GenerationConfig
 
     try:
-        gen = GenerationConfig.from_pretrained(model_path, local_files_only=True)
+        return GenerationConfig.from_pretrained(model_path, local_files_only=True)
     except OSError:
-        gen = GenerationConfig.from_model_config(model_config)
+        return GenerationConfig.from_model_config(model_config)
+
+
+# generation_config.json settings that change which token generate() picks, even greedy: the last
+# stage applies them with transformers' own logits processors (sampling.checkpoint_processors).
+SCORE_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+                  "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+                  "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "sequence_bias")
+
+
+def score_settings(gen) -> dict:
+    """The SCORE_SETTINGS this generation config sets away from GenerationConfig's defaults.
+    ConfigError for settings no pipeline stage can apply (they run the model again per step)."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    for name in ("guidance_scale", "watermarking_config"):
+        if getattr(gen, name, None) not in (None, getattr(default, name, None), 1, 1.0):
+            raise ConfigError(f"the checkpoint's generation_config.json sets {name}={getattr(gen, name)!r}, which this "
+                              f"runner cannot apply (it needs extra model passes per step): remove it there")
+    return {k: getattr(gen, k) for k in SCORE_SETTINGS
+            if getattr(gen, k, None) is not None and getattr(gen, k, None) != getattr(default, k, None)}
+
+
+def generation_ids(gen, model_config, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(eos ids, pad id) as generate() would use them: generation_config.json first, then config.json."""
     eos = gen.eos_token_id if gen.eos_token_id is not None else model_config.eos_token_id
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id

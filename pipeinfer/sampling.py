@@ -2,11 +2,15 @@
 
 Each prompt has its own torch.Generator seeded from (seed, prompt_index), so a prompt's sampled
 tokens do not depend on pipeline_size, on batch_size, or on which prompts ran before it.
-Filtering follows transformers' order: temperature, then top-k, then top-p.
+Filtering follows transformers' order: temperature, then top-k, then top-p. Before it, the last
+stage applies what the checkpoint's generation_config.json sets that changes scores (a repetition
+penalty, n-gram blocking, suppressed tokens...) with transformers' own logits processors, built
+as generate() builds them, so that greedy output stays generate()'s.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -47,3 +51,23 @@ def sample(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Gener
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, p).softmax(dim=-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def checkpoint_processors(model, gen, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                          eos_ids: tuple[int, ...] | None):
+    """transformers' logits processors for a micro-batch, as generate() builds them from the
+    checkpoint's generation config `gen` (see runtime.score_settings) for this (B, T) prompt batch;
+    None when that config sets nothing that changes scores. eos_ids None: EOS does not stop
+    (ignore_eos), as generate() with no EOS id. `model` is the loaded causal LM (the processors
+    read its config). Sampling's own temperature, top-k and top-p are not among them: the
+    runner's config sets those (filter_logits)."""
+    gen = copy.deepcopy(gen)
+    gen.do_sample, gen.num_beams = False, 1
+    gen.max_new_tokens, gen.max_length = max_new_tokens, input_ids.shape[1] + max_new_tokens
+    gen.eos_token_id = list(eos_ids) if eos_ids else None
+    # transformers' own preparation (private, the same signature from 4.57 to 5.2x; CI runs both ends)
+    model._prepare_special_tokens(gen, True, device=input_ids.device)
+    processors = model._get_logits_processor(generation_config=gen, input_ids_seq_length=input_ids.shape[1],
+                                             encoder_input_ids=input_ids, device=input_ids.device,
+                                             model_kwargs={"attention_mask": attention_mask})
+    return processors if len(processors) else None

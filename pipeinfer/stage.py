@@ -58,9 +58,13 @@ def _get(model: nn.Module, path: str) -> nn.Module:
 
 
 class Stage(nn.Module):
-    def __init__(self, base: nn.Module, head: nn.Module | None, plan: StagePlan, config):
+    def __init__(self, base: nn.Module, head: nn.Module | None, plan: StagePlan, config, lm: nn.Module | None = None):
         super().__init__()
         self.base, self.head, self.plan, self.config = base, head, plan, config
+        # The whole causal LM this stage was cut from (last stage only), for transformers' logits
+        # processors (sampling.checkpoint_processors). Kept out of the module tree: its modules are
+        # this stage's own plus placeholders.
+        self.__dict__["lm"] = lm
         params = inspect.signature(base.forward).parameters
         # transformers >= 5.2x names the cache argument `cache`; earlier releases `past_key_values`.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -324,4 +328,4 @@ def _extract_stage(model: nn.Module, family: Family, plan: StagePlan, config, ti
     head = _head(model, family) if plan.is_last else None
     if head is not None and tied and head.weight.device.type == "meta":
         raise LoadError(f"lm_head is tied to {family.embeddings} but was not loaded on the last stage")
-    return Stage(base, head, plan, config)
+    return Stage(base, head, plan, config, lm=model if plan.is_last else None)

@@ -156,3 +156,16 @@ def test_unwritable_output_path(tiny_llama, tmp_path):
     (tmp_path / "file").write_text("")
     res = run_entry(base_config(tiny_llama, tmp_path, output_path=str(tmp_path / "file" / "out.jsonl")), tmp_path)
     assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_generation_config_settings_that_change_scores():
+    from transformers import GenerationConfig
+
+    from pipeinfer.runtime import score_settings
+
+    assert score_settings(GenerationConfig()) == {}
+    assert score_settings(GenerationConfig(temperature=0.7, top_p=0.9, do_sample=True)) == {}  # exp_config's job
+    assert score_settings(GenerationConfig(repetition_penalty=1.05, suppress_tokens=[3])) == \
+        {"repetition_penalty": 1.05, "suppress_tokens": [3]}
+    with pytest.raises(ConfigError, match="guidance_scale=1.5, which this runner cannot apply"):
+        score_settings(GenerationConfig(guidance_scale=1.5))

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import (PROMPTS, ROOT, base_config, free_port, prompt_records, reference_outputs, rank_env,
+from conftest import (PROMPTS, ROOT, base_config, free_port, launch, prompt_records, reference_outputs, rank_env,
                       run_pipeline)
 
 
@@ -158,3 +158,33 @@ def test_many_micro_batches_in_flight(tiny_llama, tmp_path):
                       timeout_s=60)
     got = [p["output_ids"] for p in prompt_records(run_pipeline(cfg, tmp_path, 3))]
     assert got == reference_outputs(tiny_llama, prompts, 12)
+
+
+@pytest.fixture(scope="module")
+def llama_with_penalties(tiny_llama, tmp_path_factory):
+    """The tiny model with a generation_config.json that changes greedy choices, as checkpoints ship
+    them (Qwen2.5's repetition_penalty, for one): generate() applies them even with do_sample=False."""
+    path = str(tmp_path_factory.mktemp("models") / "llama5-penalties")
+    shutil.copytree(tiny_llama, path)
+    with open(os.path.join(path, "generation_config.json")) as f:
+        data = json.load(f)
+    data.update(repetition_penalty=1.5, no_repeat_ngram_size=2, suppress_tokens=[reference_outputs(
+        tiny_llama, PROMPTS[:1], 1)[0][0]])  # the first prompt's plain-greedy first token
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(data, f)
+    return path
+
+
+@pytest.mark.parametrize("pipeline_size,batch_size,micro_batch_size", [(1, 4, "auto"), (2, 1, 1), (3, 4, 2)])
+def test_checkpoint_generation_config_is_applied_like_generate(llama_with_penalties, tiny_llama, tmp_path,
+                                                               pipeline_size, batch_size, micro_batch_size):
+    ref = reference_outputs(llama_with_penalties, PROMPTS, 12)
+    assert ref != reference_outputs(tiny_llama, PROMPTS, 12), "the settings must change generate()'s tokens"
+    cfg = base_config(llama_with_penalties, tmp_path, pipeline_size=pipeline_size, batch_size=batch_size,
+                      micro_batch_size=micro_batch_size)
+    results = launch(cfg, tmp_path, pipeline_size)
+    assert [r.returncode for r in results] == [0] * pipeline_size, results[-1].stderr[-2000:]
+    with open(cfg["output_path"]) as f:
+        got = prompt_records([json.loads(line) for line in f])
+    assert [p["output_ids"] for p in got] == ref
+    assert "applying repetition_penalty=1.5, no_repeat_ngram_size=2, suppress_tokens=" in results[0].stderr
