@@ -2,15 +2,20 @@
 # make test   -- the test suite (CPU, real gloo process groups)
 PY       ?= python3
 VENV     ?= .venv
-# The CPU wheel; on a machine whose torch is already right, run e.g. `make TORCH= test`.
+# The CPU wheel: PyPI's own torch is the CUDA build (several GB), so pip also looks in PyTorch's CPU
+# index. On a machine whose torch is already right, `make TORCH= test` uses it (the venv then sees
+# the system's packages); CI, whose pip finds the CPU wheel on local disk, sets TORCH_INDEX= .
 TORCH    ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP_TORCH = $(if $(TORCH),pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH),true)
+VENV_ARGS = $(if $(TORCH),,--system-site-packages)
 # The lowest transformers release requirements.txt admits, for test-compat.
 TF_MIN   ?= transformers==4.57.1
 BIN      := $(VENV)/bin
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
+	$(PY) -m venv $(VENV_ARGS) $(VENV)
+	$(if $(TORCH),$(BIN)/)$(PIP_TORCH)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
@@ -24,8 +29,8 @@ test: $(VENV)/.installed
 
 # The equivalence tests again at the low end of the supported transformers range.
 test-compat:
-	$(PY) -m venv .venv-min
-	.venv-min/bin/pip install -q $(TORCH)
+	$(PY) -m venv $(VENV_ARGS) .venv-min
+	$(if $(TORCH),.venv-min/bin/)$(PIP_TORCH)
 	.venv-min/bin/pip install -q -r requirements.txt -r requirements-dev.txt "$(TF_MIN)"
 	.venv-min/bin/python -m pytest -q tests/test_equivalence.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py
 

@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -105,6 +106,8 @@ def taking_turns(path: str, steps: int, workdir: str, cores: tuple[int, int]) ->
     if pid == 0:  # stage 1
         code = 1
         try:
+            os.close(down_w)  # the unused ends: a reader must see EOF when the other process dies
+            os.close(up_r)
             os.sched_setaffinity(0, {cores[1]})
             stage = _load(path, 1, 2, workdir)
             cache = stage.new_cache(capacity=PROMPT_LEN + steps + 1)
@@ -114,8 +117,12 @@ def taking_turns(path: str, steps: int, workdir: str, cores: tuple[int, int]) ->
                 pos = torch.arange(PROMPT_LEN)[None] if i == 0 else torch.tensor([[PROMPT_LEN + i - 1]])
                 _send(up_w, stage(x, None, pos, cache).argmax(-1))
             code = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(code)
+    os.close(down_r)
+    os.close(up_w)
     os.sched_setaffinity(0, {cores[0]})
     stage = _load(path, 0, 2, workdir)
     cache = stage.new_cache(capacity=PROMPT_LEN + steps + 1)
@@ -129,9 +136,9 @@ def taking_turns(path: str, steps: int, workdir: str, cores: tuple[int, int]) ->
         token = _recv(up_r, like)
         tokens.append(int(token))
     ms = (time.perf_counter() - t0) / steps * 1e3
-    _, status = os.waitpid(pid, 0)
-    for fd in (down_r, down_w, up_r, up_w):
+    for fd in (down_w, up_r):
         os.close(fd)
+    _, status = os.waitpid(pid, 0)
     if status != 0:
         raise SystemExit(f"error: the stage-1 process failed (wait status {status})")
     return ms, tokens
@@ -146,8 +153,13 @@ def run_isolated(fn, *args) -> tuple[float, list[int]]:
         try:
             os.close(r)
             os.sched_setaffinity(0, {0})
-            os.write(w, json.dumps(fn(*args)).encode())
+            result = json.dumps(fn(*args)).encode()
+            view = memoryview(result)
+            while view:
+                view = view[os.write(w, view):]
             code = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(code)
     os.close(w)

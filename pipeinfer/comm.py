@@ -261,31 +261,48 @@ class _native_stderr_held:
     release() writes it out, as if it had never been held (the rendezvous succeeded: torch's
     retry warnings stay visible). Without release() it is dropped: a failed rendezvous makes
     torch's c10d log each attempt with its C++ stack, dozens of lines that the one-line
-    PeerFailure above replaces (it quotes their first line)."""
+    PeerFailure replaces (it quotes their first line). Where stderr cannot be held (closed, or
+    no temporary file can be made) nothing is held, and nothing changes."""
 
     def __enter__(self) -> "_native_stderr_held":
         import tempfile
 
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        self._file = tempfile.TemporaryFile()
-        os.dup2(self._file.fileno(), 2)
+        self._saved = self._file = None
         self._released = False
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except (OSError, ValueError):  # fd 2 closed, no room for a temporary file: hold nothing
+            if self._saved is not None:
+                os.close(self._saved)
+            if self._file is not None:
+                self._file.close()
+            self._saved = self._file = None
         return self
 
     def release(self) -> None:
         self._released = True
 
     def __exit__(self, *exc) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        if self._released:
-            self._file.seek(0)
-            held = memoryview(self._file.read())
-            while held:
-                held = held[os.write(2, held):]
-        self._file.close()
+        if self._saved is None:
+            return
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            os.dup2(self._saved, 2)
+            if self._released:
+                self._file.seek(0)
+                held = memoryview(self._file.read())
+                while held:
+                    held = held[os.write(2, held):]
+        except (OSError, ValueError):
+            pass  # stderr went away (a closed pipe): there is no one to show it to
+        finally:
+            os.close(self._saved)
+            self._file.close()
 
 
 def init(rank: int, world_size: int, device: torch.device, timeout_s: float, master_port: int,
@@ -300,10 +317,11 @@ def init(rank: int, world_size: int, device: torch.device, timeout_s: float, mas
     os.environ.setdefault("MASTER_PORT", str(master_port))
     timeout = datetime.timedelta(seconds=timeout_s)
     placements: list = [None] * world_size
+    here = _placement(device)
     try:
         with _native_stderr_held() as held:
             dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
-            dist.all_gather_object(placements, _placement(device))
+            dist.all_gather_object(placements, here)
             held.release()
     except RuntimeError as e:  # torch's DistNetworkError / DistStoreError / gloo errors; the text ends in C++ frames
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"

@@ -76,8 +76,8 @@ class _Slot:
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
     arrivals: list = field(default_factory=list)  # first stage: seconds since t0
     local: torch.Tensor | None = None             # pipeline_size 1: tokens sampled by this same rank
-    processors: object = None                     # last stage: transformers' LogitsProcessorList, or None
-    history: torch.Tensor | None = None           # last stage, with processors: (B, T + step) ids so far
+    processors: list | None = None                # last stage: per row, transformers' LogitsProcessorList
+    history: list | None = None                   # last stage, with processors: per row, (T_i + step,) ids
 
     def frame_shape(self, hidden_size: int) -> tuple[int, int, int]:
         B, T = self.batch.input_ids.shape
@@ -107,9 +107,14 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
         slot = _Slot(batch, cache, mask, position_ids(mask), not bool(mask.all()), gens,
                      torch.zeros(len(batch.indices), dtype=torch.bool, device=dev), t0=time.perf_counter())
         if comm.is_last and gp.score_config is not None:
-            slot.history = batch.input_ids.to(dev)  # left padding included, as generate()'s input_ids
-            slot.processors = checkpoint_processors(stage.lm, gp.score_config, slot.history, mask, gp.max_new_tokens,
-                                                    None if gp.ignore_eos else gp.eos_ids)
+            # Row by row, without the left padding: what generate() sees for the prompt alone, so
+            # that a prompt's tokens do not depend on the others in its micro-batch.
+            slot.history = [ids[m.bool()] for ids, m in zip(batch.input_ids.to(dev), mask)]
+            slot.processors = [checkpoint_processors(stage.lm, gp.score_config, ids[None], torch.ones_like(ids)[None],
+                                                     gp.max_new_tokens, None if gp.ignore_eos else gp.eos_ids)
+                               for ids in slot.history]
+            if all(p is None for p in slot.processors):
+                slot.processors = slot.history = None
         return slot
 
     slots: list[_Slot | None] = [start(queue.popleft()) for _ in range(min(in_flight, len(queue)))]
@@ -171,13 +176,13 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
         out = stage(x, s.mask if s.padded else None, s.pos, s.cache)
         if comm.is_last:
             if s.processors is not None:
-                out = s.processors(s.history, out)
+                out = torch.cat([p(h[None], out[i:i + 1]) for i, (p, h) in enumerate(zip(s.processors, s.history))])
             tokens = sample(out, gp.sampling, s.gens)  # (B,)
             if not gp.ignore_eos:
                 tokens = tokens.masked_fill(s.finished, gp.pad_id)
                 s.finished |= torch.isin(tokens, eos)
             if s.processors is not None:
-                s.history = torch.cat([s.history, tokens[:, None]], dim=1)
+                s.history = [torch.cat([h, t[None]]) for h, t in zip(s.history, tokens)]
             stop = s.step + 1 >= gp.max_new_tokens or (not gp.ignore_eos and bool(s.finished.all()))
     if comm.is_last:
         s.local = comm.send_tokens(tokens, stop)

@@ -24,7 +24,7 @@ def load_prompts(cfg: ExpConfig) -> list[str]:
 
 def _read_prompts_file(path: str) -> list[str]:
     try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig") as f:  # universal newlines: \r\n and \r read as \n
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"prompts_file={path!r} not found: give an existing .jsonl or .txt file") from None
@@ -34,9 +34,9 @@ def _read_prompts_file(path: str) -> list[str]:
     except OSError as e:
         raise ConfigError(f"prompts_file={path!r} cannot be read ({e.strerror}): give a readable .jsonl or .txt "
                           f"file") from None
-    # Lines end at \n (or \r\n) only: str.splitlines() would also cut at form feeds, U+2028 and the
+    # Lines end at \n, \r\n or \r only: str.splitlines() would also cut at form feeds, U+2028 and the
     # like, which may sit inside a prompt (and raw inside a JSON string).
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    lines = text.split("\n")
     if path.endswith(".jsonl"):
         prompts = []
         for n, line in enumerate(lines, 1):

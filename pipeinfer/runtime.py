@@ -101,25 +101,25 @@ def load_generation_config(model_path: str, model_config):
         return GenerationConfig.from_model_config(model_config)
 
 
-# generation_config.json settings that change which token generate() picks, even greedy: the last
-# stage applies them with transformers' own logits processors (sampling.checkpoint_processors).
-SCORE_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
-                  "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-                  "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "sequence_bias")
+# generation_config.json settings that change which token generate() picks, even greedy, with their
+# neutral values (transformers 5 defaults them to None, 4.57 to these): the last stage applies them
+# with transformers' own logits processors (sampling.checkpoint_processors).
+SCORE_SETTINGS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                  "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": 0,
+                  "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+                  "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                  "sequence_bias": None}
 
 
 def score_settings(gen) -> dict:
-    """The SCORE_SETTINGS this generation config sets away from GenerationConfig's defaults.
+    """The SCORE_SETTINGS this generation config sets to other than their neutral values.
     ConfigError for settings no pipeline stage can apply (they run the model again per step)."""
-    from transformers import GenerationConfig
-
-    default = GenerationConfig()
-    for name in ("guidance_scale", "watermarking_config"):
-        if getattr(gen, name, None) not in (None, getattr(default, name, None), 1, 1.0):
+    for name, neutral in (("guidance_scale", 1.0), ("watermarking_config", None)):
+        if getattr(gen, name, None) not in (None, neutral):
             raise ConfigError(f"the checkpoint's generation_config.json sets {name}={getattr(gen, name)!r}, which this "
                               f"runner cannot apply (it needs extra model passes per step): remove it there")
-    return {k: getattr(gen, k) for k in SCORE_SETTINGS
-            if getattr(gen, k, None) is not None and getattr(gen, k, None) != getattr(default, k, None)}
+    return {k: getattr(gen, k) for k, neutral in SCORE_SETTINGS.items()
+            if getattr(gen, k, None) not in (None, neutral, [], {})}
 
 
 def generation_ids(gen, model_config, tokenizer) -> tuple[tuple[int, ...], int]:

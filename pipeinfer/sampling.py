@@ -55,8 +55,9 @@ def sample(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Gener
 
 def checkpoint_processors(model, gen, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                           eos_ids: tuple[int, ...] | None):
-    """transformers' logits processors for a micro-batch, as generate() builds them from the
-    checkpoint's generation config `gen` (see runtime.score_settings) for this (B, T) prompt batch;
+    """transformers' logits processors as generate() builds them from the checkpoint's generation
+    config `gen` (see runtime.score_settings) for this (B, T) prompt batch (the runner passes one
+    unpadded prompt at a time);
     None when that config sets nothing that changes scores. eos_ids None: EOS does not stop
     (ignore_eos), as generate() with no EOS id. `model` is the loaded causal LM (the processors
     read its config). Sampling's own temperature, top-k and top-p are not among them: the

@@ -272,8 +272,14 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
     # The "disk" entries are the other stages' modules, dropped once loaded. From safetensors nothing
     # is written for them; a pickle checkpoint cannot be read lazily, so transformers copies them
     # into the offload folder: a scratch directory there, removed once this stage is built.
-    os.makedirs(offload_folder, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="loading-", dir=offload_folder)
+    scratch = None
+    if "disk" in dmap.values():
+        try:
+            os.makedirs(offload_folder, exist_ok=True)
+            scratch = tempfile.mkdtemp(prefix="loading-", dir=offload_folder)
+        except OSError as e:
+            raise LoadError(f"offload_folder={os.path.dirname(offload_folder)!r} cannot be used ({e.strerror}): "
+                            f"point offload_folder at a writable directory") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, local_files_only=True, low_cpu_mem_usage=True, use_safetensors=stored is not None,
@@ -282,7 +288,8 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
         remove_hook_from_module(model, recurse=True)  # owned weights are already on `device`; others are dropped
         stage = _extract_stage(model, family, plan, config, tied)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in stage.parameters()}.values())
     log.info("rank %d holds %d bytes of parameters", plan.rank, param_bytes)
     return stage, StageInfo(family.name, num_layers, layer_ranges, dmap, param_bytes, stage_bytes)

@@ -108,12 +108,12 @@ def test_prompts_file_formats(tiny_llama, tmp_path):
     assert load("p.txt") == ["alpha", "beta"]
     with pytest.raises(ConfigError, match="not UTF-8"):
         load("latin1.txt")
-    # a byte-order mark is not text; lines end at \n or \r\n only, never inside a prompt
-    (tmp_path / "bom.txt").write_bytes("\ufeffHello\r\nWorld\n".encode("utf-8"))
+    # a byte-order mark is not text; lines end at \n, \r\n or \r, never at U+2028 or a form feed
+    (tmp_path / "bom.txt").write_bytes("\ufeffHello\r\nWorld\rAgain".encode("utf-8"))
     (tmp_path / "bom.jsonl").write_bytes('\ufeff{"prompt": "Hello"}\n'.encode("utf-8"))
     (tmp_path / "breaks.txt").write_bytes("page\x0cfeed\nA\u2028B\x85C\n".encode("utf-8"))
     (tmp_path / "ls.jsonl").write_bytes((json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n").encode("utf-8"))
-    assert load("bom.txt") == ["Hello", "World"]
+    assert load("bom.txt") == ["Hello", "World", "Again"]
     assert load("bom.jsonl") == ["Hello"]
     assert load("breaks.txt") == ["page\x0cfeed", "A\u2028B\x85C"]
     assert load("ls.jsonl") == ["a\u2028b"]
@@ -167,5 +167,16 @@ def test_generation_config_settings_that_change_scores():
     assert score_settings(GenerationConfig(temperature=0.7, top_p=0.9, do_sample=True)) == {}  # exp_config's job
     assert score_settings(GenerationConfig(repetition_penalty=1.05, suppress_tokens=[3])) == \
         {"repetition_penalty": 1.05, "suppress_tokens": [3]}
+    neutral = GenerationConfig(repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, remove_invalid_values=False)
+    assert score_settings(neutral) == {}  # spelled out in many generation_config.json files
+    assert score_settings(GenerationConfig(encoder_repetition_penalty=1.2)) == {"encoder_repetition_penalty": 1.2}
     with pytest.raises(ConfigError, match="guidance_scale=1.5, which this runner cannot apply"):
         score_settings(GenerationConfig(guidance_scale=1.5))
+
+
+def test_one_stage_never_touches_offload_folder(tiny_llama, tmp_path):
+    """pipeline_size 1 offloads nothing, so an offload_folder it could not create does not matter."""
+    (tmp_path / "file").write_text("")
+    cfg = base_config(tiny_llama, tmp_path, offload_folder=str(tmp_path / "file" / "offload"))
+    res = run_entry(cfg, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
