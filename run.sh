@@ -8,14 +8,16 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-RUNNER=${RUNNER:-"$PYTHON $REPO_DIR/run_distributed_inference.py"}   # tests substitute a stub
+RUNNER=${RUNNER:-}          # default: $PYTHON run_distributed_inference.py (tests substitute a stub)
 REQUIREMENTS=${REQUIREMENTS:-$REPO_DIR/requirements.txt}
 WHEELHOUSE=${WHEELHOUSE:-}                        # a folder of wheels: offline install with --no-index
 PROFILE_DIR=${PROFILE_DIR:-$REPO_DIR/outputs/nsys}
 # auto: remove user-site torch/nvidia/triton only inside a container, where the image brings its own torch.
 PURGE_USER_TORCH=${PURGE_USER_TORCH:-auto}
-PY_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-PIP_TARGET_CACHE=${PIP_TARGET_CACHE:-${HOME:-/tmp}/.cache/pipeinfer/site-py$PY_VERSION}
+# Where missing requirements go: a venv, one per interpreter, that also sees the interpreter's own
+# packages (after its own), so that pip counts the image's torch as installed and never fetches another.
+PY_ID=$("$PYTHON" -c 'import sys, hashlib; print("%d.%d-%s" % (*sys.version_info[:2], hashlib.sha256(sys.executable.encode()).hexdigest()[:8]))')
+DEPS_VENV=${DEPS_VENV:-${HOME:-/tmp}/.cache/pipeinfer/venv-py$PY_ID}
 
 export RANK=${SLURM_PROCID:-${RANK:-0}}
 export WORLD_SIZE=${SLURM_NTASKS:-${WORLD_SIZE:-1}}
@@ -56,25 +58,38 @@ EOF
 
 bootstrap_deps() {
     [[ -f $REQUIREMENTS ]] || return 0          # no requirements file: nothing to bootstrap
-    export PYTHONPATH=$PIP_TARGET_CACHE${PYTHONPATH:+:$PYTHONPATH}
-    local missing stamp
+    local missing
     missing=$(missing_requirements)
-    [[ -z $missing ]] && return 0
-    stamp=$PIP_TARGET_CACHE/.stamp-$(sha256sum "$REQUIREMENTS" | cut -c1-16)
-    [[ -f $stamp ]] && { log "deps cached in $PIP_TARGET_CACHE but still missing: $missing"; return 0; }
-    local pip_args=(install --quiet --target "$PIP_TARGET_CACHE")
+    [[ -z $missing ]] && return 0               # the image has everything
+    if [[ ! -x $DEPS_VENV/bin/python ]]; then
+        run "$PYTHON" -m venv --without-pip "$DEPS_VENV.tmp" || {
+            log "cannot make a venv with $PYTHON -m venv (Debian images need python3-venv): install these in the image instead: $missing"
+            rm -rf -- "$DEPS_VENV.tmp"; exit 2; }
+        # Not --system-site-packages: where $PYTHON is itself a venv, that would show its base's
+        # packages, not its own. A .pth line adds $PYTHON's site directories (and their .pth files).
+        # Without a pip of its own the venv runs the image's pip and sees the image's setuptools: a
+        # venv's older copies would shadow them and make pip "fix" torch's requirements.
+        local image_sites venv_site
+        image_sites=$("$PYTHON" -c 'import site; print(repr(site.getsitepackages()))')
+        venv_site=$("$DEPS_VENV.tmp/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+        echo "import site; list(map(site.addsitedir, $image_sites))" > "$venv_site/zz-pipeinfer-image-site.pth"
+        mv -- "$DEPS_VENV.tmp" "$DEPS_VENV"
+    fi
+    PYTHON=$DEPS_VENV/bin/python                # the image's packages, plus what is installed here
+    missing=$(missing_requirements)
+    [[ -z $missing ]] && return 0               # installed by an earlier run
+    local pip_args=(install --quiet)
     if [[ -n $WHEELHOUSE ]]; then
         [[ -d $WHEELHOUSE ]] || { log "WHEELHOUSE=$WHEELHOUSE is not a folder: fix the path or unset it"; exit 2; }
         pip_args+=(--no-index --find-links "$WHEELHOUSE")
     fi
     # shellcheck disable=SC2086  # one requirement per word
     run "$PYTHON" -m pip "${pip_args[@]}" $missing
-    touch "$stamp"
 }
 
 # Ranks sharing a node (and a $HOME) take turns: one installs or deletes, the others wait.
-mkdir -p "$PIP_TARGET_CACHE"
-exec 9>"$PIP_TARGET_CACHE/.lock"
+mkdir -p "$(dirname "$DEPS_VENV")"
+exec 9>"$DEPS_VENV.lock"
 flock 9
 if [[ $PURGE_USER_TORCH == 1 || ($PURGE_USER_TORCH == auto && -n ${APPTAINER_CONTAINER:-${SINGULARITY_CONTAINER:-}}) ]]; then
     purge_user_torch
@@ -83,7 +98,12 @@ bootstrap_deps
 flock -u 9
 exec 9>&-
 
-read -r -a runner_cmd <<< "$RUNNER"
+export PYTHON
+if [[ -n $RUNNER ]]; then
+    read -r -a runner_cmd <<< "$RUNNER"
+else
+    runner_cmd=("$PYTHON" "$REPO_DIR/run_distributed_inference.py")   # paths with spaces stay whole
+fi
 if command -v nsys >/dev/null; then
     mkdir -p "$PROFILE_DIR"
     export PIPEINFER_NVTX=1

@@ -261,4 +261,7 @@ if __name__ == "__main__":
             print(f"error: --fields {key}: not a config key", file=sys.stderr)
             sys.exit(2)
         value = resolved[key]
-        print(os.path.abspath(value) if key.endswith(("_path", "_folder", "_file")) and value else value)
+        if value is None:
+            print("")  # an unset path: an empty line, which shell scripts test with [[ -n ... ]]
+        else:
+            print(os.path.abspath(value) if key.endswith(("_path", "_folder", "_file")) and value else value)

@@ -102,26 +102,43 @@ def test_deps_already_importable_means_no_pip(tmp_path):
 
 
 def test_missing_dep_installed_offline_from_wheelhouse_then_cached(tmp_path):
+    """Into a venv that sees the interpreter's own packages: pip counts the image's torch (here the
+    test venv's) as installed instead of fetching another one, which --no-index would fail to."""
     wheelhouse = tmp_path / "wheels"
     wheelhouse.mkdir()
     project = tmp_path / "proj"
     (project / "pipeinfer_fake_dep").mkdir(parents=True)
     (project / "pipeinfer_fake_dep" / "__init__.py").write_text("VALUE = 42\n")
     (project / "pyproject.toml").write_text(
-        '[project]\nname = "pipeinfer-fake-dep"\nversion = "1.0"\n'
+        '[project]\nname = "pipeinfer-fake-dep"\nversion = "1.0"\ndependencies = ["torch", "pytest"]\n'
         '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(wheelhouse), str(project)], capture_output=True, text=True)
     if built.returncode != 0:
         pytest.skip(f"cannot build a test wheel offline: {built.stderr.strip()[-200:]}")
     reqs = tmp_path / "requirements.txt"
-    reqs.write_text("pipeinfer-fake-dep==1.0\n")
-    runner = stub(tmp_path, f'exec {sys.executable} -c "import pipeinfer_fake_dep as m; print(\'value\', m.VALUE)"\n')
-    cache = tmp_path / "cache"
-    first = run_sh(tmp_path, runner, REQUIREMENTS=str(reqs), WHEELHOUSE=str(wheelhouse), PIP_TARGET_CACHE=str(cache))
+    reqs.write_text("pipeinfer-fake-dep==1.0\ntorch>=2.0\n")
+    # the stub runs the interpreter run.sh chose: the venv's, which sees both
+    runner = stub(tmp_path, 'exec "$PYTHON" -c "import pipeinfer_fake_dep as m, torch; print(\'value\', m.VALUE)"\n')
+    venv = tmp_path / "cache" / "venv"
+    first = run_sh(tmp_path, runner, REQUIREMENTS=str(reqs), WHEELHOUSE=str(wheelhouse), DEPS_VENV=str(venv))
     assert first.returncode == 0, first.stderr
     assert "value 42" in first.stdout and "--no-index --find-links" in first.stderr
-    assert list(cache.glob(".stamp-*"))
-    second = run_sh(tmp_path, runner, REQUIREMENTS=str(reqs), WHEELHOUSE=str(wheelhouse), PIP_TARGET_CACHE=str(cache))
+    assert f"-m venv --without-pip {venv}.tmp" in first.stderr
+    second = run_sh(tmp_path, runner, REQUIREMENTS=str(reqs), WHEELHOUSE=str(wheelhouse), DEPS_VENV=str(venv))
     assert second.returncode == 0 and "value 42" in second.stdout
-    assert "pip" not in second.stderr            # importable from the cache: no second install
+    assert "pip" not in second.stderr            # installed in the venv already: no second install
+
+
+def test_default_runner_survives_a_repo_path_with_spaces(tmp_path):
+    repo = tmp_path / "my repo"
+    repo.mkdir()
+    (repo / "run.sh").write_text(RUN_SH.read_text())
+    (repo / "run_distributed_inference.py").write_text("import sys; print('runner args', sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "APPTAINER", "SINGULARITY", "RUNNER"))}
+    env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", PYTHON=sys.executable, HOME=str(tmp_path / "h"),
+               REQUIREMENTS=str(tmp_path / "none.txt"))
+    done = subprocess.run(["bash", str(repo / "run.sh"), "--config", "x.json"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "runner args ['--config', 'x.json']" in done.stdout

@@ -145,14 +145,21 @@ def test_two_nodes_without_container(tmp_path, model_dir, reference):
 
 def test_two_nodes_with_fake_apptainer(tmp_path, model_dir, reference):
     output = tmp_path / "out" / "run.jsonl"
-    config = write_config(tmp_path / "config.json", model_dir, output)
+    prompts_file = tmp_path / "in" / "prompts.txt"  # outside the repo, like the output and the offload folder
+    prompts_file.parent.mkdir()
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    config = write_config(tmp_path / "config.json", model_dir, output, prompts=None, prompts_file=str(prompts_file),
+                          offload_folder=str(tmp_path / "scratch" / "offload"))
     image = tmp_path / "pytorch.sif"
     image.write_text("stand-in image for tests/slurm/fake-apptainer\n")
     env = job_env(CONTAINER_IMAGE=str(image), EXP_CONFIG=str(config))
     env["PATH"] = f"{FAKE_APPTAINER}:{env['PATH']}"
     job_id, status, log = sbatch(tmp_path, env)
     assert_completed_run(job_id, status, log, output, reference)
-    assert log.read_text().count("fake-apptainer: running") == 2       # one container per rank
+    text = log.read_text()
+    assert text.count("fake-apptainer: running") == 2       # one container per rank
+    for path in (tmp_path / "out", tmp_path / "in", tmp_path / "scratch" / "offload"):
+        assert f"--bind {path} " in text, text               # every path the ranks use is bound
 
 
 def rank_pid(job_id, rank, timeout_s):
@@ -235,3 +242,27 @@ def test_usr1_before_time_limit_stops_requeues_and_resumes(tmp_path, model_dir):
     assert indices == list(range(len(prompts))), "exactly one record per prompt across the two attempts"
     assert [r["type"] for r in records].count("run") == 2
     assert records[-1]["type"] == "sacct"
+
+
+def test_scancel_stops_the_job_without_requeueing_it(tmp_path, model_dir):
+    """scancel sends TERM: the ranks save what is finished and exit 75, but a cancelled job must
+    stay cancelled (requeueing it would undo the user's scancel)."""
+    output = tmp_path / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output, prompts=PROMPTS * 8, max_new_tokens=200,
+                          ignore_eos=True, batch_size=1)
+    job, _, log = sbatch(tmp_path, job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config)), wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (output.exists() and '"type": "prompt"' in output.read_text()):
+            time.sleep(0.2)
+        subprocess.run(["scancel", job], check=True)
+        assert job_state(job, timeout_s=90) == "CANCELLED", log.read_text()[-3000:]
+        time.sleep(5)  # a requeue would show the job pending again by now
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+        assert not queued, f"job {job} is queued again: {queued}\n{log.read_text()[-3000:]}"
+        text = log.read_text()
+        assert "scontrol requeue" not in text and "not requeued" in text, text[-3000:]
+    finally:
+        subprocess.run(["scancel", job])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert records[-1]["type"] == "summary" and records[-1]["interrupted"] is True
