@@ -57,11 +57,11 @@ def checkpoint_processors(model, gen, input_ids: torch.Tensor, attention_mask: t
                           eos_ids: tuple[int, ...] | None):
     """transformers' logits processors as generate() builds them from the checkpoint's generation
     config `gen` (see runtime.score_settings) for this (B, T) prompt batch (the runner passes one
-    unpadded prompt at a time);
-    None when that config sets nothing that changes scores. eos_ids None: EOS does not stop
-    (ignore_eos), as generate() with no EOS id. `model` is the loaded causal LM (the processors
-    read its config). Sampling's own temperature, top-k and top-p are not among them: the
-    runner's config sets those (filter_logits)."""
+    unpadded prompt at a time); None when that config sets nothing that changes scores.
+
+    eos_ids None: EOS does not stop (ignore_eos), as generate() with no EOS id. `model` is the
+    loaded causal LM (the processors read its config). Sampling's own temperature, top-k and top-p
+    are not among them: the runner's config sets those (filter_logits)."""
     gen = copy.deepcopy(gen)
     gen.do_sample, gen.num_beams = False, 1
     gen.max_new_tokens, gen.max_length = max_new_tokens, input_ids.shape[1] + max_new_tokens
