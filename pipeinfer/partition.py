@@ -222,3 +222,12 @@ def check_complete(device_map: dict[str, str], names: list[str], what: str) -> N
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"device_map does not place {len(missing)} {what} ({shown}): "
                          f"the model family's module layout in pipeinfer/families.py does not match this checkpoint")
+
+
+def missing_weights(device_map: dict[str, str], param_names: list[str], stored: set[str], device: str) -> list[str]:
+    """The parameters this stage owns (placed on `device`) that the checkpoint has no tensor for:
+    transformers would initialise them randomly, with only a warning."""
+    def placement(name: str) -> str | None:
+        key = max((k for k in device_map if name == k or name.startswith(k + ".")), key=len, default=None)
+        return device_map.get(key) if key is not None else None
+    return [n for n in param_names if n not in stored and placement(n) == device]

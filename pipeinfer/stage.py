@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from pipeinfer.families import Family, family_for
-from pipeinfer.partition import StageCosts, StagePlan, check_complete, plan_split, stage_device_map
+from pipeinfer.partition import (StageCosts, StagePlan, check_complete, missing_weights, plan_split,
+                                 stage_device_map)
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,17 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
             check_complete(dmap, _checkpoint_keys(stored, top, family), "checkpoint tensors")
     except ValueError as e:
         raise LoadError(str(e)) from None
+    if stored is not None:
+        have = set(_checkpoint_keys(stored, top, family))
+        tied_pair = {f"{family.base}.{family.embeddings}.weight"} | {f"{h}.weight" for h in family.heads if h in top}
+        if tied and have & tied_pair:
+            have |= tied_pair  # either copy serves both: transformers ties them after loading
+        absent = missing_weights(dmap, [n for n, _ in skeleton.named_parameters()], have, local)
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            raise LoadError(f"the checkpoint in {model_path} has no tensor for {len(absent)} weights rank {plan.rank} "
+                            f"needs ({shown}); transformers would fill them with random values: copy the complete "
+                            f"checkpoint, saved for this model's type and size")
     del skeleton
 
     owned = f"layers {plan.layers.start}..{plan.layers.stop - 1}" + \

@@ -227,6 +227,7 @@ def error_lines(res) -> list[str]:
     ("missing config", "has no config.json"),
     ("missing tokenizer", "no usable tokenizer"),
     ("missing shard", "is missing"),
+    ("missing tensor", "has no tensor for 1 weights rank 0 needs (model.layers.2.mlp.up_proj.weight)"),
 ])
 def test_broken_checkpoint_is_one_line_error(tiny_llama, tmp_path, damage, needle):
     path = broken_copy(tiny_llama, tmp_path, "broken")
@@ -238,6 +239,11 @@ def test_broken_checkpoint_is_one_line_error(tiny_llama, tmp_path, damage, needl
     elif damage == "missing tokenizer":
         for name in ("tokenizer.json", "tokenizer_config.json"):
             os.remove(os.path.join(path, name))
+    elif damage == "missing tensor":  # a whole file, but one weight short: loading would make it up
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(weights)
+        del tensors["model.layers.2.mlp.up_proj.weight"]
+        save_file(tensors, weights, metadata={"format": "pt"})
     else:  # a sharded checkpoint whose index names a shard that is not there
         from safetensors import safe_open
         with safe_open(weights, framework="pt") as f:
