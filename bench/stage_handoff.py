@@ -53,11 +53,29 @@ def _prompt() -> torch.Tensor:
     return torch.randint(3, 259, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
 
 
-def _send(fd: int, t: torch.Tensor) -> None:
-    data = t.contiguous().numpy().tobytes()
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _send(fd: int, t: torch.Tensor) -> None:
+    _write_all(fd, t.contiguous().numpy().tobytes())
+
+
+def _fork(child) -> int:
+    """Fork; the child runs child() and exits (0, or 1 after printing its traceback). Returns the pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
 
 
 def _recv(fd: int, like: torch.Tensor) -> torch.Tensor:
@@ -103,25 +121,20 @@ def taking_turns(path: str, steps: int, workdir: str, cores: tuple[int, int]) ->
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
     hidden = int(json.load(open(os.path.join(path, "config.json")))["hidden_size"])
-    pid = os.fork()
-    if pid == 0:  # stage 1
-        code = 1
-        try:
-            os.close(down_w)  # the unused ends: a reader must see EOF when the other process dies
-            os.close(up_r)
-            os.sched_setaffinity(0, {cores[1]})
-            stage = _load(path, 1, 2, workdir)
-            cache = stage.new_cache(capacity=PROMPT_LEN + steps + 1)
-            for i in range(steps + 1):
-                length = PROMPT_LEN if i == 0 else 1
-                x = _recv(down_r, torch.empty(1, length, hidden))
-                pos = torch.arange(PROMPT_LEN)[None] if i == 0 else torch.tensor([[PROMPT_LEN + i - 1]])
-                _send(up_w, stage(x, None, pos, cache).argmax(-1))
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+
+    def stage_1() -> None:
+        os.close(down_w)  # the unused ends: a reader must see EOF when the other process dies
+        os.close(up_r)
+        os.sched_setaffinity(0, {cores[1]})
+        stage = _load(path, 1, 2, workdir)
+        cache = stage.new_cache(capacity=PROMPT_LEN + steps + 1)
+        for i in range(steps + 1):
+            length = PROMPT_LEN if i == 0 else 1
+            x = _recv(down_r, torch.empty(1, length, hidden))
+            pos = torch.arange(PROMPT_LEN)[None] if i == 0 else torch.tensor([[PROMPT_LEN + i - 1]])
+            _send(up_w, stage(x, None, pos, cache).argmax(-1))
+
+    pid = _fork(stage_1)
     os.close(down_r)
     os.close(up_w)
     os.sched_setaffinity(0, {cores[0]})
@@ -148,21 +161,13 @@ def taking_turns(path: str, steps: int, workdir: str, cores: tuple[int, int]) ->
 def run_isolated(fn, *args) -> tuple[float, list[int]]:
     """Run one way in a fresh child process (its own heap and mappings); returns (ms per token, tokens)."""
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            os.sched_setaffinity(0, {0})
-            result = json.dumps(fn(*args)).encode()
-            view = memoryview(result)
-            while view:
-                view = view[os.write(w, view):]
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+
+    def run() -> None:
+        os.close(r)
+        os.sched_setaffinity(0, {0})
+        _write_all(w, json.dumps(fn(*args)).encode())
+
+    pid = _fork(run)
     os.close(w)
     with os.fdopen(r) as f:
         out = f.read()

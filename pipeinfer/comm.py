@@ -198,10 +198,15 @@ def _collective(doing: str, timeout_s: float):
         yield
     except RuntimeError as e:
         waited = time.monotonic() - t0
-        said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:160]
+        said = _first_line(e)
         why = (f"a rank did not join within timeout_s={timeout_s:g}" if waited >= 0.9 * timeout_s
                else f"a rank is gone after {waited:.1f}s")
         raise PeerFailure(f"{doing}: {why} ({said}); see the other ranks' messages") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The first non-empty line of a torch.distributed error (the rest is often a C++ stack)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
 
 
 def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
@@ -325,7 +330,7 @@ def init(rank: int, world_size: int, device: torch.device, timeout_s: float, mas
             held.release()
     except RuntimeError as e:  # torch's DistNetworkError / DistStoreError / gloo errors; the text ends in C++ frames
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        said = _first_line(e)
         raise PeerFailure(f"could not join the {world_size} ranks at {where} ({said}): check that every rank started, "
                           f"with the same MASTER_ADDR and MASTER_PORT, that rank 0's host is reachable on that port, "
                           f"and that nothing else listens there (master_port)") from None
@@ -348,5 +353,5 @@ def shutdown(clean: bool = True) -> None:
                 dist.barrier()
             except RuntimeError as e:  # everything is written by now; a peer that died at the very end
                 log.warning("the exit barrier failed (%s): another rank ended early; this rank's work is complete",
-                            next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:160])
+                            _first_line(e))
         dist.destroy_process_group()

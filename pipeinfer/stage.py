@@ -255,14 +255,15 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
     top = [n for n, _ in skeleton.named_children()]
     dmap = stage_device_map(top, [n for n, _ in base.named_children()], num_layers, family, plan, tied, local)
     stored = checkpoint_names(model_path, allow_pickle)
+    keys = None if stored is None else _checkpoint_keys(stored, top, family)  # as the model names them
     try:
         check_complete(dmap, list(skeleton.state_dict()), "model parameters and buffers")
-        if stored is not None:
-            check_complete(dmap, _checkpoint_keys(stored, top, family), "checkpoint tensors")
+        if keys is not None:
+            check_complete(dmap, keys, "checkpoint tensors")
     except ValueError as e:
         raise LoadError(str(e)) from None
-    if stored is not None:
-        have = set(_checkpoint_keys(stored, top, family))
+    if keys is not None:
+        have = set(keys)
         tied_pair = {f"{family.base}.{family.embeddings}.weight"} | {f"{h}.weight" for h in family.heads if h in top}
         if tied and have & tied_pair:
             have |= tied_pair  # either copy serves both: transformers ties them after loading

@@ -15,10 +15,10 @@ from conftest import ENTRY, ROOT, base_config, rank_env
 from pipeinfer.config import ConfigError, build_config, parse_override
 
 
-def run_entry(cfg, tmp_path, world=1, raw: str | None = None, args=()):
+def run_entry(cfg, tmp_path, world=1, raw: str | None = None, args=(), rank=0):
     path = tmp_path / "cfg.json"
     path.write_text(raw if raw is not None else json.dumps(cfg))
-    env = rank_env(0, world, 1)  # port 1: nothing may connect anywhere before the checks pass
+    env = rank_env(rank, world, 1)  # port 1: nothing may connect anywhere before the checks pass
     return subprocess.run([sys.executable, ENTRY, "--config", str(path), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -140,9 +140,7 @@ def test_config_file_that_is_a_directory(tmp_path):
 
 @pytest.mark.parametrize("rank,world", [(1, 1), (-1, 1), (2, 2)])
 def test_rank_outside_world_size(tiny_llama, tmp_path, rank, world):
-    (tmp_path / "cfg.json").write_text(json.dumps(base_config(tiny_llama, tmp_path, pipeline_size=world)))
-    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "cfg.json")], cwd=ROOT,
-                         env=rank_env(rank, world, 1), capture_output=True, text=True, timeout=60)
+    res = run_entry(base_config(tiny_llama, tmp_path, pipeline_size=world), tmp_path, world=world, rank=rank)
     assert res.returncode == 2 and f"RANK={rank} with WORLD_SIZE={world}" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
