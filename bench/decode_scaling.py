@@ -12,6 +12,7 @@ With the cache, step time should stay nearly flat: only attention over the cache
 from __future__ import annotations
 
 import argparse
+from collections import deque
 import json
 import os
 import statistics
@@ -24,10 +25,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeinfer.comm import Comm  # noqa: E402
-from pipeinfer.demo import make_model  # noqa: E402
+from pipeinfer.tiny_models import make_model  # noqa: E402
 from pipeinfer.generation import GenParams, generate  # noqa: E402
 from pipeinfer.partition import StagePlan  # noqa: E402
-from pipeinfer.prompts import Batch  # noqa: E402
+from pipeinfer.prompts import Batch, MicroBatches  # noqa: E402
 from pipeinfer.sampling import SamplingParams  # noqa: E402
 from pipeinfer.stage import partition_model  # noqa: E402
 
@@ -48,12 +49,17 @@ def main() -> None:
         batch = Batch([0], prompt, torch.ones_like(prompt), [16])
         gp = GenParams(args.tokens, True, (), 0, SamplingParams(), 0)
         comm = Comm(0, 1, torch.device("cpu"), 60)
-        for _ in generate(stage, comm, [batch], 1, gp, shape["hidden_size"], torch.float32):
-            pass
+        work = MicroBatches(deque([0]), [1], lambda _: batch)
+        (_, result), = generate(stage, comm, work, gp, shape["hidden_size"], torch.float32)
         steps = [end - start for kind, start, end in comm.timeline.events if kind == "decode"]  # context 16+i+1
 
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # decode every position, as ignore_eos does
+        with torch.inference_mode():  # the timed tokens must be right: a broken cache gives others
+            expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                      max_new_tokens=args.tokens)[0, 16:].tolist()
+        matches = result.output_ids[0] == expected
 
         def no_cache(n: int) -> float:
             ids = torch.randint(0, 256, (1, n))
@@ -80,7 +86,8 @@ def main() -> None:
         return shape["num_hidden_layers"] * (2 * (4 * d * d + 3 * d * i) + 4 * ctx * d)
 
     mid = lambda r: sum(r["positions"]) / 2  # noqa: E731
-    result = {"model": shape, "threads": 1, "windows": rows,
+    result = {"model": shape, "threads": 1, "windows": rows, "decode_steps": len(steps),
+              "output_matches_generate": matches,
               "cached_growth": last["cached_step_ms"] / first["cached_step_ms"],
               "attention_flops_growth": step_flops(mid(last)) / step_flops(mid(first)),
               "no_cache_growth": last["no_cache_step_ms"] / first["no_cache_step_ms"]}
@@ -90,6 +97,7 @@ def main() -> None:
     print(f"growth from first to last window: cached x{result['cached_growth']:.2f} "
           f"(attention's share of the FLOPs alone predicts x{result['attention_flops_growth']:.2f}), "
           f"no cache x{result['no_cache_growth']:.2f}")
+    print(f"the runner's {args.tokens} tokens {'equal' if matches else 'DIFFER FROM'} whole-model generate()'s")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,42 +1,68 @@
 #!/usr/bin/env bash
-# The GPU half of the throughput benchmark, as one command for a lent GPU machine (an H100 or
-# H200 here: python3 with CUDA torch and transformers, no network):
+# The GPU check, as one command for a lent GPU machine (python3 with CUDA torch and transformers,
+# no network):
 #
 #     bash bench/gpu_check.sh [OUTDIR]        # OUTDIR defaults to $OUT (the device tool's), else results/
 #
-# It checks the software first (a failure costs seconds, not minutes), records the card, then runs
-# bench/throughput.py --device cuda: generate() on the GPU against the runner at pipeline_size 1,
-# and pipeline_size 2 with both ranks on the one GPU (gloo through host memory: NCCL cannot pair
-# two ranks on one device), batch 1/2/8/32 over 32 prompts x 32 new tokens, one round, with the
-# weight bandwidth achieved at batch 1. 20 rank processes load the 0.96B model; the whole run is
-# expected to take 5-8 minutes (not yet timed on a GPU) and is cut at 9. throughput_gpu.json is
-# rewritten after every cell, so a cut run still returns what it measured. Its exit status is the
-# benchmark's (124 when cut).
+# 1. software check (seconds; on a machine without a GPU it stops here with one line, exit 2);
+# 2. smoke cell: the runner at pipeline_size 1 and 2, batch 2, 4 tokens, against generate(); the
+#    first failure or difference stops the check (exit 1), before minutes go into the benchmark;
+# 3. float16 cell (the T4 path, forced): the runner's non-finite logits check is on, as always;
+#    agreement with generate() in float16 is recorded in float16.json;
+# 4. the benchmark (bench/throughput.py --device cuda): generate() against the runner at
+#    pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
+#    over 32 prompts x 32 new tokens, with the weight bandwidth at batch 1 against a measured copy.
+# The models (0.96B parameters, TinyLlama's shape) are made on the GPU, not on the CPU first.
+# Everything is cut to finish within 9 minutes (DEADLINE_S); each JSON is rewritten after every
+# cell, so a cut run still returns what it measured. Exit status: the first failing step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-results}}
+DEADLINE_S=${DEADLINE_S:-530}
+work=/tmp/pipeinfer-bench-gpu
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$out"
 command -v taskset >/dev/null || { echo "error: taskset (util-linux) is missing: the benchmark pins ranks with it"; exit 2; }
 python3 - <<'PY' 2>&1 | tee "$out/gpu.txt" || exit 2
 import importlib.util, sys
-missing = [m for m in ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "tqdm")
+missing = [m for m in ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "tqdm", "packaging")
            if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"error: missing Python packages {missing}: carry them as wheels (see the device README)")
 import accelerate, torch, transformers
 from packaging.version import Version
-print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
-      "accelerate", accelerate.__version__)
 if Version(transformers.__version__) < Version("4.57.1"):
     sys.exit(f"error: transformers {transformers.__version__} < 4.57.1 (requirements.txt): carry a newer wheel")
+if Version(torch.__version__.split("+")[0]) < Version("2.4"):
+    sys.exit(f"error: torch {torch.__version__} < 2.4 (requirements.txt): carry a newer wheel")
 if not torch.cuda.is_available():
-    sys.exit("error: torch sees no GPU")
-p = torch.cuda.get_device_properties(0)
+    sys.exit(f"error: torch {torch.__version__} sees no GPU: run this on the GPU machine (a CPU run stops here)")
+sys.path.insert(0, ".")
+from pipeinfer.runtime import native_bf16, resolve_dtype
+dev = torch.device("cuda", 0)
+p = torch.cuda.get_device_properties(dev)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
+      "accelerate", accelerate.__version__)
 print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"{p.multi_processor_count} SMs",
-      "bf16" if torch.cuda.is_bf16_supported() else "no bf16")
+      "capability %d.%d" % torch.cuda.get_device_capability(dev),
+      "bf16" if native_bf16(dev) else "no native bf16", "auto dtype", resolve_dtype("auto", dev))
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory,clocks.max.sm --format=csv \
     >> "$out/gpu.txt" 2>&1
-PYTHONUNBUFFERED=1 timeout 540 python3 bench/throughput.py --device cuda --prompts 32 --tokens 32 --rounds 1 \
-    --wait-quiet 0 --retries 0 --cell-timeout 150 --workdir /tmp/pipeinfer-bench-gpu \
-    --json "$out/throughput_gpu.json" 2>&1 | grep --line-buffered -v "it/s]" | tee "$out/throughput_gpu.log"
+
+bench() {  # bench NAME SECONDS ARGS...: one throughput.py run, cut after SECONDS, its log in OUTDIR
+    local name=$1 limit=$2; shift 2
+    (( limit > 0 )) || { echo "skipped $name: no time left"; return 124; }
+    echo "+ [$name, ${limit}s] python3 bench/throughput.py --device cuda $*"
+    timeout "$limit" python3 bench/throughput.py --device cuda --rounds 1 --wait-quiet 0 --retries 0 \
+        --workdir "$work" --json "$out/$name.json" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$out/$name.log"
+}
+bench smoke 120 --only pp1,pp2_naive --batch-sizes 2 --prompts 4 --tokens 4 --fail-fast --cell-timeout 60 \
+    || { echo "error: the smoke cell failed (see $out/smoke.log): the benchmark would not count"; exit 1; }
+bench float16 $(( DEADLINE_S - SECONDS < 100 ? DEADLINE_S - SECONDS : 100 )) --dtype float16 --only pp1 \
+    --batch-sizes 8 --prompts 8 --tokens 16 --cell-timeout 60
+f16=$?
+bench throughput_gpu $(( DEADLINE_S - SECONDS )) --prompts 32 --tokens 32 --cell-timeout 120
+rc=$?
+echo "done in ${SECONDS}s: float16 cell exit $f16, benchmark exit $rc"
+exit $(( rc ? rc : f16 ))

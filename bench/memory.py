@@ -2,21 +2,32 @@
 
     python bench/memory.py [--model models/bench-llama-500m] [--json results/memory.json]
 
-Builds (once) a ~500 MB bfloat16 Llama-style model with pipeinfer.demo.make_model, then starts,
+Builds (once) a ~500 MB bfloat16 Llama-style model with pipeinfer.tiny_models.make_model, then starts,
 at the same time, four real processes:
   - "bare": python + `import torch, transformers, accelerate`, nothing else. transformers imports
     lazily, so this leaves out the code that building any model pulls in (modeling_utils,
     generation, the Llama classes: about 90 MiB);
   - "runtime": the bare imports plus that code (AutoModelForCausalLM, LlamaForCausalLM) and
     pipeinfer: everything a rank holds before it touches a weight. The target is measured from it;
-  - rank 0 and rank 1 of a 2-stage pipeline: each runs partition_model() (the loader the runner
-    uses) and one prefill forward of its stage on a (2, 64) batch, then reports.
+  - rank 0 and rank 1 of a 2-stage pipeline: each plans (pipeinfer.plan) and loads its stage as the
+    runner does (stage.load_stage: only its own tensors, converted as they are read), runs one prefill
+    forward on a (2, 64) batch, then reports. The checkpoint's pages are dropped from the page cache
+    first, so /proc/self/io read_bytes is what each rank read of the checkpoint.
 Peak resident memory is the kernel's high-water mark for the process (VmHWM, = ru_maxrss), which
 includes file pages of the memory-mapped safetensors once they are touched. The target from issue 3:
 
     peak(rank) <= (param_bytes(rank) + peak(runtime)) * 1.10
 
 No process group is needed: loading is rank-local, so the ranks are started without one.
+
+    python bench/memory.py --check-plan     # planned total against measured peak, three configurations
+
+checks the planner (pipeinfer/plan.py) against reality on CPU: each rank of each configuration
+loads its stage and runs its share of a whole generation (prefill of every micro-batch slot, decode
+to max_new_tokens) alone, in float32; its peak RSS over the runtime baseline is compared with the
+plan's total. The baseline is the same worker on a model of the same family with almost no weights
+(hidden 32, 2 layers), less that model's own planned total: the interpreter, the imports and what a
+first forward allocates once.
 """
 
 from __future__ import annotations
@@ -67,25 +78,53 @@ def runtime_worker(role: str) -> dict:
     return {"role": role, "peak_rss": peak_rss()}
 
 
+def read_bytes() -> int:
+    """Bytes this process made the kernel read from storage (/proc/self/io read_bytes): with the
+    checkpoint's pages dropped from the page cache first (drop_cache), the checkpoint bytes it read."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def drop_cache(path: str) -> None:
+    """Evict the file's clean pages from the page cache (POSIX_FADV_DONTNEED; no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _plan(model: str, size: int, dtype_name: str, batch_size: int, prompt: int, new_tokens: int):
+    from pipeinfer.config import build_config
+    from pipeinfer.plan import plan_for_run
+    from pipeinfer.runtime import read_model_config
+
+    cfg = build_config(dict(model_path=model, prompts=["x"], pipeline_size=size, batch_size=batch_size,
+                            max_new_tokens=new_tokens))
+    mc = read_model_config(model)
+    return cfg, mc, plan_for_run(cfg, mc, prompt, dtype_name, "cpu")
+
+
 def rank_worker(model: str, rank: int, size: int, dtype_name: str) -> dict:
     import torch
 
     import accelerate  # noqa: F401
     import transformers  # noqa: F401
-    from pipeinfer.partition import StagePlan
+    from pipeinfer.runtime import steady_host_memory
     from pipeinfer.runtime import setup_logging
-    from pipeinfer.stage import partition_model
+    from pipeinfer.stage import load_stage
 
+    steady_host_memory()  # as the runner does
     setup_logging(rank)
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
-    before = peak_rss()
-    t0 = time.perf_counter()
-    stage, info = partition_model(model, StagePlan(rank, size, range(0)), torch.device("cpu"), dtype,
-                                  os.path.join(model, f".offload-rank{rank}"))
-    load_s = time.perf_counter() - t0
-    after_load = peak_rss()
     B, T = PREFILL
+    cfg, mc, plan = _plan(model, size, dtype_name, B, T, 1)
+    before, io0 = peak_rss(), read_bytes()
+    t0 = time.perf_counter()
+    stage, info = load_stage(plan, rank, mc, torch.device("cpu"), dtype, os.path.join(model, f".offload-rank{rank}"))
+    load_s = time.perf_counter() - t0
+    after_load, io1 = peak_rss(), read_bytes()
     if stage.plan.is_first:
         x = torch.randint(0, 256, (B, T))  # (B, T)
     else:
@@ -93,8 +132,78 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str) -> dict:
     pos = torch.arange(T).expand(B, T)
     stage(x, None, pos, stage.new_cache())
     return {"role": f"rank{rank}", "layers": [info.layer_ranges[rank].start, info.layer_ranges[rank].stop - 1],
-            "param_bytes": info.param_bytes, "peak_rss_before_load": before, "peak_rss_after_load": after_load,
+            "param_bytes": info.param_bytes, "planned_weights": plan.ranks[rank].weights,
+            "read_bytes": io1 - io0, "peak_rss_before_load": before, "peak_rss_after_load": after_load,
             "peak_rss": peak_rss(), "rss_end": current_rss(), "load_s": round(load_s, 2)}
+
+
+def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, new_tokens: int) -> dict:
+    """Load rank `rank`'s stage as planned and run its share of a whole generation, alone: every
+    micro-batch slot's prefill of `prompt` tokens, then new_tokens - 1 decode steps (the cache
+    filled to capacity, as generate() fills it). Peak RSS and the plan's numbers for comparison."""
+    import torch
+
+    from pipeinfer.runtime import steady_host_memory
+    from pipeinfer.stage import load_stage
+
+    steady_host_memory()  # as the runner does
+    torch.set_num_threads(1)
+    cfg, mc, plan = _plan(model, size, "float32", batch_size, prompt, new_tokens)
+    mine = plan.ranks[rank]
+    stage, info = load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
+    caches = []
+    with torch.inference_mode():
+        for b in plan.slots:
+            cache = stage.new_cache(capacity=prompt + new_tokens)
+            for step in range(new_tokens):
+                t = prompt if step == 0 else 1
+                x = torch.randint(0, mc.vocab_size, (b, t)) if stage.plan.is_first else \
+                    torch.randn(b, t, mc.hidden_size)  # (B, T) ids or (B, T, H) hidden states
+                start = 0 if step == 0 else prompt + step - 1
+                stage(x, None, torch.arange(start, start + t).expand(b, t), cache)
+            caches.append(cache)  # every slot stays in flight to the end
+    return {"role": f"rank{rank}", "param_bytes": info.param_bytes, "peak_rss": peak_rss(),
+            "planned": {"weights": mine.weights, "kv_cache": mine.kv_cache, "transient": mine.transient,
+                        "total": mine.total}}
+
+
+# (name, family config, pipeline_size, batch_size, prompt tokens, max_new_tokens): two families, pp 1 and 2,
+# batch 1 and 8, a long prompt
+PLAN_MODELS = {
+    "llama": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
+    "gpt2": dict(model_type="gpt2", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                 max_position_embeddings=2048),
+}
+PLAN_CASES = [("llama", 1, 1, 32, 16), ("llama", 2, 8, 512, 32), ("gpt2", 2, 8, 256, 64)]
+
+
+def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
+    """Each rank of each case: planned total against peak RSS over the runtime baseline."""
+    from pipeinfer.tiny_models import make_model
+
+    rows = []
+    for name, size, batch, prompt, new in cases:
+        conf = PLAN_MODELS[name]
+        model = os.path.join(root, f"plan-{name}")
+        tiny = os.path.join(root, f"plan-{name}-tiny")
+        if not os.path.exists(os.path.join(model, "config.json")):
+            make_model(model, seed=0, **conf)
+        if not os.path.exists(os.path.join(tiny, "config.json")):
+            make_model(tiny, seed=0, **dict(conf, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            **({"intermediate_size": 64, "num_key_value_heads": 1}
+                                               if "intermediate_size" in conf else {})))
+        args = [str(v) for v in (size, batch, prompt, new)]
+        procs = [spawn("plan", tiny, "0", *args)] + [spawn("plan", model, str(r), *args) for r in range(size)]
+        base, *ranks = [collect(p) for p in procs]
+        runtime = base["peak_rss"] - base["planned"]["total"]
+        for r in ranks:
+            measured = r["peak_rss"] - runtime
+            rows.append({"case": f"{name} pp{size} batch {batch} prompt {prompt} + {new}", "rank": r["role"],
+                         "param_bytes": r["param_bytes"], **{f"planned_{k}": v for k, v in r["planned"].items()},
+                         "runtime": runtime, "peak_rss": r["peak_rss"], "measured": measured,
+                         "ratio": r["planned"]["total"] / measured})
+    return rows
 
 
 def spawn(*args: str) -> subprocess.Popen:
@@ -115,22 +224,41 @@ def main() -> None:
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-500m"))
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the ranks load in (the checkpoint is bf16)")
     ap.add_argument("--json", default=os.path.join(ROOT, "results", "memory.json"))
+    ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
         role, *rest = args.worker
-        rec = rank_worker(rest[0], int(role), 2, rest[1]) if role.isdigit() else runtime_worker(role)
+        if role == "plan":
+            rec = plan_worker(rest[0], *(int(v) for v in rest[1:]))
+        else:
+            rec = rank_worker(rest[0], int(role), 2, rest[1]) if role.isdigit() else runtime_worker(role)
         print(json.dumps(rec))
+        return
+    if args.check_plan:
+        mib = 2**20
+        print("| case | rank | weights (planned = loaded) | KV cache | transient | planned total | peak RSS | "
+              "runtime | measured (peak - runtime) | planned / measured |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in check_plan(os.path.dirname(args.model)):
+            print(f"| {r['case']} | {r['rank'][4:]} | {r['planned_weights'] / mib:.1f} "
+                  f"({'=' if r['planned_weights'] == r['param_bytes'] else '!='}) | "
+                  f"{r['planned_kv_cache'] / mib:.1f} | "
+                  f"{r['planned_transient'] / mib:.1f} | {r['planned_total'] / mib:.1f} | {r['peak_rss'] / mib:.0f} | "
+                  f"{r['runtime'] / mib:.0f} | {r['measured'] / mib:.1f} | {r['ratio']:.3f} |")
         return
 
     if not os.path.exists(os.path.join(args.model, "config.json")):
-        from pipeinfer.demo import make_model
+        from pipeinfer.tiny_models import make_model
 
         print(f"building {args.model} ...", flush=True)
         make_model(args.model, seed=0, dtype="bfloat16", **MODEL)
     file_bytes = sum(os.path.getsize(os.path.join(args.model, n)) for n in os.listdir(args.model)
                      if n.endswith(".safetensors"))
+    for n in os.listdir(args.model):
+        if n.endswith(".safetensors"):
+            drop_cache(os.path.join(args.model, n))
     procs = [spawn("bare"), spawn("runtime"), spawn("0", args.model, args.dtype), spawn("1", args.model, args.dtype)]
     bare, runtime, *ranks = [collect(p) for p in procs]
 
@@ -143,15 +271,16 @@ def main() -> None:
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"bare imports (python + torch + transformers + accelerate): peak {bare['peak_rss'] / mib:.0f} MiB; "
           f"runtime (+ model code and pipeinfer, no weights): peak {base / mib:.0f} MiB")
-    print("| rank | layers | stage params (MiB) | peak RSS (MiB) | target: (params + runtime) x 1.1 (MiB) | "
-          "peak / (params + runtime) | met |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rank | layers | stage params (MiB) | read from checkpoint (MiB) | peak RSS (MiB) | "
+          "target: (params + runtime) x 1.1 (MiB) | peak / (params + runtime) | met |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in ranks:
         limit = (r["param_bytes"] + base) * 1.10
         r["target_bytes"], r["ratio"], r["met"] = int(limit), r["peak_rss"] / (r["param_bytes"] + base), \
             r["peak_rss"] <= limit
         print(f"| {r['role'][4:]} | {r['layers'][0]}..{r['layers'][1]} | {r['param_bytes'] / mib:.0f} | "
-              f"{r['peak_rss'] / mib:.0f} | {limit / mib:.0f} | {r['ratio']:.3f} | {'yes' if r['met'] else 'NO'} |")
+              f"{r['read_bytes'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | {limit / mib:.0f} | {r['ratio']:.3f} | "
+              f"{'yes' if r['met'] else 'NO'} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"model": args.model, "checkpoint_bytes": file_bytes, "dtype": args.dtype, "prefill": PREFILL,

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench/, for throughput.py when imported
 
-from pipeinfer.demo import make_model  # noqa: E402
+from pipeinfer.tiny_models import make_model  # noqa: E402
 from pipeinfer.partition import StagePlan  # noqa: E402
 from pipeinfer.stage import partition_model  # noqa: E402
 from throughput import SEED, SHAPE, cpu_shape, model_dir  # noqa: E402

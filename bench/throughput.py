@@ -53,8 +53,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "run_distributed_inference.py")
 sys.path.insert(0, ROOT)
 
-from pipeinfer.demo import make_model  # noqa: E402
-from pipeinfer.prompts import load_tokenizer, make_batches  # noqa: E402
+from pipeinfer.tiny_models import make_model  # noqa: E402
+from pipeinfer.prompts import load_tokenizer, make_batches, text_prompts  # noqa: E402
+from pipeinfer.runtime import resolve_dtype  # noqa: E402
 
 # 26M parameters (104 MB in float32, far beyond the caches): a batch-1 decode step takes ~9 ms on
 # one thread here, so per-step Python and communication overheads are measured against real work.
@@ -207,7 +208,8 @@ def sync(device: torch.device) -> None:
 def time_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                   device: torch.device = torch.device("cpu")) -> dict:
     """Left-padded batches of batch_size through model.generate(); the clock runs around generate only."""
-    batches = make_batches(tokenizer, prompts, list(range(len(prompts))), batch_size)
+    batches = make_batches(text_prompts(tokenizer, prompts), list(range(len(prompts))), batch_size,
+                           tokenizer.pad_token_id)
     # The model's own generation_config has eos_token_id; a passed config only overrides what it sets,
     # so None there would fall back to it and generate() would stop at EOS. Clear it at the source.
     model.generation_config.eos_token_id = None
@@ -499,6 +501,11 @@ def main() -> int:
     ap.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"], metavar="H",
                     help="on CPU, the model's width (MLP width 2.75 H, 8 heads, 8 layers): a wider model shows how "
                          "the per-token costs of a stage boundary weigh against more weights")
+    ap.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                    help="on CUDA: the model's dtype (auto: the runner's own choice, bf16 from compute capability "
+                         "8.0, else float16); on CPU float32 always")
+    ap.add_argument("--fail-fast", action="store_true",
+                    help="exit 1 at the first cell that fails or differs from generate() (the GPU check's smoke cell)")
     ap.add_argument("--tf-pp-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tf_pp_worker:
@@ -517,7 +524,8 @@ def main() -> int:
             print("error: --hidden-size sets the CPU model's width; on CUDA the model is TinyLlama's shape",
                   file=sys.stderr)
             return 2
-        shape, dtype = GPU_SHAPE, "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        shape = GPU_SHAPE
+        dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     else:
         if args.hidden_size % SHAPE["num_attention_heads"]:
             print(f"error: --hidden-size must be a multiple of {SHAPE['num_attention_heads']}", file=sys.stderr)
@@ -526,7 +534,7 @@ def main() -> int:
 
     model_path = model_dir(args.workdir, shape, dtype)
     if not os.path.exists(os.path.join(model_path, "config.json")):
-        make_model(model_path, seed=SEED, dtype=dtype, **shape)
+        make_model(model_path, seed=SEED, dtype=dtype, device=args.device, **shape)  # on the GPU: seconds, not minutes
     work = os.path.join(args.workdir, "runs")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -578,6 +586,12 @@ def main() -> int:
                 print(f"round {rnd} {name:<10} batch {b:>2}: " + (
                     f"{cell['tokens_per_s']:8.1f} tokens/s  (others used {facts['others_cores']:.2f} cores)"
                     if "error" not in cell else f"FAILED: {cell['error']}"), flush=True)
+                if args.fail_fast:
+                    bad = check_outputs({"generate": runs["generate"], name: {b: [cell]}}, [b])[1]
+                    if "error" in cell or bad:
+                        print(f"error: {name} batch {b} " + (f"failed: {cell['error']}" if "error" in cell
+                                                            else f"differs from generate(): {bad[0]}"), file=sys.stderr)
+                        return 1
     results = {name: {b: best(cells) for b, cells in per_b.items()} for name, per_b in runs.items()}
 
     info["decode_step_ms"] = pinned(lambda: step_times(model, device))

@@ -26,13 +26,28 @@ class ConfigError(ValueError):
     """A bad configuration value. Its message is one line naming the key and what is allowed."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, for quoting inside a one-line error
+    (torch.distributed and safetensors messages often go on with a C++ stack); the exception's
+    type name when the message is empty."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:limit]
+
+
 @dataclass(frozen=True)
 class ExpConfig:
     model_path: str
     pipeline_size: int = 1
-    prompts: list[str] | None = None
+    prompts: list[str | list[dict]] | None = None
     prompts_file: str | None = None
+    messages_field: str = "messages"
+    chat_template: str | None = None
+    system_prompt: str | None = None
     max_new_tokens: int = 32
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    logprobs: int = 0
+    prompt_logprobs: bool = False
+    prompt_logprobs_chunk: int = 512
     ignore_eos: bool = False
     dtype: str = "auto"
     device: str = "auto"
@@ -66,10 +81,21 @@ _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "model_path": (_STR, lambda v: v != "", "a local model directory"),
     "pipeline_size": (_INT, lambda v: v >= 1, "an integer >= 1"),
-    "prompts": ((list,), lambda v: len(v) > 0 and all(isinstance(p, str) and p for p in v),
-                "a non-empty list of non-empty strings"),
-    "prompts_file": (_STR, lambda v: v != "", "a path to a .jsonl (\"prompt\" field) or .txt file"),
-    "max_new_tokens": (_INT, lambda v: v >= 1, "an integer >= 1"),
+    "prompts": ((list,), lambda v: len(v) > 0 and all(isinstance(p, (str, list)) and p for p in v),
+                "a non-empty list of non-empty strings or lists of chat messages"),
+    "prompts_file": (_STR, lambda v: v != "",
+                     "a path to a .jsonl (a \"prompt\" string or \"messages\" list per line) or .txt file"),
+    "messages_field": (_STR, lambda v: v != "", "the .jsonl field that holds a prompt's chat messages"),
+    "chat_template": (_STR, lambda v: v != "", "a path to a Jinja chat template file (default: the tokenizer's own)"),
+    "system_prompt": (_STR, None, "a string: a system message put before every chat-messages prompt"),
+    "max_new_tokens": (_INT, lambda v: v >= 0, "an integer >= 0 (0 only scores the prompts: prompt_logprobs=true)"),
+    "stop": ((list,), lambda v: all(isinstance(s, str) and s for s in v),
+             'a list of non-empty strings, e.g. ["\\n\\n", "User:"]'),
+    "stop_token_ids": ((list,), lambda v: all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v),
+                       "a list of token ids >= 0"),
+    "logprobs": (_INT, lambda v: v >= 0, "an integer >= 0: alternatives recorded per generated token (0 = off)"),
+    "prompt_logprobs": (_BOOL, None, "true or false (record each prompt token's log-probability)"),
+    "prompt_logprobs_chunk": (_INT, lambda v: v >= 1, "an integer >= 1: prompt positions scored at once"),
     "ignore_eos": (_BOOL, None, "true or false"),
     "dtype": (_STR, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "device": (_STR, lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
@@ -102,6 +128,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
 
+_OPTIONAL = ("prompts", "prompts_file", "chat_template", "system_prompt", "stop", "stop_token_ids")
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -133,7 +161,7 @@ def _check_key(key: str, value: object) -> object:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint}; allowed keys: {', '.join(_RULES)}")
     types, ok, allowed = _RULES[key]
-    if value is None and key in ("prompts", "prompts_file"):
+    if value is None and key in _OPTIONAL:
         return None
     # bool is a subclass of int: true/false is never a number here.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
@@ -141,6 +169,14 @@ def _check_key(key: str, value: object) -> object:
     if ok is not None and not ok(value):
         raise ConfigError(f"{key}={json.dumps(value)} is out of range: expected {allowed}")
     return float(value) if types is _FLOAT else value
+
+
+def check_value(key: str, value: object, where: str) -> object:
+    """A config key's rule applied to a value given elsewhere (a prompts file's per-prompt override)."""
+    try:
+        return _check_key(key, value)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -186,23 +222,30 @@ def build_config(raw: dict) -> ExpConfig:
             raise ConfigError(f"{key}={json.dumps(values[key])} has {len(values[key])} entries but pipeline_size={size}: "
                               f"give one per stage")
     cfg = ExpConfig(**values)
+    if cfg.max_new_tokens == 0 and not cfg.prompt_logprobs:
+        raise ConfigError("max_new_tokens=0 generates nothing: set prompt_logprobs=true to score the prompts, or "
+                          "max_new_tokens >= 1")
     if isinstance(cfg.micro_batch_size, int) and cfg.micro_batch_size > cfg.batch_size:
         raise ConfigError(f"micro_batch_size={cfg.micro_batch_size} > batch_size={cfg.batch_size}: a micro-batch is "
                           f"part of the batch in flight; lower it or raise batch_size")
     return cfg
 
 
-def micro_batching(cfg: ExpConfig) -> tuple[int, int]:
-    """(prompts per micro-batch, micro-batches in flight) for the batch_size prompts in flight.
+def micro_batching(cfg: ExpConfig) -> list[int]:
+    """The micro-batch slots: how many prompts each of the micro-batches in flight holds at most.
 
-    "auto" splits the batch into as many micro-batches as there are stages (fewer when the batch
-    is smaller), so that every stage has work once the pipe is full; with one stage there is
-    nothing to overlap and the batch stays whole, which computes it most efficiently.
+    The slots add up to batch_size, so batch_size prompts are in flight, never more (the memory
+    plan counts exactly those), and differ in size by at most one, the larger first. "auto" makes
+    one slot per stage (fewer when the batch is smaller), so that every stage has work once the
+    pipe is full; with one stage there is nothing to overlap and the batch stays whole, which
+    computes it most efficiently. An integer micro_batch_size is the largest slot: the batch is
+    cut into ceil(batch_size / micro_batch_size) slots. E.g. batch_size 3 at pipeline_size 2 ->
+    [2, 1]; 5 at 4 -> [2, 1, 1, 1]; 4 with micro_batch_size 3 -> [2, 2].
     """
     size = cfg.micro_batch_size
-    if size == "auto":
-        size = -(-cfg.batch_size // min(cfg.pipeline_size, cfg.batch_size))
-    return size, -(-cfg.batch_size // size)
+    slots = min(cfg.pipeline_size, cfg.batch_size) if size == "auto" else -(-cfg.batch_size // size)
+    base, extra = divmod(cfg.batch_size, slots)
+    return [base + 1] * extra + [base] * (slots - extra)
 
 
 def check_world(cfg: ExpConfig, world_size: int) -> None:
@@ -220,6 +263,12 @@ def check_model(cfg: ExpConfig, num_layers: int) -> None:
     if isinstance(cfg.layer_split, list) and sum(cfg.layer_split) != num_layers:
         raise ConfigError(f"layer_split={json.dumps(cfg.layer_split)} sums to {sum(cfg.layer_split)} but "
                           f"{cfg.model_path} has num_hidden_layers={num_layers}: the counts must add up to it")
+
+
+def check_vocab(cfg: ExpConfig, vocab_size: int | None) -> None:
+    if vocab_size is not None and cfg.logprobs > vocab_size:
+        raise ConfigError(f"logprobs={cfg.logprobs} > the vocabulary's {vocab_size} tokens of {cfg.model_path}: "
+                          f"use logprobs <= {vocab_size} (5 or 20 is usual)")
 
 
 def world_from_env() -> tuple[int, int, int]:

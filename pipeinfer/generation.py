@@ -1,33 +1,34 @@
 """Autoregressive generation through the pipeline: micro-batches in flight, prefill then decode.
 
-Prompts are grouped into micro-batches, each with its own KV cache on every stage. Up to
-`in_flight` of them occupy slots at once and every rank visits the occupied slots round-robin,
-in the same order: while stage 1 runs micro-batch A, stage 0 already runs B, so with as many
+Prompts are grouped into micro-batches, each with its own KV cache on every stage. They occupy
+slots whose sizes add up to batch_size (config.micro_batching), and every rank visits the
+occupied slots round-robin, in the same order: while stage 1 runs micro-batch A, stage 0 already runs B, so with as many
 micro-batches in flight as stages no stage waits for another once the pipe is full. One slot with
 the whole batch in it is the naive schedule: one micro-batch in flight, S-1 stages idle.
 
 A visit to a slot advances its micro-batch by one step: its prefill, or one decode position. Each
 rank can tell the shape of the next frame from its own copy of the slot states (all ranks
 tokenize the same prompts), so shapes are never shipped. When the last stage samples a
-micro-batch's final token (every sequence at EOS, or max_new_tokens), the stop flag travels with
-that token to the first stage, which sends STOP for the slot down the pipe; every rank then
-refills the slot with the next queued micro-batch, whose prefill interleaves with the decode
-steps of the others, or retires it.
+micro-batch's final token (every sequence at EOS or a stop, or max_new_tokens), the stop flag
+travels with that token, beside each row's stop code (stops.py), to the first stage, which sends
+STOP for the slot down the pipe; every rank then refills the slot with the next prompts, as many
+as the slot holds, whose prefill interleaves with the decode steps of the others, or retires it.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from pipeinfer.comm import ABORT, STOP, Comm
-from pipeinfer.prompts import Batch
-from pipeinfer.sampling import SamplingParams, checkpoint_processors, prompt_generator, sample
+from pipeinfer.prompts import Batch, MicroBatches
+from pipeinfer.sampling import SamplingParams, checkpoint_processors, filter_logits, prompt_generator, sample
+from pipeinfer.scoring import prompt_logprobs
 from pipeinfer.stage import Stage
+from pipeinfer.stops import Stopper, finish
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,22 @@ class GenParams:
     sampling: SamplingParams
     seed: int
     # the checkpoint's GenerationConfig when it sets something that changes scores
-    # (runtime.score_settings), applied on the last stage as generate() applies it; else None
+    # (sampling.score_settings), applied on the last stage as generate() applies it; else None
     score_config: object = None
+    stopper: Stopper | None = None  # decides EOS and stops on the last stage; None: EOS only (tests, benches)
+    logprobs: int = 0               # top-k alternatives recorded per new token (0: no log-probabilities)
+    prompt_logprobs: bool = False   # score every prompt token in the prefill (scoring.py)
+    prompt_chunk: int = 512         # prompt positions whose logits exist at once
+
+    @property
+    def logprob_width(self) -> int:
+        """Floats per row of a step's log-probabilities: the chosen token's, then k ids, k values."""
+        return 1 + 2 * self.logprobs if self.logprobs else 0
+
+    def floats(self, step: int, B: int, T: int) -> int:
+        """Length of the float message that goes with step `step`'s tokens of a (B, T) micro-batch:
+        (B, 1 + 2k) log-probabilities, then after the prefill (B, T - 1) prompt log-probabilities."""
+        return B * self.logprob_width + (B * (T - 1) if step == 0 and self.prompt_logprobs else 0)
 
 
 @dataclass
@@ -50,6 +65,13 @@ class BatchResult:
     output_ids: list[list[int]]
     token_times: list[list[float]]
     start_s: float = 0.0
+    finish: list[tuple] = field(default_factory=list)  # per prompt: (finish_reason, matched stop or None)
+    logprobs: list | None = None  # per prompt, per new token: a (1 + 2k,) row (see GenParams.logprob_width)
+    prompt_logprobs: list | None = None  # per prompt: its (T - 1,) row of scoring.prompt_logprobs
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model's logits hold inf or NaN: its activations overflowed in this dtype (float16, usually)."""
 
 
 class Aborted(Exception):
@@ -74,10 +96,13 @@ class _Slot:
     step: int = 0
     t0: float = 0.0
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
+    codes: list = field(default_factory=list)     # first stage: (B,) stop codes per step
+    logprobs: list = field(default_factory=list)  # first stage, with logprobs: (B, 1 + 2k) per step
+    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, T - 1)
     arrivals: list = field(default_factory=list)  # first stage: seconds since t0
     local: torch.Tensor | None = None             # pipeline_size 1: tokens sampled by this same rank
     processors: list | None = None                # last stage: per row, transformers' LogitsProcessorList
-    history: list | None = None                   # last stage, with processors: per row, (T_i + step,) ids
+    history: list | None = None                   # last stage, for processors or stop strings: per row, (T_i + step,)
 
     def frame_shape(self, hidden_size: int) -> tuple[int, int, int]:
         B, T = self.batch.input_ids.shape
@@ -90,15 +115,15 @@ class _Slot:
         self.step += 1
 
 
-def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp: GenParams, hidden_size: int,
+def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden_size: int,
              dtype: torch.dtype, abort_requested: Callable[[], bool] = lambda: False
              ) -> Iterator[tuple[Batch, BatchResult]]:
-    """Run every micro-batch through this rank's stage. On the first stage, yields each
-    micro-batch with its result as soon as it finishes; other stages yield nothing.
-    Raises Aborted on every rank when abort_requested() turned true on the first stage."""
+    """Run every micro-batch of `work` through this rank's stage, one slot per work.sizes entry.
+    On the first stage, yields each micro-batch with its result as soon as it finishes; other
+    stages yield nothing. Raises Aborted on every rank when abort_requested() turned true on the
+    first stage."""
     dev = comm.device
     run_t0 = time.perf_counter()
-    queue = deque(batches)
 
     def start(batch: Batch) -> _Slot:
         mask = batch.attention_mask.to(dev)
@@ -106,18 +131,31 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
         cache = stage.new_cache(capacity=mask.shape[1] + gp.max_new_tokens)  # room for the whole sequence
         slot = _Slot(batch, cache, mask, position_ids(mask), not bool(mask.all()), gens,
                      torch.zeros(len(batch.indices), dtype=torch.bool, device=dev), t0=time.perf_counter())
-        if comm.is_last and gp.score_config is not None:
+        if comm.is_last:
             # Row by row, without the left padding: what generate() sees for the prompt alone, so
             # that a prompt's tokens do not depend on the others in its micro-batch.
-            slot.history = [ids[m.bool()] for ids, m in zip(batch.input_ids.to(dev), mask)]
-            slot.processors = [checkpoint_processors(stage.lm, gp.score_config, ids[None], torch.ones_like(ids)[None],
-                                                     gp.max_new_tokens, None if gp.ignore_eos else gp.eos_ids)
-                               for ids in slot.history]
-            if all(p is None for p in slot.processors):
-                slot.processors = slot.history = None
+            history = [ids[m.bool()] for ids, m in zip(batch.input_ids.to(dev), mask)]
+            if gp.score_config is not None:
+                slot.processors = [checkpoint_processors(stage.lm, gp.score_config, ids[None],
+                                                         torch.ones_like(ids)[None], gp.max_new_tokens,
+                                                         None if gp.ignore_eos else gp.eos_ids) for ids in history]
+                if all(p is None for p in slot.processors):
+                    slot.processors = None
+            if slot.processors is not None or any(st.strings for st in batch.stops or ()):
+                slot.history = history
         return slot
 
-    slots: list[_Slot | None] = [start(queue.popleft()) for _ in range(min(in_flight, len(queue)))]
+    def refill(k: int) -> _Slot | None:
+        """Slot k's micro-batch is finished: the slot takes the next one, or retires."""
+        work.done(slots[k].batch)
+        batch = work.take(k)
+        slots[k] = None if batch is None else start(batch)
+        return slots[k]
+
+    slots: list[_Slot | None] = []
+    for k in range(len(work.sizes)):
+        batch = work.take(k)
+        slots.append(None if batch is None else start(batch))
     eos = torch.tensor(gp.eos_ids, device=dev)
     try:
         while any(s is not None for s in slots):
@@ -131,17 +169,23 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
                         # one per slot that has stepped, in visit order from this slot on.
                         for j in list(range(k, len(slots))) + list(range(k)):
                             if slots[j] is not None and slots[j].step > 0 and slots[j].local is None:
-                                comm.recv_tokens(len(slots[j].batch.indices), None, "draining after a stop request")
+                                comm.recv_tokens(len(slots[j].batch.indices), None, "draining after a stop request",
+                                                 gp.floats(slots[j].step - 1, *slots[j].batch.input_ids.shape))
                         raise Aborted()
                     if s.step > 0:
-                        tokens, stop = comm.recv_tokens(len(s.batch.indices), s.local,
-                                                        f"waiting for step {s.step - 1}'s tokens from the last stage")
+                        tokens, codes, stop, floats = comm.recv_tokens(
+                            len(s.batch.indices), s.local,
+                            f"waiting for step {s.step - 1}'s tokens from the last stage",
+                            gp.floats(s.step - 1, *s.batch.input_ids.shape))
                         s.tokens.append(tokens.cpu())
+                        s.codes.append(codes.cpu())
+                        if floats is not None:
+                            _keep_floats(s, floats.cpu().reshape(-1), gp)
                         s.arrivals.append(time.perf_counter() - s.t0)
                         if stop:
                             comm.send_control(STOP, s.frame_shape(hidden_size), dtype)
                             yield s.batch, _result(s, gp, s.t0 - run_t0)
-                            s = slots[k] = start(queue.popleft()) if queue else None
+                            s = refill(k)
                             if s is None:
                                 continue
                     x = s.batch.input_ids.to(dev) if s.step == 0 else s.tokens[-1][:, None].to(dev)  # (B, T|1)
@@ -150,7 +194,7 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
                                                   f"waiting for step {s.step}'s hidden states")
                     if control == STOP:
                         comm.send_control(STOP, s.frame_shape(hidden_size), dtype)
-                        s = slots[k] = start(queue.popleft()) if queue else None
+                        s = refill(k)
                         if s is None:
                             continue
                         x, control = comm.recv_hidden(s.frame_shape(hidden_size), dtype,
@@ -158,7 +202,7 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
                     if control == ABORT:
                         comm.send_control(ABORT, s.frame_shape(hidden_size), dtype)
                         raise Aborted()
-                _step(stage, comm, s, x, gp, eos, hidden_size)
+                _step(stage, comm, s, x, gp, eos, dtype)
                 s.advance()
                 comm.timeline.step()
     except Aborted:
@@ -170,33 +214,86 @@ def generate(stage: Stage, comm: Comm, batches: list[Batch], in_flight: int, gp:
 
 
 def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eos: torch.Tensor,
-          hidden_size: int) -> None:
+          dtype: torch.dtype) -> None:
     """One visit's compute: run the stage, then send hidden states on or, on the last stage, sample."""
     with comm.timeline.span("prefill" if s.step == 0 else "decode"):
-        out = stage(x, s.mask if s.padded else None, s.pos, s.cache)
+        scoring = comm.is_last and s.step == 0 and gp.prompt_logprobs
+        out = stage(x, s.mask if s.padded else None, s.pos, s.cache, all_positions=scoring)
+        if scoring:  # out: (B, T, H) final hidden states
+            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk)
         if comm.is_last:
+            check_finite(out, s.step, s.batch.indices, dtype)
             if s.processors is not None:
                 out = torch.cat([p(h[None], out[i:i + 1]) for i, (p, h) in enumerate(zip(s.processors, s.history))])
-            tokens = sample(out, gp.sampling, s.gens)  # (B,)
-            if not gp.ignore_eos:
-                tokens = tokens.masked_fill(s.finished, gp.pad_id)
-                s.finished |= torch.isin(tokens, eos)
-            if s.processors is not None:
+            tokens = sample(out, gp.sampling, s.gens).masked_fill(s.finished, gp.pad_id)  # (B,)
+            logprobs = logprob_rows(out, tokens, gp) if gp.logprobs else None
+            if s.history is not None:
                 s.history = [torch.cat([h, t[None]]) for h, t in zip(s.history, tokens)]
-            stop = s.step + 1 >= gp.max_new_tokens or (not gp.ignore_eos and bool(s.finished.all()))
+            if gp.stopper is not None:
+                codes = gp.stopper.codes(tokens, s.finished, s.batch.stops, s.history)
+            elif gp.ignore_eos:
+                codes = torch.zeros_like(tokens)
+            else:
+                codes = (torch.isin(tokens, eos) & ~s.finished).long()
+            s.finished |= codes != 0
+            stop = s.step + 1 >= gp.max_new_tokens or bool(s.finished.all())
+            floats = [f.reshape(-1) for f in (logprobs, prompt_lp if scoring else None) if f is not None]
     if comm.is_last:
-        s.local = comm.send_tokens(tokens, stop)
+        s.local = comm.send_tokens(tokens, codes, stop, torch.cat(floats) if floats else None)
     else:
         comm.send_hidden(out, f"sending step {s.step}'s hidden states")
 
 
+def check_finite(logits: torch.Tensor, step: int, indices: list[int], dtype: torch.dtype) -> None:
+    """(B, V) logits straight from the model, before any processor (which may set -inf on purpose).
+
+    On CUDA, sampling from inf/NaN logits trips a device-side assert in multinomial that kills the
+    CUDA context with an unreadable error; greedy argmax would silently pick garbage. One reduction
+    per step, on the last stage only."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    row = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0])
+    name = str(dtype).removeprefix("torch.")
+    raise NonFiniteLogits(f"step {step}: the logits for prompt {indices[row]} are not finite (inf or NaN): the "
+                          f"model's activations overflowed in {name}; set dtype=\"float32\", or run on a GPU with "
+                          f"bfloat16 (compute capability 8.0 or later: A100, H100, L4, RTX 30xx)")
+
+
+def logprob_rows(scores: torch.Tensor, tokens: torch.Tensor, gp: GenParams) -> torch.Tensor:
+    """(B, V) scores the sampler chose from -> (B, 1 + 2k): the chosen token's log-probability, then
+    the k most likely ids and their log-probabilities. Sampling's filters count, as in the scores
+    generate() returns (compute_transition_scores(..., normalize_logits=True))."""
+    if gp.sampling.do_sample:
+        scores = filter_logits(scores, gp.sampling)
+    logp = torch.log_softmax(scores.float(), dim=-1)  # (B, V)
+    top = torch.topk(logp, gp.logprobs, dim=-1)       # (B, k)
+    chosen = logp.gather(-1, tokens[:, None])          # (B, 1)
+    return torch.cat([chosen.double(), top.indices.double(), top.values.double()], dim=-1)
+
+
+def _keep_floats(s: _Slot, floats: torch.Tensor, gp: GenParams) -> None:
+    """Split a step's float message (GenParams.floats) into the slot's records."""
+    B, T = s.batch.input_ids.shape
+    n = B * gp.logprob_width
+    if n:
+        s.logprobs.append(floats[:n].reshape(B, gp.logprob_width))
+    if floats.numel() > n:  # the prefill's message: the prompt log-probabilities follow
+        s.prompt_logprobs = floats[n:].reshape(B, T - 1)
+
+
 def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
-    """(B, steps) tokens -> each prompt's ids up to and including its first EOS, as generate() returns them."""
-    ids, times = [], []
-    for row in torch.stack(s.tokens, dim=1).tolist():
-        n = len(row)
-        if not gp.ignore_eos:
-            n = next((i + 1 for i, t in enumerate(row) if t in gp.eos_ids), n)
+    """(B, steps) tokens -> each prompt's ids up to and including the token that ended it (EOS or a
+    stop), as generate() returns them, with why it ended."""
+    ids, times, finished, logprobs = [], [], [], [] if s.logprobs else None
+    codes = torch.stack(s.codes, dim=1).tolist()  # (B, steps)
+    for b, row in enumerate(torch.stack(s.tokens, dim=1).tolist()):
+        n = next((i + 1 for i, c in enumerate(codes[b]) if c), len(row)) if gp.max_new_tokens else 0
         ids.append(row[:n])
         times.append(s.arrivals[:n])
-    return BatchResult(ids, times, start_s)
+        finished.append(finish(codes[b][n - 1] if n else 0, s.batch.stops[b] if s.batch.stops else None))
+        if logprobs is not None:
+            logprobs.append([step[b] for step in s.logprobs[:n]])
+    prompt_lp = None
+    if gp.prompt_logprobs:  # (T - 1 = 0: one-token prompts sent no values)
+        prompt_lp = s.prompt_logprobs.tolist() if s.prompt_logprobs is not None else [[] for _ in ids]
+    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp)

@@ -166,12 +166,12 @@ def plan_split(num_layers: int, pipeline_size: int, layer_split: str | list[int]
     return ranges
 
 
-@dataclass(frozen=True)
-class StagePlan:
-    """What one rank owns. `layers` are global layer indices."""
+@dataclass
+class Rank:
+    """Where a rank sits in the pipeline: the one definition of the rank facts, which both the
+    stage's plan (StagePlan) and the stage-to-stage messaging (comm.Comm) are."""
     rank: int
-    pipeline_size: int
-    layers: range
+    world_size: int
 
     @property
     def is_first(self) -> bool:
@@ -179,7 +179,21 @@ class StagePlan:
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.pipeline_size - 1
+        return self.rank == self.world_size - 1
+
+    @property
+    def prev(self) -> int | None:
+        return None if self.is_first else self.rank - 1
+
+    @property
+    def next(self) -> int | None:
+        return None if self.is_last else self.rank + 1
+
+
+@dataclass
+class StagePlan(Rank):
+    """What one rank owns. `layers` are global layer indices."""
+    layers: range = range(0)
 
 
 def stage_device_map(top_modules: list[str], base_modules: list[str], num_layers: int, family: Family,

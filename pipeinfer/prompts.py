@@ -1,28 +1,80 @@
-"""Prompts in, padded batches out. Every rank tokenizes the same prompts the same way, so every
-stage knows each batch's shape (B, T) without being told."""
+"""Prompts in, padded batches out. Every rank renders and tokenizes the same prompts the same way,
+so every stage knows each batch's shape (B, T) without being told. A prompt is a string or a list of
+chat messages (chat.py renders those), with the run's stops or its own."""
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from pipeinfer.config import ConfigError, ExpConfig
+from pipeinfer.chat import check_messages, encode, read_template, render
+from pipeinfer.config import ConfigError, ExpConfig, check_value, first_line
+from pipeinfer.stops import Stops
 
 
-def load_prompts(cfg: ExpConfig) -> list[str]:
-    prompts = list(cfg.prompts) if cfg.prompts is not None else _read_prompts_file(cfg.prompts_file)
-    for i, p in enumerate(prompts):
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:  # JSON admits lone surrogates ("\ud800"); no tokenizer does
-            raise ConfigError(f"prompt {i} is not valid Unicode (a lone surrogate {p[e.start]!r} at character "
-                              f"{e.start}): fix the text where it was written") from None
-    return prompts
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt as the input gives it: a string, or chat messages, with its own stops if any."""
+    given: str | list[dict]
+    stops: Stops | None = None  # None: the run's stop / stop_token_ids
 
 
-def _read_prompts_file(path: str) -> list[str]:
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as every rank runs it."""
+    given: str | list[dict]  # as written in the input: recorded as is
+    text: str                # what was tokenized: the string, or the rendered messages (hashed for resume)
+    ids: list[int]           # stage 0's input, with exactly the special tokens intended (chat.encode)
+    stops: Stops
+
+
+def load_prompts(cfg: ExpConfig) -> list[PromptSpec]:
+    if cfg.prompts is not None:
+        specs = [PromptSpec(p if isinstance(p, str) else check_messages(f"prompts[{i}]", p))
+                 for i, p in enumerate(cfg.prompts)]
+    else:
+        specs = _read_prompts_file(cfg.prompts_file, cfg.messages_field)
+    for i, spec in enumerate(specs):
+        for p in [spec.given] if isinstance(spec.given, str) else [m["content"] for m in spec.given]:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON admits lone surrogates ("\ud800"); no tokenizer does
+                raise ConfigError(f"prompt {i} is not valid Unicode (a lone surrogate {p[e.start]!r} at character "
+                                  f"{e.start}): fix the text where it was written") from None
+    return specs
+
+
+def prepare(tokenizer, specs: list[PromptSpec], cfg: ExpConfig) -> list[Prompt]:
+    """Render and tokenize every prompt, on every rank alike. ConfigError for a template that fails."""
+    template = read_template(cfg.chat_template) if cfg.chat_template is not None else None
+    run_stops = Stops(tuple(cfg.stop or ()), tuple(cfg.stop_token_ids or ()))
+    vocab = len(tokenizer)
+    out = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec.given, str):
+            text, ids = spec.given, encode(tokenizer, spec.given, rendered=False)
+        else:
+            text = render(tokenizer, spec.given, template, cfg.system_prompt, f"prompt {i}")
+            ids = encode(tokenizer, text, rendered=True)
+        stops = spec.stops if spec.stops is not None else run_stops
+        bad = [t for t in stops.token_ids if t >= vocab]
+        if bad:
+            raise ConfigError(f"prompt {i}: stop_token_ids {bad} are not among the tokenizer's {vocab} ids: give ids "
+                              f"below {vocab}")
+        out.append(Prompt(spec.given, text, ids, stops))
+    return out
+
+
+def text_prompts(tokenizer, texts: list[str]) -> list[Prompt]:
+    """Plain strings as Prompts with no stops (the benches' input)."""
+    return [Prompt(t, t, encode(tokenizer, t, rendered=False), Stops()) for t in texts]
+
+
+def _read_prompts_file(path: str, messages_field: str = "messages") -> list[PromptSpec]:
     try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
         with open(path, encoding="utf-8-sig") as f:  # universal newlines: \r\n and \r read as \n
             text = f.read()
@@ -38,23 +90,37 @@ def _read_prompts_file(path: str) -> list[str]:
     # like, which may sit inside a prompt (and raw inside a JSON string).
     lines = text.split("\n")
     if path.endswith(".jsonl"):
-        prompts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                prompt = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"prompts_file={path!r} line {n} is not a JSON object with a \"prompt\" field") \
-                    from None
-            if not isinstance(prompt, str) or not prompt:
-                raise ConfigError(f"prompts_file={path!r} line {n}: \"prompt\" must be a non-empty string")
-            prompts.append(prompt)
+        prompts = [_jsonl_prompt(path, n, line, messages_field) for n, line in enumerate(lines, 1) if line.strip()]
     else:
-        prompts = [line for line in lines if line.strip()]
+        prompts = [PromptSpec(line) for line in lines if line.strip()]
     if not prompts:
         raise ConfigError(f"prompts_file={path!r} holds no prompts: one per line (.txt) or {{\"prompt\": ...}} (.jsonl)")
     return prompts
+
+
+def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSpec:
+    """One .jsonl line: {"prompt": str} or {messages_field: [...]}, with optional "stop" and "stop_token_ids"
+    that replace the run's for this prompt."""
+    where = f"prompts_file={path!r} line {n}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict) or ("prompt" in row) == (messages_field in row):
+        raise ConfigError(f"{where} is not a JSON object with either a \"prompt\" string or a \"{messages_field}\" "
+                          f"list (the config key messages_field names the latter)")
+    if "prompt" in row:
+        given = row["prompt"]
+        if not isinstance(given, str) or not given:
+            raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
+    else:
+        given = check_messages(f"{where} \"{messages_field}\"", row[messages_field])
+    if "stop" not in row and "stop_token_ids" not in row:
+        return PromptSpec(given)
+    for key in ("stop", "stop_token_ids"):
+        if row.get(key) is not None:
+            check_value(key, row[key], where)
+    return PromptSpec(given, Stops(tuple(row.get("stop") or ()), tuple(row.get("stop_token_ids") or ())))
 
 
 @dataclass(frozen=True)
@@ -63,6 +129,7 @@ class Batch:
     input_ids: torch.Tensor        # (B, T), left-padded
     attention_mask: torch.Tensor   # (B, T), 0 on padding
     prompt_tokens: list[int]
+    stops: list[Stops] | None = None  # per prompt; None when none of them has any
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -71,7 +138,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"no usable tokenizer in model_path={model_path!r} ({str(e).splitlines()[0][:120]}): "
+        raise ConfigError(f"no usable tokenizer in model_path={model_path!r} ({first_line(e, 120)}): "
                           f"stage tokenizer.json / tokenizer_config.json next to the weights") from None
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -79,25 +146,64 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def check_lengths(tokenizer, prompts: list[str], max_positions: int | None, max_new_tokens: int) -> list[int]:
+def check_lengths(prompts: list[Prompt], max_positions: int | None, max_new_tokens: int) -> list[int]:
     """Every prompt must tokenize to something and leave room for max_new_tokens. Returns the lengths."""
-    lengths = []
-    for i, ids in enumerate(tokenizer(prompts)["input_ids"]):
-        lengths.append(len(ids))
-        if not ids:
+    for i, p in enumerate(prompts):
+        if not p.ids:
             raise ConfigError(f"prompt {i} tokenizes to nothing: give it some text")
-        if max_positions is not None and len(ids) + max_new_tokens > max_positions:
-            raise ConfigError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+        if max_positions is not None and len(p.ids) + max_new_tokens > max_positions:
+            raise ConfigError(f"prompt {i} has {len(p.ids)} tokens; with max_new_tokens={max_new_tokens} that "
                               f"exceeds the model's {max_positions} positions: shorten it or lower max_new_tokens")
-    return lengths
+    return [len(p.ids) for p in prompts]
 
 
-def make_batches(tokenizer, prompts: list[str], indices: list[int], batch_size: int) -> list[Batch]:
+def make_batch(prompts: list[Prompt], indices: list[int], pad_id: int) -> Batch:
+    """The prompts at `indices`, in order, as one left-padded batch (as the tokenizer pads with
+    padding_side="left")."""
+    rows = [prompts[i].ids for i in indices]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)             # (B, T)
+    for b, r in enumerate(rows):
+        input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r):] = 1
+    stops = [prompts[i].stops for i in indices]
+    return Batch(list(indices), input_ids, mask, [len(r) for r in rows],
+                 stops if any(st.strings or st.token_ids for st in stops) else None)
+
+
+def make_batches(prompts: list[Prompt], indices: list[int], batch_size: int, pad_id: int) -> list[Batch]:
     """The prompts at `indices`, in order, as left-padded batches of up to batch_size."""
-    batches = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True)
-        batches.append(Batch(chunk, enc["input_ids"], enc["attention_mask"],
-                             enc["attention_mask"].sum(dim=1).tolist()))
-    return batches
+    return [make_batch(prompts, indices[i:i + batch_size], pad_id) for i in range(0, len(indices), batch_size)]
+
+
+@dataclass
+class MicroBatches:
+    """The prompts still to run, handed out in order as micro-batches: slot k takes the next
+    sizes[k] prompts (fewer at the end), so the prompts in flight never exceed sum(sizes).
+
+    Every rank builds the same one and takes from it in the same order (the schedule's visit
+    order), so every stage knows each micro-batch's shape without being told. `make` turns
+    prompt indices into a Batch (make_batch with the run's prompts)."""
+    todo: deque
+    sizes: list[int]
+    make: Callable[[list[int]], Batch]
+    in_flight: int = 0       # prompts taken and not yet done
+    max_in_flight: int = 0   # the most there ever were
+
+    def take(self, slot: int) -> Batch | None:
+        """The next micro-batch for `slot`, or None when every prompt has been taken."""
+        if not self.todo:
+            return None
+        batch = self.make([self.todo.popleft() for _ in range(min(self.sizes[slot], len(self.todo)))])
+        self.in_flight += len(batch.indices)
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return batch
+
+    def done(self, batch: Batch) -> None:
+        self.in_flight -= len(batch.indices)
+
+
+def micro_batches(prompts: list[Prompt], indices: list[int], sizes: list[int], pad_id: int) -> MicroBatches:
+    """MicroBatches over `prompts[indices]` in slots of `sizes` (config.micro_batching)."""
+    return MicroBatches(deque(indices), list(sizes), lambda chunk: make_batch(prompts, chunk, pad_id))

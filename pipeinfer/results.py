@@ -5,7 +5,16 @@ A rerun reads the file back (scan_previous): prompts already recorded, matched b
 a hash of the prompt text, are skipped. A torn last line (the writer died mid-write) is cut off
 with a warning; a corrupt line before the end, or records from a different config, refuse the
 start with a one-line ResultsError, so nothing recorded is ever silently mixed or overwritten.
-With resume=false the old file is kept as <output_path>.bak and a new one started.
+With resume=false a new file is started once every rank has loaded its stage; the old one is kept
+as <output_path>.bak, or .bak.1, .bak.2, ... when older backups exist (none is ever replaced).
+
+Resuming with another micro-batch geometry (batch_size, micro_batch_size, pipeline_size) is
+accepted and said in the resume log line. In float32 a prompt's tokens do not depend on the
+prompts batched with it; in bf16/fp16 they can (a near-tie may flip with the padding). Refusing the
+change would not make such a file uniform: even an unchanged config regroups prompts on a resume
+(the micro-batches in flight at the stop run again beside other prompts). So each prompt record
+names the micro-batch it was computed in ("micro_batch": its prompt indices), and each attempt's
+run record its config: what a reduced-precision file mixes can be read from the file itself.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# Keys that do not change any prompt's output: a run may resume with other values for them.
+# Keys a run may resume with other values for: they change no prompt's output in float32 (the
+# geometry ones regroup prompts into other micro-batches: see the module docstring).
+GEOMETRY = ("pipeline_size", "batch_size", "micro_batch_size")
 RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "comm_backend", "resume",
-                               "pipeline_size", "batch_size", "micro_batch_size", "layer_split", "max_memory",
-                               "nvtx", "profile_steps", "progress"})
+                               "layer_split", "max_memory", "nvtx", "profile_steps", "progress", *GEOMETRY})
 
 
 class ResultsError(ValueError):
@@ -35,6 +45,35 @@ def prompt_hash(prompt: str) -> str:
 @dataclass
 class Previous:
     done: set[int] = field(default_factory=set)  # prompt indices already recorded
+    start_over: bool = False  # resume=false and a file exists: keep_backup() once the run is certain to start
+    geometry: list[str] = field(default_factory=list)  # "batch_size 4 -> 2": what this attempt regroups
+
+    def todo(self, total: int) -> list[int]:
+        """The prompt indices still to run, in order."""
+        return [i for i in range(total) if i not in self.done]
+
+
+def keep_backup(path: str) -> str:
+    """Move `path` to the first free name of <path>.bak, <path>.bak.1, <path>.bak.2, ...; returns it.
+    Never replaces an existing file: the name is taken with a hard link, which fails if it exists."""
+    for n in range(10000):
+        backup = f"{path}.bak" + (f".{n}" if n else "")
+        if os.path.lexists(backup):
+            continue
+        try:
+            try:
+                os.link(path, backup)
+            except FileExistsError:
+                continue  # taken meanwhile
+            except OSError:  # no hard links on this filesystem: a rename to a name just seen free
+                os.rename(path, backup)
+                return backup
+            os.unlink(path)
+            return backup
+        except OSError as e:
+            raise ResultsError(f"resume=false but {path} cannot be moved to {backup} ({e.strerror}): move or delete "
+                               f"{path} yourself, or choose another output_path") from None
+    raise ResultsError(f"resume=false but {path} already has 10000 backups: remove old {path}.bak.* files")
 
 
 def read_results(path: str) -> list:
@@ -72,20 +111,17 @@ def scan_previous(path: str, config: dict, prompts: list[str], resume: bool, dty
     if not os.path.exists(path):
         return Previous()
     if not resume:
-        try:
-            os.replace(path, path + ".bak")
-        except OSError as e:
-            raise ResultsError(f"resume=false but {path} cannot be moved to {path}.bak ({e.strerror}): move or delete "
-                               f"{path} yourself, or choose another output_path") from None
-        log.warning("resume=false: moved the existing %s to %s.bak", path, path)
-        return Previous()
+        return Previous(start_over=True)  # moved away only once every rank has loaded (keep_backup)
     records = read_results(path)
     prev = Previous()
     for rec in records:
         kind = rec.get("type") if isinstance(rec, dict) else None
         if kind == "run":
-            changed = sorted(k for k in set(config) | set(rec.get("config", {}))
-                             if k not in RESUMABLE_CHANGES and config.get(k) != rec.get("config", {}).get(k))
+            old = rec.get("config", {})
+            prev.geometry = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(config.get(k))}" for k in GEOMETRY
+                             if old.get(k) != config.get(k)]  # against the latest attempt
+            changed = sorted(k for k in set(config) | set(old)
+                             if k not in RESUMABLE_CHANGES and config.get(k) != old.get(k))
             if changed:
                 raise ResultsError(f"{path} holds results of a different config ({', '.join(changed)} differ): "
                                    f"use another output_path, or set resume=false to start over")
@@ -156,3 +192,32 @@ def check_writable(path: str) -> str | None:
         return (f"output_path={path!r} is not writable ({e.strerror}): "
                 f"choose a writable location with --set output_path=...")
     return None
+
+
+# -- the writer's side of a run's start, in two steps around the ranks' loading -------------------
+
+def check_previous(path: str, config: dict, texts: list[str], resume: bool, dtype: str,
+                   device_type: str) -> tuple[Previous | None, str | None]:
+    """Before loading, on the writer (rank 0): (what output_path already holds, None), or (None, the
+    one-line problem) when it cannot be written or resumed. Nothing changes on disk here, but a
+    torn last line being cut off; the ranks agree on the answer before anyone loads."""
+    try:
+        problem = check_writable(path)
+        if problem is not None:
+            return None, problem
+        return scan_previous(path, config, texts, resume, dtype, device_type), None
+    except (ResultsError, OSError) as e:
+        return None, str(e)
+
+
+def start_results(path: str, previous: Previous, total: int) -> ResultsWriter:
+    """Once every rank has loaded its stage, on the writer: say what is resumed, move an old file
+    away for resume=false (keep_backup: only now, so a run that fails to load moves nothing), and
+    open the results file for appending."""
+    if previous.done:
+        log.info("resuming: %d of %d prompts already in %s%s", len(previous.done), total, path,
+                 f"; the file now mixes micro-batch geometries ({', '.join(previous.geometry)}): each prompt "
+                 f"record names its micro_batch" if previous.geometry else "")
+    if previous.start_over:
+        log.warning("resume=false: moved the existing %s to %s", path, keep_backup(path))
+    return ResultsWriter(path)

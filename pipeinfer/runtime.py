@@ -1,4 +1,5 @@
-"""Process-level setup shared by the entry script: logging, device choice, the model's config."""
+"""Process-level setup shared by the entry script: logging, signals, device and dtype choice, the
+model's config, and steady host memory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 
 import torch
 
-from pipeinfer.config import ConfigError
+from pipeinfer.config import ConfigError, first_line
 
 # Exit status when SIGTERM or SIGUSR1 (Slurm's warning before the time limit) stopped the run
 # early with its finished prompts saved: "try again later" (EX_TEMPFAIL), so a batch script requeues.
@@ -67,6 +68,40 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bfloat16 natively: compute capability 8.0 (Ampere) and later.
+
+    Not torch.cuda.is_bf16_supported(): since torch 2.3 it defaults to including_emulation=True and
+    answers True on a T4 (7.5) as soon as a bf16 tensor can be made there, where every bf16 matmul
+    is then emulated (several times slower than float16). The capability is asked directly, the
+    same way on every torch version requirements.txt admits. ROCm reports its own numbering
+    (gfx9xx as 9.x): there torch's own answer without emulation is taken."""
+    if torch.version.hip:
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # a torch without the argument: its answer did not count emulation yet
+            return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_dtype(name: str, device: torch.device, saved: str | None = None) -> torch.dtype:
+    """"auto": on CUDA bf16 where the GPU computes it natively (native_bf16: compute capability 8.0
+    and later), else float16 (T4-class cards, 7.5, and V100, 7.0); load_stage() warns when float16
+    meets a checkpoint saved in bfloat16 (values beyond float16's range, 65504, overflow to inf).
+    On CPU the checkpoint's own dtype when it is float32 or bfloat16, else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return torch.bfloat16 if saved == "bfloat16" else torch.float32
+
+
+def saved_dtype(model_config) -> str | None:
+    """The dtype the checkpoint was saved in, per its config.json (`dtype`, or `torch_dtype` before 4.56)."""
+    saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return str(saved).removeprefix("torch.") if saved is not None else None
+
+
 def read_model_config(model_path: str, trust_remote_code: bool = False):
     """The checkpoint's config.json, with a one-line ConfigError when the directory is not a model, or
     when it needs its own Python code (auto_map) and trust_remote_code is not set."""
@@ -88,45 +123,27 @@ def read_model_config(model_path: str, trust_remote_code: bool = False):
         raise
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ConfigError(f"model_path={model_path!r}: config.json cannot be read "
-                          f"({str(e).splitlines()[0][:160]})") from None
+                          f"({first_line(e, 160)})") from None
 
 
-def load_generation_config(model_path: str, model_config):
-    """The checkpoint's generation_config.json as generate() reads it, else one derived from config.json."""
-    from transformers import GenerationConfig
+MMAP_THRESHOLD_BYTES = 2**20
 
+
+def steady_host_memory() -> None:
+    """Serve every host allocation of 1 MiB or more by its own mmap, returned to the kernel when freed.
+
+    glibc raises its mmap threshold each time such a block is freed (up to 32 MiB), after which
+    prefill activations come from the heap, whose freed middle stays resident: measured on CPU
+    (bench/memory.py --check-plan), a rank's peak RSS then overshoots its live bytes by 20-65%
+    at batch 8 with long prompts, and no plan can predict it. With the threshold fixed, peaks are
+    within 3-8% of the plan. Linux/glibc only; elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
     try:
-        return GenerationConfig.from_pretrained(model_path, local_files_only=True)
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD; also turns the dynamic raise off
     except OSError:
-        return GenerationConfig.from_model_config(model_config)
-
-
-# generation_config.json settings that change which token generate() picks, even greedy, with their
-# neutral values (transformers 5 defaults them to None, 4.57 to these): the last stage applies them
-# with transformers' own logits processors (sampling.checkpoint_processors).
-SCORE_SETTINGS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                  "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": 0,
-                  "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
-                  "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                  "sequence_bias": None}
-
-
-def score_settings(gen) -> dict:
-    """The SCORE_SETTINGS this generation config sets to other than their neutral values.
-    ConfigError for settings no pipeline stage can apply (they run the model again per step)."""
-    for name, neutral in (("guidance_scale", 1.0), ("watermarking_config", None)):
-        if getattr(gen, name, None) not in (None, neutral):
-            raise ConfigError(f"the checkpoint's generation_config.json sets {name}={getattr(gen, name)!r}, which this "
-                              f"runner cannot apply (it needs extra model passes per step): remove it there")
-    return {k: getattr(gen, k) for k, neutral in SCORE_SETTINGS.items()
-            if getattr(gen, k, None) not in (None, neutral, [], {})}
-
-
-def generation_ids(gen, model_config, tokenizer) -> tuple[tuple[int, ...], int]:
-    """(eos ids, pad id) as generate() would use them: generation_config.json first, then config.json."""
-    eos = gen.eos_token_id if gen.eos_token_id is not None else model_config.eos_token_id
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0
-    return eos, int(pad)
+        pass

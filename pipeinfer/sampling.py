@@ -1,4 +1,5 @@
-"""Choosing the next token from last-position logits: a pure function of logits and generators.
+"""Choosing the next token from last-position logits: a pure function of logits and generators;
+and the checkpoint's generation_config.json, read as generate() reads it.
 
 Each prompt has its own torch.Generator seeded from (seed, prompt_index), so a prompt's sampled
 tokens do not depend on pipeline_size, on batch_size, or on which prompts ran before it.
@@ -15,6 +16,8 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+
+from pipeinfer.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Gener
 def checkpoint_processors(model, gen, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                           eos_ids: tuple[int, ...] | None):
     """transformers' logits processors as generate() builds them from the checkpoint's generation
-    config `gen` (see runtime.score_settings) for this (B, T) prompt batch (the runner passes one
+    config `gen` (see score_settings below) for this (B, T) prompt batch (the runner passes one
     unpadded prompt at a time); None when that config sets nothing that changes scores.
 
     eos_ids None: EOS does not stop (ignore_eos), as generate() with no EOS id. `model` is the
@@ -72,3 +75,44 @@ def checkpoint_processors(model, gen, input_ids: torch.Tensor, attention_mask: t
                                              encoder_input_ids=input_ids, device=input_ids.device,
                                              model_kwargs={"attention_mask": attention_mask})
     return processors if len(processors) else None
+
+
+def load_generation_config(model_path: str, model_config):
+    """The checkpoint's generation_config.json as generate() reads it, else one derived from config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except OSError:
+        return GenerationConfig.from_model_config(model_config)
+
+
+# generation_config.json settings that change which token generate() picks, even greedy, with their
+# neutral values (transformers 5 defaults them to None, 4.57 to these): the last stage applies them
+# with transformers' own logits processors (sampling.checkpoint_processors).
+SCORE_SETTINGS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                  "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": 0,
+                  "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+                  "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                  "sequence_bias": None}
+
+
+def score_settings(gen) -> dict:
+    """The SCORE_SETTINGS this generation config sets to other than their neutral values.
+    ConfigError for settings no pipeline stage can apply (they run the model again per step)."""
+    for name, neutral in (("guidance_scale", 1.0), ("watermarking_config", None)):
+        if getattr(gen, name, None) not in (None, neutral):
+            raise ConfigError(f"the checkpoint's generation_config.json sets {name}={getattr(gen, name)!r}, which this "
+                              f"runner cannot apply (it needs extra model passes per step): remove it there")
+    return {k: getattr(gen, k) for k, neutral in SCORE_SETTINGS.items()
+            if getattr(gen, k, None) not in (None, neutral, [], {})}
+
+
+def generation_ids(gen, model_config, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(eos ids, pad id) as generate() would use them: generation_config.json first, then config.json."""
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model_config.eos_token_id
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from pipeinfer.families import Family, family_for
-from pipeinfer.partition import (StageCosts, StagePlan, check_complete, missing_weights, plan_split,
-                                 stage_device_map)
+from pipeinfer.partition import StagePlan
+from pipeinfer.runtime import saved_dtype
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,17 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                cache) -> torch.Tensor:
+                cache, all_positions: bool = False) -> torch.Tensor:
         """x: (B, T) token ids on the first stage, else (B, T, H) hidden states.
 
-        Returns (B, T, H) hidden states, or (B, V) float32 logits of the last position on the last stage.
+        Returns (B, T, H) hidden states, or (B, V) float32 logits of the last position on the last
+        stage; there, all_positions returns the (B, T, H) final hidden states instead (scoring.py).
         """
         inputs = {"input_ids": x} if self.plan.is_first else {"inputs_embeds": x}
         out = self.base(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=True, **{self._cache_arg: cache})
         hidden = out.last_hidden_state
-        if self.head is None:
+        if self.head is None or all_positions:
             return hidden
         return self.head(hidden[:, -1, :]).float()
 
@@ -119,172 +120,122 @@ class StageInfo:
     layer_ranges: list[range]
     device_map: dict[str, str]
     param_bytes: int
-    stage_bytes: list[int]  # per rank, planned: parameters + KV-cache headroom (what layer_split="auto" balances)
-
-
-def checkpoint_names(model_path: str, allow_pickle: bool = False) -> list[str] | None:
-    """Parameter names stored in the checkpoint's safetensors files (read from headers only).
-
-    None for a pickle (.bin) checkpoint when allow_pickle is set: its names cannot be read without
-    unpickling it, so the device_map is checked against the model's own names only.
-    Every shard is opened (its header only), so a missing or truncated one fails here, on every rank.
-    """
-    index = os.path.join(model_path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise LoadError(f"{index} is not a safetensors index ({e}): copy it again from the source") from None
-        for shard in sorted(set(weight_map.values())):
-            _check_shard(os.path.join(model_path, shard))
-        return sorted(weight_map)
-    single = os.path.join(model_path, "model.safetensors")
-    if os.path.exists(single):
-        return sorted(_check_shard(single))
-    if any(n.endswith(".bin") for n in os.listdir(model_path)):
-        if allow_pickle:
-            return None
-        raise LoadError(f"{model_path} holds only pickle .bin weights, which can run code when loaded: convert them "
-                        f"on a trusted machine (AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir), "
-                        f"which writes safetensors), or set allow_pickle=true if you trust the files")
-    raise LoadError(f"no model.safetensors or model.safetensors.index.json in {model_path}: "
-                    f"stage the full checkpoint there (config.json and the weight shards)")
-
-
-def _check_shard(path: str) -> list[str]:
-    """The tensor names in one safetensors file, reading only its header; LoadError if it is
-    missing or not a whole safetensors file (a truncated copy fails here, on every rank)."""
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        raise LoadError(f"checkpoint shard {path} is missing (listed in model.safetensors.index.json): "
-                        f"copy the complete checkpoint directory again")
-    try:  # safe_open checks the header and that the data it describes covers the whole file
-        with safe_open(path, framework="pt") as f:
-            names = list(f.keys())
-    except Exception as e:  # safetensors raises its own error type (SafetensorError), not exported
-        raise LoadError(f"checkpoint shard {path} is corrupt ({str(e).splitlines()[0][:120]}): "
-                        f"copy it again from the source (compare sha256sum with the original)") from None
-    return names
-
-
-def resolve_dtype(name: str, device: torch.device, saved: str | None = None) -> torch.dtype:
-    """"auto": on CUDA bf16 where the GPU supports it, else float16 (T4-class cards);
-    partition_model() warns when float16 meets a checkpoint saved in bfloat16 (values beyond
-    float16's range, 65504, overflow to inf). On CPU the checkpoint's own dtype when it is float32
-    or bfloat16, else float32: loading in another dtype makes transformers read and convert every
-    tensor of the checkpoint, other stages' too, where the saved dtype maps only this stage's."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if saved == "bfloat16" else torch.float32
-
-
-def saved_dtype(model_config) -> str | None:
-    """The dtype the checkpoint was saved in, per its config.json (`dtype`, or `torch_dtype` before 4.56)."""
-    saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    return str(saved).removeprefix("torch.") if saved is not None else None
-
-
-def stage_costs(skeleton: nn.Module, family: Family, config, dtype: torch.dtype, kv_tokens: int) -> StageCosts:
-    """Bytes per part of the model in `dtype`, from the meta skeleton (numel x element size).
-
-    Each layer also carries the KV cache of `kv_tokens` tokens (batch x (prompt + new tokens)).
-    A tied lm_head is the embedding's weight: counted on the first stage and again on the last.
-    """
-    def nbytes(module: nn.Module | None) -> int:
-        return 0 if module is None else sum(p.numel() for p in module.parameters()) * dtype.itemsize
-
-    base = _get(skeleton, family.base)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = 2 * kv_tokens * heads * head_dim * dtype.itemsize  # keys and values, per layer
-    return StageCosts(layers=[nbytes(layer) + kv for layer in getattr(base, family.layers)],
-                      first=sum(nbytes(getattr(base, n, None)) for n in family.first),
-                      last=sum(nbytes(getattr(base, n, None)) for n in family.last) + nbytes(_head(skeleton, family)))
+    stage_bytes: list[int]  # per rank, planned: parameters + KV cache (what layer_split="auto" balances)
 
 
 def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtype: torch.dtype,
                     offload_folder: str, *, cfg=None, longest_prompt: int = 0,
                     model_config=None) -> tuple[Stage, StageInfo]:
-    """Build this rank's Stage, materialising only its own weights.
+    """Plan (plan.make_plan) and load this rank's Stage in one call: for tests and benchmarks that
+    have no plan of their own. The runner plans before its process group and calls load_stage().
 
-    cfg (an ExpConfig) supplies layer_split, max_memory, allow_pickle and trust_remote_code; without it
-    the defaults hold (even split, safetensors only, no custom code). longest_prompt (tokens) sizes
-    the KV-cache headroom the split plans for: batch_size x (longest_prompt + max_new_tokens) per layer.
-    model_config: the checkpoint's config when the caller has read it already (else it is read here).
+    cfg (an ExpConfig) supplies layer_split, max_memory, batch_size, max_new_tokens, allow_pickle and
+    trust_remote_code; without it the defaults hold. longest_prompt (tokens) sizes the KV cache the
+    plan counts; 0 plans none (weights only). Planning errors come as LoadError here.
     """
-    from accelerate import init_empty_weights
-    from accelerate.hooks import remove_hook_from_module
-    from transformers import AutoModelForCausalLM
+    import dataclasses
 
-    from pipeinfer.config import parse_bytes
+    from pipeinfer.config import ConfigError, ExpConfig
+    from pipeinfer.plan import plan_for_run
     from pipeinfer.runtime import read_model_config
 
-    trust = bool(cfg and cfg.trust_remote_code)
-    allow_pickle = bool(cfg and cfg.allow_pickle)
-    config = model_config if model_config is not None else read_model_config(model_path, trust_remote_code=trust)
+    cfg = cfg or ExpConfig(model_path=model_path, pipeline_size=plan.world_size, prompts=["x"])
+    if not longest_prompt:
+        cfg = dataclasses.replace(cfg, max_new_tokens=0)  # no KV cache planned, as the weights-only split was
+    try:
+        config = model_config if model_config is not None else read_model_config(model_path, cfg.trust_remote_code)
+        the_plan = plan_for_run(cfg, config, longest_prompt, str(dtype).removeprefix("torch."), device.type)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    return load_stage(the_plan, plan.rank, config, device, dtype, offload_folder, cfg.trust_remote_code)
+
+
+def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch.dtype, offload_folder: str,
+               trust_remote_code: bool = False) -> tuple[Stage, StageInfo]:
+    """Build rank `rank`'s Stage as `plan` (a plan.Plan) says, reading only its own tensors.
+
+    From safetensors: the model's skeleton on the meta device (buffers real, built as from_pretrained
+    builds them), cut to this stage, then each owned tensor read alone through safetensors' reader
+    and converted to `dtype` as it goes; the file is opened per tensor, so its mapped pages are let
+    go before the next one: bytes read and peak memory follow the stage, not the checkpoint. A
+    pickle checkpoint (allow_pickle) goes through from_pretrained with the plan's device_map.
+    """
+    config = model_config
     family = family_for(config.model_type)
-    num_layers = config.num_hidden_layers
     saved = saved_dtype(config)
     if dtype == torch.float16 and saved == "bfloat16":
         log.warning("running a bfloat16 checkpoint in float16 (this GPU has no bf16): activations beyond "
                     "float16's range (65504) overflow to inf; set dtype=float32 if outputs turn to NaN")
-    if saved is not None and saved != str(dtype).removeprefix("torch."):
-        # Measured in bench/memory.py: the converted load peaks with every checkpoint page resident.
-        log.info("converting the %s checkpoint to %s while loading: transformers reads every tensor to convert "
-                 "it, other stages' too (then drops them); set dtype=%s to read only this stage's", saved,
-                 str(dtype).removeprefix("torch."), saved)
-
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    kv_tokens = cfg.batch_size * (longest_prompt + cfg.max_new_tokens) if cfg and longest_prompt else 0
-    costs = stage_costs(skeleton, family, config, dtype, kv_tokens)
-    budgets = [parse_bytes(b) for b in cfg.max_memory] if cfg and cfg.max_memory is not None else None
-    try:
-        layer_ranges = plan_split(num_layers, plan.pipeline_size, cfg.layer_split if cfg else "even", costs, budgets)
-    except ValueError as e:
-        raise LoadError(str(e)) from None
-    plan = StagePlan(plan.rank, plan.pipeline_size, layer_ranges[plan.rank])
-
-    base = _get(skeleton, family.base)
+    stage_plan = plan.stage(rank)
+    mine = plan.ranks[rank]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     local = "cpu" if device.type == "cpu" else str(device)
-    top = [n for n, _ in skeleton.named_children()]
-    dmap = stage_device_map(top, [n for n, _ in base.named_children()], num_layers, family, plan, tied, local)
-    stored = checkpoint_names(model_path, allow_pickle)
-    keys = None if stored is None else _checkpoint_keys(stored, top, family)  # as the model names them
+    dmap = {k: (local if v != "disk" else v) for k, v in mine.device_map.items()}
+    owned = f"layers {stage_plan.layers.start}..{stage_plan.layers.stop - 1}" + \
+        (" + embeddings" if stage_plan.is_first else "") + (" + final norm + lm_head" if stage_plan.is_last else "")
+    stage_bytes = [r.weights + r.kv_cache for r in plan.ranks]
+    log.info("rank %d owns %s of %d (%s, %s): %d bytes of weights + %d of KV cache planned (layer_split=%s, "
+             "all ranks: %s)", rank, owned, plan.num_layers, local, str(dtype).removeprefix("torch."),
+             mine.weights, mine.kv_cache, json.dumps(plan.layer_split), stage_bytes)
+    if plan.tensors is None:
+        model = _from_pretrained(plan.model_path, dmap, dtype, offload_folder, trust_remote_code)
+    else:
+        model = _from_safetensors(plan, dmap, local, config, family, device, dtype, tied, trust_remote_code)
+    stage = _extract_stage(model, family, stage_plan, config, tied)
+    left = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise LoadError(f"rank {rank} did not load {len(left)} of its weights ({', '.join(left[:3])}): "
+                        f"the family's module layout in pipeinfer/families.py does not match this model")
+    stage.base.to(device)  # buffers (rotary inv_freq...) follow; the parameters are there already
+    param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in stage.parameters()}.values())
+    log.info("rank %d holds %d bytes of parameters", rank, param_bytes)
+    return stage, StageInfo(family.name, plan.num_layers, plan.layer_ranges, dmap, param_bytes, stage_bytes)
+
+
+def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Family, device: torch.device,
+                      dtype: torch.dtype, tied: bool, trust: bool) -> nn.Module:
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from pipeinfer.plan import _placement
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # floating buffers made in __init__ as from_pretrained(dtype=...) makes them
     try:
-        check_complete(dmap, list(skeleton.state_dict()), "model parameters and buffers")
-        if keys is not None:
-            check_complete(dmap, keys, "checkpoint tensors")
-    except ValueError as e:
-        raise LoadError(str(e)) from None
-    if keys is not None:
-        have = set(keys)
-        tied_pair = {f"{family.base}.{family.embeddings}.weight"} | {f"{h}.weight" for h in family.heads if h in top}
-        if tied and have & tied_pair:
-            have |= tied_pair  # either copy serves both: transformers ties them after loading
-        absent = missing_weights(dmap, [n for n, _ in skeleton.named_parameters()], have, local)
-        if absent:
-            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-            raise LoadError(f"the checkpoint in {model_path} has no tensor for {len(absent)} weights rank {plan.rank} "
-                            f"needs ({shown}); transformers would fill them with random values: copy the complete "
-                            f"checkpoint, saved for this model's type and size")
-    del skeleton
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    embedding = f"{family.base}.{family.embeddings}.weight"
+    heads = [f"{h}.weight" for h in family.heads]
+    by_key = plan.keys
+    for name, param in list(model.named_parameters()):
+        if _placement(dmap, name) != local or (tied and name in heads):
+            continue  # another stage's, or a tied head: the embedding, tied below
+        key = by_key.get(name)
+        if key is None and tied and name in (embedding, *heads):  # the other copy of a tied pair
+            key = next(by_key[n] for n in (embedding, *heads) if n in by_key)
+        with safe_open(plan.tensors[key].file, framework="pt") as f:
+            stored = f.get_tensor(key)
+        value = stored.to(device=device, dtype=dtype, copy=True)  # a copy: the file's pages go with `stored`
+        del stored
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, nn.Parameter(value, requires_grad=False))
+    if tied:
+        head = _head(model, family)
+        head.weight = model.get_submodule(f"{family.base}.{family.embeddings}").weight
+    return model
 
-    owned = f"layers {plan.layers.start}..{plan.layers.stop - 1}" + \
-        (" + embeddings" if plan.is_first else "") + (" + final norm + lm_head" if plan.is_last else "")
-    stage_bytes = costs.stage_bytes(layer_ranges)
-    log.info("rank %d owns %s of %d (%s, %s): %d bytes of weights + KV-cache headroom (layer_split=%s, "
-             "all ranks: %s)", plan.rank, owned, num_layers, local, str(dtype).removeprefix("torch."),
-             stage_bytes[plan.rank], json.dumps(cfg.layer_split if cfg else "even"), stage_bytes)
 
-    # The "disk" entries are the other stages' modules, dropped once loaded. From safetensors nothing
-    # is written for them; a pickle checkpoint cannot be read lazily, so transformers copies them
-    # into the offload folder: a scratch directory there, removed once this stage is built.
+def _from_pretrained(model_path: str, dmap: dict[str, str], dtype: torch.dtype, offload_folder: str,
+                     trust: bool) -> nn.Module:
+    """A pickle checkpoint: it cannot be read per tensor, so transformers copies the other stages'
+    modules into the offload folder (a scratch directory there, removed once this stage is built)."""
+    from accelerate.hooks import remove_hook_from_module
+    from transformers import AutoModelForCausalLM
+
     scratch = None
     if "disk" in dmap.values():
         try:
@@ -295,37 +246,18 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
                             f"point offload_folder at a writable directory") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, local_files_only=True, low_cpu_mem_usage=True, use_safetensors=stored is not None,
+            model_path, local_files_only=True, low_cpu_mem_usage=True, use_safetensors=False,
             dtype=dtype, device_map=dmap, offload_folder=scratch, trust_remote_code=trust)
         model.eval()
         remove_hook_from_module(model, recurse=True)  # owned weights are already on `device`; others are dropped
-        stage = _extract_stage(model, family, plan, config, tied)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in stage.parameters()}.values())
-    log.info("rank %d holds %d bytes of parameters", plan.rank, param_bytes)
-    return stage, StageInfo(family.name, num_layers, layer_ranges, dmap, param_bytes, stage_bytes)
+    return model
 
 
 def _head(model: nn.Module, family: Family) -> nn.Module:
     return next(getattr(model, n) for n in family.heads if hasattr(model, n))
-
-
-def _checkpoint_keys(stored: list[str], top: list[str], family: Family) -> list[str]:
-    """Checkpoint tensor names as the model names them: checkpoints saved from the base model omit
-    its root ("h.0..." for "transformer.h.0..."), and older releases may name the head differently."""
-    head = next(n for n in family.heads if n in top)
-    keys = []
-    for name in stored:
-        first, _, rest = name.partition(".")
-        if first in family.heads:
-            keys.append(f"{head}.{rest}")
-        elif first in top:
-            keys.append(name)
-        else:
-            keys.append(f"{family.root}.{name}")
-    return keys
 
 
 def _extract_stage(model: nn.Module, family: Family, plan: StagePlan, config, tied: bool) -> Stage:

@@ -1,10 +1,14 @@
-"""Where each stage's time goes: named spans (prefill, decode, send, recv) with totals and events.
+"""Where each stage's time goes: named spans (prefill, decode, send, recv, and rank 0's write of
+each prompt record) with totals and events.
 
 The same spans feed the {"type": "stage"} record (totals), the report's pipeline timeline
 (events, in wall-clock seconds so ranks on one machine line up), and NVTX ranges
 ("stage<r>:<kind>") when Nsight Systems runs the job or the config asks for them. On CUDA, compute
-spans synchronise the device at their end, and only they do: that is where a measurement needs
-it; everywhere else kernels stay asynchronous.
+spans synchronise the compute stream (the current one) at their end, and only they do: that is
+where a measurement needs it; everywhere else kernels stay asynchronous. Never the whole device
+(torch.cuda.synchronize()): that also waits for NCCL's streams, where a send completes only once
+the next stage posts its receive, so compute spans would take in downstream waiting, sends would
+turn synchronous, and a stuck downstream stage would hang the span with no timeout.
 
 Where no system profiler exists, profile_steps=N traces N generation steps with torch.profiler
 into a Chrome/Perfetto JSON per rank (open it in ui.perfetto.dev or chrome://tracing).
@@ -36,6 +40,7 @@ class Timeline:
     def __init__(self, device: torch.device | None = None, nvtx: bool | str = False, rank: int = 0,
                  max_events: int = 20000):
         self.sync = device is not None and device.type == "cuda"
+        self.device = device
         wanted = profiler_attached() if nvtx == "auto" else bool(nvtx)
         self.nvtx = wanted and torch.cuda.is_available()
         self.rank = rank
@@ -83,7 +88,7 @@ class Timeline:
             yield
         finally:
             if self.sync and kind in COMPUTE:
-                torch.cuda.synchronize()
+                torch.cuda.current_stream(self.device).synchronize()
             t1 = time.time()
             if self.nvtx:
                 torch.cuda.nvtx.range_pop()
@@ -102,6 +107,7 @@ class Timeline:
             "compute_s": self.compute_s(),
             "recv_wait_s": self.totals["recv"],
             "send_s": self.totals["send"],
+            "write_s": self.totals["write"],  # rank 0: writing (and fsyncing) prompt records
             "prefill_steps": self.counts["prefill"],
             "decode_steps": self.counts["decode"],
             "events": [[k, round(a, 6), round(b, 6)] for k, a, b in self.events],

@@ -18,6 +18,21 @@ sys.path.insert(0, ROOT)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 
+# .ci/run sets PIPEINFER_REQUIRE_ALL=1: there a test whose requirement is missing (root, iproute2, a
+# wheel-building setuptools) fails instead of skipping, so CI cannot pass by skipping a path.
+REQUIRE_ALL = os.environ.get("PIPEINFER_REQUIRE_ALL") == "1"
+
+
+def require(problem: str | None) -> None:
+    """Skip the calling test when `problem` (what is missing, and how to get it) is not None;
+    fail it instead in CI (PIPEINFER_REQUIRE_ALL=1)."""
+    if problem is None:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"{problem} (PIPEINFER_REQUIRE_ALL=1: this test must run here, not skip)")
+    pytest.skip(problem)
+
+
 PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Pipeline parallel inference, token for token."]
 
 
@@ -91,17 +106,27 @@ def reference_outputs(model_path: str, prompts: list[str], max_new_tokens: int,
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    from pipeinfer.demo import make_model
+    from pipeinfer.tiny_models import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "llama5"), seed=1, **TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory):
-    from pipeinfer.demo import make_model
+    from pipeinfer.tiny_models import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "llama4-tied"), seed=2, tie_word_embeddings=True,
                       **dict(TINY, num_hidden_layers=4))
+
+
+def set_eos_token(path: str, eos: int) -> None:
+    """Make `eos` the checkpoint's EOS id, in config.json and generation_config.json alike."""
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(path, name)) as f:
+            data = json.load(f)
+        data["eos_token_id"] = eos
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(data, f)
 
 
 def base_config(model: str, tmp_path, **over) -> dict:

@@ -26,11 +26,14 @@ def test_bench_script_imports(name):
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def test_decode_scaling_runs(tmp_path):
+def test_decode_scaling_runs_with_right_tokens(tmp_path):
+    """A smoke test: the script runs, times one decode step per position, and its tokens (through the
+    in-place KV cache) equal generate()'s. Its timings are not asserted: they are the benchmark's."""
     out = tmp_path / "decode.json"
     res = subprocess.run([sys.executable, os.path.join(BENCH, "decode_scaling.py"), "--tokens", "48",
                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert len(result["windows"]) == 3 and result["cached_growth"] > 0 and result["no_cache_growth"] > 0
+    assert len(result["windows"]) == 3 and result["decode_steps"] == 48 - 1
+    assert result["output_matches_generate"] is True

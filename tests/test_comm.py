@@ -12,26 +12,30 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import base_config, free_port, launch
-from pipeinfer.comm import p2p_backend
+from pipeinfer.procgroup import p2p_backend
 from pipeinfer.config import ConfigError
 
 
 def _worker(rank: int, port: int, q) -> None:
     from pipeinfer import comm as pcomm
+    from pipeinfer import procgroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    c = pcomm.init(rank, 2, torch.device("cpu"), timeout_s=30, master_port=port)
+    c = procgroup.init(rank, 2, torch.device("cpu"), timeout_s=30, master_port=port)
     try:
         h = torch.arange(2 * 3 * 4, dtype=torch.bfloat16).view(2, 3, 4)
         if rank == 0:
             c.send_hidden(h)
             c.send_control(pcomm.STOP, (2, 1, 4), torch.bfloat16)
-            tokens, stop = c.recv_tokens(2, None, "test")
-            q.put(("tokens", tokens.tolist(), stop, c.bytes_sent))
+            tokens, codes, stop, lp = c.recv_tokens(2, None, "test", n_floats=6)
+            _, _, _, none = c.recv_tokens(2, None, "test")  # log-probabilities off: the token message only
+            q.put(("tokens", tokens.tolist(), codes.tolist(), stop, lp.view(2, 3).tolist(), none, c.bytes_sent))
         else:
             got, control = c.recv_hidden((2, 3, 4), torch.bfloat16, "test")
             _, stopped = c.recv_hidden((2, 1, 4), torch.bfloat16, "test")
-            c.send_tokens(torch.tensor([7, 9]), True)
+            c.send_tokens(torch.tensor([7, 9]), torch.tensor([0, 3]), True,
+                          torch.tensor([[-0.5, 7.0, -0.25], [-1.5, 2.0, -0.125]]))  # (B, 1 + 2k), k = 1
+            c.send_tokens(torch.tensor([1, 2]), torch.tensor([0, 0]), False)
             q.put(("hidden", torch.equal(got, h) and control == pcomm.CONTINUE, stopped == pcomm.STOP))
         assert c.all_ok(True) and not c.all_ok(rank == 0)
         assert c.broadcast({"from": rank}) == {"from": 0}
@@ -39,7 +43,7 @@ def _worker(rank: int, port: int, q) -> None:
         if rank == 0:
             q.put(("gather", gathered))
     finally:
-        pcomm.shutdown()
+        procgroup.shutdown()
 
 
 def test_round_trip_over_gloo():
@@ -54,8 +58,9 @@ def test_round_trip_over_gloo():
     assert [p.exitcode for p in procs] == [0, 0]
     got = {m[0]: m[1:] for m in (q.get(timeout=5) for _ in range(3))}
     assert got["hidden"] == (True, True)
-    tokens, stop, sent = got["tokens"]
-    assert tokens == [7, 9] and stop is True
+    tokens, codes, stop, lp, none, sent = got["tokens"]
+    assert tokens == [7, 9] and codes == [0, 3] and stop is True and none is None
+    assert lp == [[-0.5, 7.0, -0.25], [-1.5, 2.0, -0.125]]
     assert sent == (2 * 3 * 4 + 1 + 2 * 1 * 4 + 1) * 2  # two bf16 frames, each with its control element
     assert got["gather"] == ([0, 10],)
 

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 
 from conftest import ENTRY, ROOT, base_config, rank_env
 from pipeinfer.config import ConfigError, build_config, parse_override
+from pipeinfer.prompts import Batch
 
 
 def run_entry(cfg, tmp_path, world=1, raw: str | None = None, args=(), rank=0):
@@ -99,7 +102,8 @@ def test_prompts_file_formats(tiny_llama, tmp_path):
     from pipeinfer.prompts import load_prompts
 
     def load(name):
-        return load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / name)}))
+        return [spec.given for spec in load_prompts(build_config({"model_path": "m",
+                                                                   "prompts_file": str(tmp_path / name)}))]
 
     (tmp_path / "p.jsonl").write_text('{"prompt": "one"}\n\n{"prompt": "two"}\n')
     (tmp_path / "p.txt").write_text("alpha\n\nbeta\n")
@@ -159,7 +163,7 @@ def test_unwritable_output_path(tiny_llama, tmp_path):
 def test_generation_config_settings_that_change_scores():
     from transformers import GenerationConfig
 
-    from pipeinfer.runtime import score_settings
+    from pipeinfer.sampling import score_settings
 
     assert score_settings(GenerationConfig()) == {}
     assert score_settings(GenerationConfig(temperature=0.7, top_p=0.9, do_sample=True)) == {}  # exp_config's job
@@ -178,3 +182,63 @@ def test_one_stage_never_touches_offload_folder(tiny_llama, tmp_path):
     cfg = base_config(tiny_llama, tmp_path, offload_folder=str(tmp_path / "file" / "offload"))
     res = run_entry(cfg, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_first_line_of_an_empty_message():
+    from pipeinfer.config import first_line
+
+    assert first_line(OSError("")) == "OSError"
+    assert first_line(RuntimeError("\n  \nreal cause\nC++ stack")) == "real cause"
+    assert first_line(ValueError("x" * 300), 120) == "x" * 120
+
+
+def test_errors_with_empty_messages_stay_one_line(tiny_llama, tmp_path, monkeypatch):
+    """An exception with no message (str(e) == "") once made `str(e).splitlines()[0]` raise
+    IndexError: a traceback where a one-line error was meant."""
+    import transformers
+
+    from pipeinfer.checkpoint import _read_shard
+    from pipeinfer.prompts import load_tokenizer
+    from pipeinfer.runtime import read_model_config
+
+    def fail(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(ConfigError, match=r"no usable tokenizer .*\(OSError\)"):
+        load_tokenizer(tiny_llama)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fail)
+    with pytest.raises(ConfigError, match=r"config.json cannot be read \(OSError\)"):
+        read_model_config(tiny_llama)
+    monkeypatch.setattr(os.path, "getsize", fail)  # a stand-in for an I/O error without a message
+    with pytest.raises(ConfigError, match=r"is corrupt \(OSError\)"):
+        _read_shard(f"{tiny_llama}/model.safetensors")
+
+
+@pytest.mark.parametrize("batch_size,pipeline_size,micro_batch_size,slots", [
+    (1, 1, "auto", [1]), (8, 1, "auto", [8]), (4, 2, "auto", [2, 2]), (3, 2, "auto", [2, 1]),
+    (5, 4, "auto", [2, 1, 1, 1]), (2, 4, "auto", [1, 1]), (4, 2, 3, [2, 2]), (4, 1, 3, [2, 2]),
+    (7, 3, 2, [2, 2, 2, 1]), (12, 3, 1, [1] * 12), (6, 2, 6, [6])])
+def test_micro_batching_never_puts_more_than_batch_size_in_flight(batch_size, pipeline_size, micro_batch_size,
+                                                                    slots):
+    """batch_size 3 at pipeline_size 2 once ran 2 micro-batches of 2 (4 in flight), 5 at 4 ran 6,
+    and batch_size 4 with micro_batch_size 3 ran 6."""
+    from pipeinfer.config import micro_batching
+    from pipeinfer.prompts import MicroBatches
+
+    cfg = build_config(dict(model_path="m", prompts=["p"], batch_size=batch_size, pipeline_size=pipeline_size,
+                            micro_batch_size=micro_batch_size))
+    got = micro_batching(cfg)
+    assert got == slots and sum(got) == batch_size and max(got) - min(got) <= 1
+    if isinstance(micro_batch_size, int):
+        assert max(got) <= micro_batch_size
+    # Counted in flight: every slot full, then one finishes and refills, until the prompts run out.
+    work = MicroBatches(collections.deque(range(3 * batch_size + 1)), got, lambda idx: Batch(idx, None, None, []))
+    running = {k: work.take(k) for k in range(len(got))}
+    while running:
+        assert work.in_flight == sum(len(b.indices) for b in running.values()) <= batch_size
+        k, batch = running.popitem()
+        work.done(batch)
+        if (nxt := work.take(k)) is not None:
+            running[k] = nxt
+    assert work.max_in_flight == batch_size and work.in_flight == 0 and not work.todo

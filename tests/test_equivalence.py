@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import (PROMPTS, ROOT, base_config, free_port, launch, prompt_records, reference_outputs, rank_env,
-                      run_pipeline)
+                      run_pipeline, set_eos_token)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,7 @@ def llama_with_eos(tiny_llama, tmp_path_factory):
                and len({i for i, _ in seen}) < len(PROMPTS))
     path = str(tmp_path_factory.mktemp("models") / "llama5-eos")
     shutil.copytree(tiny_llama, path)
-    for name in ("config.json", "generation_config.json"):
-        with open(os.path.join(path, name)) as f:
-            data = json.load(f)
-        data["eos_token_id"] = eos
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(data, f)
+    set_eos_token(path, eos)
     assert GenerationConfig.from_pretrained(path).eos_token_id == eos
     return path
 
@@ -91,9 +86,13 @@ def test_eos_stops_like_generate(llama_with_eos, tmp_path, pipeline_size):
     assert [p["new_tokens"] for p in prompts] == [len(r) for r in ref]
 
 
-def test_ignore_eos_generates_exactly_max_new_tokens(llama_with_eos, tmp_path):
+def test_ignore_eos_decodes_past_eos_like_generate(llama_with_eos, tmp_path):
+    ref = reference_outputs(llama_with_eos, PROMPTS, 12, ignore_eos=True)
+    eos = set(reference_outputs(llama_with_eos, PROMPTS, 12)[0][-1:])  # a prompt that stops early ends in EOS
+    assert any(eos & set(r[:-1]) for r in ref), "the test needs a prompt that decodes past an EOS"
     cfg = base_config(llama_with_eos, tmp_path, pipeline_size=2, ignore_eos=True, batch_size=len(PROMPTS))
     prompts = prompt_records(run_pipeline(cfg, tmp_path, 2))
+    assert [p["output_ids"] for p in prompts] == ref
     assert all(p["new_tokens"] == 12 for p in prompts)
 
 
@@ -130,17 +129,19 @@ def test_torchrun_launch_and_set_overrides(tiny_llama, tmp_path):
     assert [p["output_ids"] for p in prompts] == reference_outputs(tiny_llama, ["hi", "a longer prompt"], 12)
 
 
-# Several micro-batches in flight, refilled from the queue as they finish: the same tokens as
-# the naive schedule (one micro-batch) and as whole-model generate().
-@pytest.mark.parametrize("pipeline_size,batch_size,micro_batch_size", [(2, 4, 1), (2, 4, 2), (3, 3, 1), (3, 4, 2)])
+# Several micro-batches in flight, refilled as they finish: the same tokens as the naive schedule
+# (one micro-batch) and as whole-model generate(), and never more than batch_size prompts in flight.
+@pytest.mark.parametrize("pipeline_size,batch_size,micro_batch_size,micro_batches",
+                         [(2, 4, 1, 4), (2, 4, 2, 2), (3, 3, 1, 4), (3, 4, 2, 2), (2, 3, "auto", 3), (3, 4, 3, 2)])
 def test_scheduled_micro_batches_match_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size,
-                                                micro_batch_size):
+                                                micro_batch_size, micro_batches):
     cfg = base_config(tiny_llama, tmp_path, pipeline_size=pipeline_size, batch_size=batch_size,
                       micro_batch_size=micro_batch_size)
     records = run_pipeline(cfg, tmp_path, pipeline_size)
     assert [p["output_ids"] for p in prompt_records(records)] == reference
     stages = [r for r in records if r["type"] == "stage"]
-    assert all(s["prefill_steps"] == -(-len(PROMPTS) // micro_batch_size) for s in stages)
+    assert all(s["prefill_steps"] == micro_batches for s in stages)
+    assert all(s["max_prompts_in_flight"] == min(batch_size, len(PROMPTS)) for s in stages)
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 2])

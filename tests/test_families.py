@@ -37,7 +37,7 @@ TIED = {"gemma", "gpt2", "opt"}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from pipeinfer.demo import make_model
+    from pipeinfer.tiny_models import make_model
 
     root = tmp_path_factory.mktemp("families")
     return {mt: make_model(str(root / mt), seed=3, model_type=mt, **SMALL, **cfg) for mt, cfg in FAMILY_MODELS.items()}
@@ -91,7 +91,7 @@ def test_three_stage_logits_equal_whole_model(models, model_type):
     under transformers < 5, a position embedding added twice) can leave greedy tokens unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from pipeinfer.demo import make_tokenizer
+    from pipeinfer.tiny_models import make_tokenizer
     from pipeinfer.generation import position_ids
 
     path = models[model_type]
@@ -162,7 +162,7 @@ def test_remote_code_needs_trust_remote_code(models, tmp_path):
 def test_pickle_checkpoint_only_with_allow_pickle(models, tmp_path):
     from safetensors.torch import load_file
 
-    from pipeinfer.demo import make_tokenizer
+    from pipeinfer.tiny_models import make_tokenizer
     from pipeinfer.stage import LoadError
 
     path = str(tmp_path / "gpt2-bin")
@@ -192,7 +192,7 @@ def test_kv_headroom_is_planned_per_layer(models):
 
 
 def test_float16_on_a_bfloat16_checkpoint_warns(tmp_path, caplog):
-    from pipeinfer.demo import make_model
+    from pipeinfer.tiny_models import make_model
     from pipeinfer.partition import StagePlan
     from pipeinfer.stage import partition_model
 

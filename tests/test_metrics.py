@@ -12,9 +12,18 @@ from pipeinfer.config import build_config, micro_batching
 from pipeinfer.metrics import prompt_record
 from pipeinfer.timeline import Timeline, profiler_attached
 
-# Stated tolerance: per stage, compute + recv wait + send covers at least 85% of the stage's wall
-# time (the rest is Python bookkeeping between steps) and never more than all of it.
+# Stated tolerance: per stage, compute + recv wait + send (+ rank 0's fsynced writes of the prompt
+# records) covers at least 85% of the stage's wall time (the rest is Python bookkeeping between
+# steps) and never more than all of it.
 COVERAGE = 0.85
+
+
+def split_into_slots(prompts: int, sizes: list[int]) -> list[int]:
+    """Micro-batch sizes when every micro-batch runs equally long: slots refill in visit order."""
+    out = []
+    while prompts > sum(out):
+        out.append(min(sizes[len(out) % len(sizes)], prompts - sum(out)))
+    return out
 
 
 def test_stage_time_adds_up_to_wall_time(tiny_llama, tmp_path):
@@ -23,9 +32,9 @@ def test_stage_time_adds_up_to_wall_time(tiny_llama, tmp_path):
     stages = [r for r in records if r["type"] == "stage"]
     assert len(stages) == 3
     for s in stages:
-        covered = s["compute_s"] + s["recv_wait_s"] + s["send_s"]
+        covered = s["compute_s"] + s["recv_wait_s"] + s["send_s"] + s["write_s"]
         assert COVERAGE * s["wall_s"] <= covered <= s["wall_s"] * 1.001 + 1e-3, s
-        micro_batches = -(-len(cfg["prompts"]) // micro_batching(build_config(cfg))[0])
+        micro_batches = len(split_into_slots(len(cfg["prompts"]), micro_batching(build_config(cfg))))
         assert s["prefill_steps"] == micro_batches and s["decode_steps"] == 59 * micro_batches
         kinds = {e[0] for e in s["events"]}
         assert {"prefill", "decode"} <= kinds and all(e[1] <= e[2] for e in s["events"])

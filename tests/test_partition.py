@@ -104,15 +104,17 @@ def test_stage_loads_only_its_own_weights(tiny_llama, tmp_path):
 
 
 def test_bin_only_checkpoint_is_refused(tmp_path):
-    from pipeinfer.stage import LoadError, checkpoint_names
+    from pipeinfer.checkpoint import read_headers
+    from pipeinfer.config import ConfigError
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(LoadError, match="pickle"):
-        checkpoint_names(str(tmp_path))
+    with pytest.raises(ConfigError, match="pickle"):
+        read_headers(str(tmp_path))
+    assert read_headers(str(tmp_path), allow_pickle=True) is None
 
 
 def test_dtype_auto():
-    from pipeinfer.stage import resolve_dtype
+    from pipeinfer.runtime import resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.bfloat16  # no conversion: only this stage is read

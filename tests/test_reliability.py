@@ -26,7 +26,7 @@ RUN = dict(prompts=SLOW_PROMPTS, max_new_tokens=200, ignore_eos=True, batch_size
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
-    from pipeinfer.demo import make_model
+    from pipeinfer.tiny_models import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "slow"), seed=3, hidden_size=128,
                       intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -96,12 +96,13 @@ def test_peer_killed_or_stopped_ends_rank0_within_timeout(slow_model, tmp_path, 
 
 
 RAISE_MID_RUN = """
-import runpy, sys
+import runpy, sys, time
 import pipeinfer.generation as g
 real, calls = g._step, []
 def failing(*a, **k):
     calls.append(1)
     if len(calls) == 300:
+        print(f"injected failure at {time.time()!r}", file=sys.stderr, flush=True)
         raise RuntimeError("injected failure on rank 1")
     return real(*a, **k)
 g._step = failing
@@ -109,15 +110,37 @@ runpy.run_path(%r, run_name="__main__")
 """ % ENTRY
 
 
+def exits(procs, timeout: float) -> list[tuple[int, str, float]]:
+    """(exit code, stderr, wall-clock time.time() of the exit) of every process, waited for together."""
+    import threading
+
+    out = [None] * len(procs)
+
+    def wait(i, p):
+        _, err = p.communicate(timeout=timeout)
+        out[i] = (p.returncode, err, time.time())
+
+    threads = [threading.Thread(target=wait, args=(i, p)) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert None not in out, "a rank did not exit in time"
+    return out
+
+
 def test_exception_on_one_rank_ends_the_job_within_seconds(slow_model, tmp_path):
     cfg = base_config(slow_model, tmp_path, pipeline_size=3, timeout_s=300, **RUN)
     procs = start(cfg, tmp_path, 3, wrap_rank={1: RAISE_MID_RUN})
     try:
-        codes = [finish(p, 120) for p in procs]
+        codes = exits(procs, 240)
         assert all(code != 0 for code, _, _ in codes), [c for c, _, _ in codes]
         assert "injected failure on rank 1" in codes[1][1]
-        # far below timeout_s=300: the dead rank's closed connections end the others at once
-        assert max(w for _, _, w in codes) < 60
+        failed_at = float(next(line for line in codes[1][1].splitlines()
+                               if line.startswith("injected failure at ")).split()[-1])
+        # Measured from the failure, not from process start: far below timeout_s=300, since the dead
+        # rank's closed connections end the others at once.
+        assert all(exited - failed_at < 30 for _, _, exited in codes), [exited - failed_at for _, _, exited in codes]
         assert "rank 1 is gone" in codes[0][1] or "rank 1 is gone" in codes[2][1]
     finally:
         kill_all(procs)
@@ -202,6 +225,43 @@ def test_resume_refuses_records_of_another_config(tiny_llama, tmp_path):
     # batch_size and pipeline_size do not change outputs: a rerun with them changed has nothing to do
     again = run_pipeline(dict(cfg, batch_size=4), tmp_path, 1)
     assert len(prompt_records(again)) == len(cfg["prompts"])
+
+
+def test_resume_with_another_batch_geometry_says_so_and_records_micro_batches(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path, batch_size=2)
+    first = run_pipeline(cfg, tmp_path, 1)
+    assert [p["micro_batch"] for p in prompt_records(first)] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    kept = [r for r in first if r["type"] == "run"] + prompt_records(first)[:2]  # as if stopped after 2 prompts
+    with open(cfg["output_path"], "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    res = run_single(dict(cfg, batch_size=1), tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming: 2 of 4 prompts" in res.stderr
+    assert "the file now mixes micro-batch geometries (batch_size 2 -> 1)" in res.stderr
+    with open(cfg["output_path"]) as f:
+        got = prompt_records([json.loads(line) for line in f])
+    assert [p["micro_batch"] for p in got] == [[0, 1], [0, 1], [2], [3]]
+    assert [p["output_ids"] for p in got] == reference_outputs(tiny_llama, cfg["prompts"], cfg["max_new_tokens"])
+
+
+def test_resume_false_moves_the_old_file_only_once_the_run_starts(tiny_llama, tmp_path):
+    """The old file moved to .bak before the ranks agreed that every stage loaded, so a run that then
+    failed to load had already moved the results away; and a second start-over replaced the first .bak."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    broken = broken_copy(tiny_llama, tmp_path, "broken")
+    os.remove(os.path.join(broken, "model.safetensors"))
+    failed = run_single(base_config(broken, tmp_path, resume=False), tmp_path)
+    assert failed.returncode == 2 and "no model.safetensors" in failed.stderr
+    assert out.read_text() == "earlier results\n" and not list(tmp_path.glob("out.jsonl.bak*"))
+    cfg = base_config(tiny_llama, tmp_path, resume=False)
+    for n in range(2):
+        first = out.read_text()
+        res = run_single(cfg, tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        backup = tmp_path / ("out.jsonl.bak" + (f".{n}" if n else ""))
+        assert f"moved the existing {out} to {backup}" in res.stderr and backup.read_text() == first
+    assert len(prompt_records([json.loads(line) for line in out.read_text().splitlines()])) == len(cfg["prompts"])
 
 
 def broken_copy(model: str, tmp_path, name: str) -> str:

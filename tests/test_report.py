@@ -6,6 +6,7 @@ and bad input (one line, exit 2). Runs on the JSONL files in tests/data/report, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,43 @@ def test_bad_input_is_one_line_exit_2(args, names):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("report: error: ") and names in lines[0]
+
+
+def test_planned_memory_beside_peak(tmp_path, capsys):
+    """The run record's plan (pipeinfer/plan.py) gives each rank's planned total beside its measured peak."""
+    recs = [{"type": "run", "config": {"pipeline_size": 2},
+             "plan": {"ranks": [{"rank": 0, "total": 3 * 2**20}, {"rank": 1, "total": 5 * 2**20}]}},
+            {"type": "prompt", "prompt_index": 0, "new_tokens": 2, "latency_s": 1.0, "itl_s": [0.5]},
+            {"type": "stage", "rank": 0, "layers": [0, 1], "wall_s": 1.0, "peak_memory_bytes": 4 * 2**20},
+            {"type": "stage", "rank": 1, "layers": [2, 3], "wall_s": 1.0, "peak_memory_bytes": 6 * 2**20},
+            {"type": "summary", "new_tokens": 2, "wall_s": 1.0, "tokens_per_s": 2.0}]
+    path = tmp_path / "planned.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert report.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:34].strip(): line[34:].split() for line in lines[2:]}
+    assert rows["rank 0 planned memory"] == ["3.0", "MiB"] and rows["rank 1 planned memory"] == ["5.0", "MiB"]
+    assert rows["rank 1 peak memory"] == ["6.0", "MiB"]
+
+
+def test_perplexity_shown_for_scoring_runs(tmp_path):
+    """prompt_logprobs records: perplexity over all scored tokens, exp(-(sum of sums) / (sum of
+    counts)); runs without them show no such row."""
+    import json
+    import math
+
+    recs = [{"type": "run", "config": {"pipeline_size": 1}},
+            {"type": "prompt", "prompt_index": 0, "new_tokens": 0, "prompt_logprob_sum": -6.0,
+             "prompt_logprob_count": 3},
+            {"type": "prompt", "prompt_index": 1, "new_tokens": 0, "prompt_logprob_sum": -2.0,
+             "prompt_logprob_count": 1},
+            {"type": "prompt", "prompt_index": 2, "new_tokens": 0, "prompt_logprob_sum": 0.0,
+             "prompt_logprob_count": 0},  # a one-token prompt: nothing scored
+            {"type": "summary", "prompts": 3, "new_tokens": 0, "wall_s": 1.0, "tokens_per_s": 0.0}]
+    path = tmp_path / "score.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = report.summarize(report.load_run(str(path)))
+    assert s["perplexity"] == pytest.approx(math.exp(8.0 / 4))
+    rows = dict(report.table_rows([s]))
+    assert rows["prompt perplexity"] == [f"{math.exp(2.0):.3f}"]
+    assert "prompt perplexity" not in dict(report.table_rows([report.summarize(report.load_run(SMALL_PP2))]))

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pipeinfer import report
-from pipeinfer.results import ResultsError, ResultsWriter, prompt_hash, scan_previous
+from pipeinfer.results import ResultsError, ResultsWriter, keep_backup, prompt_hash, scan_previous
 
 CONFIG = {"model_path": "m", "dtype": "auto", "device": "auto"}
 
@@ -41,13 +41,51 @@ def test_resume_refuses_another_dtype_or_device(tmp_path):
             scan_previous(str(out), CONFIG, ["a", "b"], True, dtype, device)
 
 
-def test_resume_false_with_an_unmovable_file(tmp_path):
+def test_resume_false_moves_nothing_while_checking(tmp_path):
     out = tmp_path / "run.jsonl"
     write_lines(out, {"type": "run", "config": CONFIG})
-    (tmp_path / "run.jsonl.bak").mkdir()
-    with pytest.raises(ResultsError, match="cannot be moved to .*run.jsonl.bak .*move or delete"):
-        scan_previous(str(out), CONFIG, ["a"], False)
-    assert out.exists(), "the file stays where it was"
+    prev = scan_previous(str(out), CONFIG, ["a"], False)
+    assert prev.start_over and not prev.done
+    assert out.exists() and not (tmp_path / "run.jsonl.bak").exists(), "moved only once every rank has loaded"
+
+
+def test_backups_are_numbered_and_never_replaced(tmp_path):
+    """resume=false used os.replace(path, path + ".bak"): a second start-over lost the first backup."""
+    out = tmp_path / "run.jsonl"
+    for n in range(3):
+        out.write_text(f"attempt {n}\n")
+        keep_backup(str(out))
+        assert not out.exists()
+    assert [(tmp_path / name).read_text() for name in ("run.jsonl.bak", "run.jsonl.bak.1", "run.jsonl.bak.2")] == \
+        ["attempt 0\n", "attempt 1\n", "attempt 2\n"]
+    (tmp_path / "run.jsonl.bak.3").mkdir()  # whatever holds a name is skipped, never replaced
+    out.write_text("attempt 3\n")
+    assert keep_backup(str(out)).endswith("run.jsonl.bak.4")
+
+
+def test_backup_that_cannot_be_made(tmp_path, monkeypatch):
+    out = tmp_path / "run.jsonl"
+    out.write_text("kept\n")
+
+    def denied(*args):  # a stand-in for a directory this user may not write (root may write any)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "link", denied)
+    monkeypatch.setattr(os, "rename", denied)
+    with pytest.raises(ResultsError, match=r"cannot be moved to .*run.jsonl.bak \(Permission denied\): move or delete"):
+        keep_backup(str(out))
+    assert out.read_text() == "kept\n", "the file stays where it was"
+
+
+def test_resume_with_another_geometry_is_said(tmp_path):
+    out = tmp_path / "run.jsonl"
+    old = dict(CONFIG, batch_size=4, pipeline_size=2, micro_batch_size="auto")
+    write_lines(out, {"type": "run", "config": old, "dtype": "bfloat16", "device": "cpu"},
+                {"type": "prompt", "prompt_index": 0, "prompt_sha256": prompt_hash("a")})
+    same = scan_previous(str(out), old, ["a", "b"], True, "bfloat16", "cpu")
+    assert same.done == {0} and same.geometry == []
+    moved = scan_previous(str(out), dict(old, batch_size=2), ["a", "b"], True, "bfloat16", "cpu")
+    assert moved.done == {0} and moved.geometry == ["batch_size 4 -> 2"]
 
 
 def test_report_reads_records_with_raw_line_separators(tmp_path):

@@ -3,7 +3,17 @@
     bash .ci/install_slurm.sh && bash tests/slurm/cluster.sh start
     pytest tests/test_slurm.py
 
-Skipped, with the reason, where sbatch is missing or node1/node2 are not up. Jobs run one at a time:
+The tests talk only to the project's own cluster: every Slurm command they run gets the SLURM_CONF
+that tests/slurm/cluster.sh writes (`bash tests/slurm/cluster.sh env` prints it), whatever the
+environment's SLURM_CONF or /etc/slurm say, so a site's cluster or another one on this machine never
+sees a test job. Another cluster is used only when asked by name:
+
+    PIPEINFER_SLURM_CONF=/etc/slurm/slurm.conf pytest tests/test_slurm.py
+
+(its nodes must run on this machine, like the project's: the tests share tmp paths with the jobs and
+find the ranks in /proc; two nodes with one `gpu` gres each, as submit.sbatch asks for).
+
+Skipped, with the reason, where sbatch is missing or the cluster is not up. Jobs run one at a time:
 each node has one CPU, and submit.sbatch takes both nodes.
 """
 
@@ -14,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,26 +32,72 @@ from conftest import reference_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
+CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 JOB_TIMEOUT_S = 240
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
+# Variables that would send a Slurm command elsewhere (SLURM_CONF, SLURM_CLUSTERS) or change what it
+# submits (SBATCH_PARTITION, ...): the tests set SLURM_CONF themselves and pass none of the others on.
+SLURM_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SACCT_", "SQUEUE_", "SINFO_", "SCANCEL_", "SCONTROL_")
+
+
+def project_slurm_conf():
+    """The slurm.conf that tests/slurm/cluster.sh writes (its `env` command prints it)."""
+    out = subprocess.run(["bash", str(CLUSTER_SH), "env"], capture_output=True, text=True, check=True).stdout
+    return out.strip().removeprefix("export SLURM_CONF=")
+
+
+OWN_CLUSTER = not os.environ.get("PIPEINFER_SLURM_CONF")
+SLURM_CONF = project_slurm_conf() if OWN_CLUSTER else os.environ["PIPEINFER_SLURM_CONF"]
+
+
+def slurm_env(**extra):
+    """This process's environment with SLURM_CONF set to the tests' cluster and nothing else of Slurm's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV_PREFIXES)}
+    env.update(SLURM_CONF=SLURM_CONF, **extra)
+    return env
+
+
+def slurm(*command, **kwargs):
+    """Run a Slurm command (sinfo, sacct, scontrol, scancel, squeue) against the tests' cluster."""
+    return subprocess.run(command, env=slurm_env(), capture_output=True, text=True, **kwargs)
 
 
 def cluster_problem():
     if shutil.which("sbatch") is None:
         return "sbatch not on PATH: run bash .ci/install_slurm.sh && bash tests/slurm/cluster.sh start"
+    if not Path(SLURM_CONF).is_file():
+        if OWN_CLUSTER:
+            return f"no {SLURM_CONF}: start the project's cluster with bash tests/slurm/cluster.sh start"
+        return f"PIPEINFER_SLURM_CONF={SLURM_CONF} is not a file: point it at the other cluster's slurm.conf"
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10)
+        out = slurm("sinfo", "-h", "-N", "-o", "%N %t", timeout=10)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"sinfo failed ({err}): start the cluster with bash tests/slurm/cluster.sh start"
+        return f"sinfo failed ({err}) with SLURM_CONF={SLURM_CONF}: start the cluster with bash tests/slurm/cluster.sh start"
     states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
-    if out.returncode != 0 or not all(states.get(n, "down").rstrip("*") in ("idle", "mix", "alloc")
-                                      for n in ("node1", "node2")):
-        return f"node1/node2 not up (sinfo: {states or out.stderr.strip()}): bash tests/slurm/cluster.sh start"
+    up = [node for node, state in states.items() if state.rstrip("*") in ("idle", "mix", "alloc")]
+    if out.returncode != 0 or len(up) < 2:
+        return (f"fewer than 2 nodes up with SLURM_CONF={SLURM_CONF} (sinfo: {states or out.stderr.strip()}): "
+                "bash tests/slurm/cluster.sh start")
     return None
 
 
+def config_value(key):
+    """A value of `scontrol show config`: what the controller the tests reach actually runs with."""
+    for line in slurm("scontrol", "show", "config", check=True, timeout=10).stdout.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == key:
+            return value.strip()
+    raise AssertionError(f"scontrol show config has no {key}")
+
+
 PROBLEM = cluster_problem()
+CLUSTER_NAME = None
+if PROBLEM is None:
+    try:
+        CLUSTER_NAME = config_value("ClusterName")
+    except (OSError, subprocess.SubprocessError, AssertionError) as err:
+        PROBLEM = f"scontrol show config failed with SLURM_CONF={SLURM_CONF}: {err}"
 # CI starts the cluster and sets PIPEINFER_REQUIRE_SLURM=1: there a missing cluster fails, never skips.
 REQUIRED = os.environ.get("PIPEINFER_REQUIRE_SLURM") == "1"
 pytestmark = pytest.mark.skipif(PROBLEM is not None and not REQUIRED, reason=str(PROBLEM))
@@ -49,14 +106,31 @@ pytestmark = pytest.mark.skipif(PROBLEM is not None and not REQUIRED, reason=str
 def test_cluster_is_up():
     assert PROBLEM is None, PROBLEM
 
+
+def test_slurm_commands_ignore_the_environments_cluster(monkeypatch):
+    """A SLURM_CONF or SLURM_CLUSTERS in the environment (a login node's, another cluster's) does not
+    redirect the tests: they reach the project's cluster, at the config tests/slurm/cluster.sh writes."""
+    assert PROBLEM is None, PROBLEM
+    if OWN_CLUSTER:
+        assert SLURM_CONF == project_slurm_conf() and not SLURM_CONF.startswith("/etc/"), SLURM_CONF
+        conf = dict(line.split("=", 1) for line in Path(SLURM_CONF).read_text().splitlines()
+                    if "=" in line and not line.startswith(("#", "NodeName", "PartitionName")))
+        assert CLUSTER_NAME == conf["ClusterName"] == "pipeinfer"
+        assert config_value("SlurmctldPort") == conf["SlurmctldPort"] != "6817"   # not Slurm's default port
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
+    monkeypatch.setenv("SLURM_CLUSTERS", "some-other-cluster")
+    assert config_value("ClusterName") == CLUSTER_NAME
+    assert slurm("sinfo", "-h", "-N").returncode == 0
+    assert slurm_env()["SLURM_CONF"] == SLURM_CONF and "SLURM_CLUSTERS" not in slurm_env()
+
 PROMPTS = ["The quick brown fox", "Hello", "Pipeline parallelism splits a model"]
 MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "demo-llama"
-    subprocess.run([sys.executable, "-m", "pipeinfer.demo", "--out", str(out)], cwd=REPO, check=True, timeout=300)
+    out = tmp_path_factory.mktemp("model") / "tiny-llama"
+    subprocess.run([sys.executable, "-m", "pipeinfer.tiny_models", "--out", str(out)], cwd=REPO, check=True, timeout=300)
     return out
 
 
@@ -79,7 +153,9 @@ def reference(model_dir):
 
 
 def job_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    """The environment sbatch passes on to the job: the tests' SLURM_CONF (sbatch, and Slurm commands in
+    the job, talk to the tests' cluster) and this interpreter."""
+    env = slurm_env()
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PYTHON=sys.executable, MODULES="")
     env.update(extra)
     return env
@@ -90,8 +166,7 @@ def job_state(job_id, timeout_s=30):
     deadline = time.monotonic() + timeout_s
     state = ""
     while time.monotonic() < deadline:
-        out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-P", "--noheader", "--format=State"],
-                             capture_output=True, text=True).stdout.split()
+        out = slurm("sacct", "-j", str(job_id), "-X", "-P", "--noheader", "--format=State").stdout.split()
         state = out[0] if out else ""
         if state in FINISHED:
             return state
@@ -111,7 +186,7 @@ def sbatch(tmp_path, env, *args, wait=True):
         try:
             status = proc.wait(timeout=JOB_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            subprocess.run(["scancel", job_id])
+            slurm("scancel", job_id)
             proc.kill()
             pytest.fail(f"job {job_id} still running after {JOB_TIMEOUT_S} s: {Path(str(log).replace('%j', job_id)).read_text()}")
     return job_id, status, Path(str(log).replace("%j", job_id))
@@ -124,23 +199,38 @@ def assert_completed_run(job_id, status, log, output, reference):
     prompts = [r for r in records if r["type"] == "prompt"]
     assert len(prompts) == len(PROMPTS)
     assert {r["prompt_index"]: r["output_ids"] for r in prompts} == reference
+    # The ranks ran on the tests' cluster, and the job's own Slurm commands (scontrol in submit.sbatch,
+    # sacct in pipeinfer.slurm) had its SLURM_CONF.
+    run_env = next(r for r in records if r["type"] == "run")["env"]
+    assert run_env["SLURM_CLUSTER_NAME"] == CLUSTER_NAME, run_env
+    if OWN_CLUSTER:
+        assert run_env["SLURM_CONF"] == SLURM_CONF, run_env
     sacct = records[-1]
     assert sacct["type"] == "sacct" and sacct["job_id"] == job_id
     rows = {r["step"] or "job": r for r in sacct["rows"]}
-    assert {"job", "batch", "extern", "0"} <= set(rows), sacct
-    assert rows["0"]["state"] == "COMPLETED" and rows["0"]["node_list"] == "node[1-2]"
+    # the steps every configuration has ("extern" exists only with PrologFlags=Contain)
+    assert {"job", "batch", "0"} <= set(rows), sacct
+    assert rows["0"]["state"] == "COMPLETED" and rows["0"]["node_list"] == rows["job"]["node_list"]
+    assert len(hostnames(rows["0"]["node_list"])) == 2, rows["0"]
     assert all(r["elapsed_s"] is not None for r in rows.values())
     assert rows["0"]["max_rss_bytes"] > 0
     return records
+
+
+def hostnames(node_list):
+    """'node[1-2]' -> ['node1', 'node2'], as submit.sbatch expands it for MASTER_ADDR."""
+    return slurm("scontrol", "show", "hostnames", node_list, check=True).stdout.split()
 
 
 def test_two_nodes_without_container(tmp_path, model_dir, reference):
     output = tmp_path / "out" / "run.jsonl"
     config = write_config(tmp_path / "config.json", model_dir, output)
     job_id, status, log = sbatch(tmp_path, job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config)))
-    assert_completed_run(job_id, status, log, output, reference)
+    records = assert_completed_run(job_id, status, log, output, reference)
+    job_row = next(r for r in records[-1]["rows"] if r["step"] is None)
+    first_node = hostnames(job_row["node_list"])[0]
     text = log.read_text()
-    assert "rendezvous node1:" in text and f":{20000 + int(job_id) % 20000}" in text
+    assert f"rendezvous {first_node}:{20000 + int(job_id) % 20000}" in text, text
 
 
 def test_two_nodes_with_fake_apptainer(tmp_path, model_dir, reference):
@@ -173,6 +263,7 @@ def rank_pid(job_id, rank, timeout_s):
             except (OSError, ValueError):
                 continue
             if (b"run_distributed_inference.py" in cmdline and f"SLURM_JOB_ID={job_id}".encode() in environ
+                    and f"SLURM_CLUSTER_NAME={CLUSTER_NAME}".encode() in environ  # job ids repeat across clusters
                     and f"SLURM_PROCID={rank}".encode() in environ and b"SLURM_STEP_ID=0" in environ):
                 return int(proc.name)
         time.sleep(0.2)
@@ -200,7 +291,7 @@ def test_killed_rank_fails_the_job_without_hanging(tmp_path, model_dir):
         text = log.read_text()
         assert "srun exited with status 0" not in text and "scontrol requeue" not in text, text
     finally:
-        subprocess.run(["scancel", job_id])
+        slurm("scancel", job_id)
 
 
 def test_pipeline_size_not_matching_the_allocation_is_one_line_error(tmp_path, model_dir):
@@ -223,11 +314,15 @@ def test_usr1_before_time_limit_stops_requeues_and_resumes(tmp_path, model_dir):
                           ignore_eos=True, batch_size=1)
     env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config))
     job, _, log = sbatch(tmp_path, env, wait=False)
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (output.exists() and '"type": "prompt"' in output.read_text()):
             time.sleep(0.2)
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        slurm("scancel", "--batch", "--signal=USR1", job, check=True)
+        # Whole-model generate() on every prompt (about 20-40 s here), computed while Slurm holds the
+        # requeued job back (about 2 minutes) rather than after it. The config decodes past EOS.
+        reference = pool.submit(reference_outputs, str(model_dir), prompts, 200, ignore_eos=True)
         deadline = time.monotonic() + 300  # Slurm holds a requeued job back for a while before it restarts
         while time.monotonic() < deadline and "resuming:" not in log.read_text():
             time.sleep(1)
@@ -236,12 +331,16 @@ def test_usr1_before_time_limit_stops_requeues_and_resumes(tmp_path, model_dir):
         assert "got SIGUSR1, forwarding" in text and f"scontrol requeue {job}" in text, text[-3000:]
         assert "rerun the same config to resume" in text and "resuming:" in text, text[-3000:]
     finally:
-        subprocess.run(["scancel", job])
+        slurm("scancel", job)
+        pool.shutdown(wait=True)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     indices = sorted(r["prompt_index"] for r in records if r["type"] == "prompt")
     assert indices == list(range(len(prompts))), "exactly one record per prompt across the two attempts"
     assert [r["type"] for r in records].count("run") == 2
     assert records[-1]["type"] == "sacct"
+    # Both attempts' outputs, the ones saved before the stop and the ones after the resume, are generate()'s.
+    outputs = {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}
+    assert outputs == dict(enumerate(reference.result()))
 
 
 def test_scancel_stops_the_job_without_requeueing_it(tmp_path, model_dir):
@@ -255,14 +354,14 @@ def test_scancel_stops_the_job_without_requeueing_it(tmp_path, model_dir):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (output.exists() and '"type": "prompt"' in output.read_text()):
             time.sleep(0.2)
-        subprocess.run(["scancel", job], check=True)
+        slurm("scancel", job, check=True)
         assert job_state(job, timeout_s=90) == "CANCELLED", log.read_text()[-3000:]
         time.sleep(5)  # a requeue would show the job pending again by now
-        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+        queued = slurm("squeue", "-h", "-j", job).stdout.strip()
         assert not queued, f"job {job} is queued again: {queued}\n{log.read_text()[-3000:]}"
         text = log.read_text()
         assert "scontrol requeue" not in text and "not requeued" in text, text[-3000:]
     finally:
-        subprocess.run(["scancel", job])
+        slurm("scancel", job)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert records[-1]["type"] == "summary" and records[-1]["interrupted"] is True

@@ -1,6 +1,7 @@
-"""Tiny Llama-style models and a byte-level tokenizer, made locally and deterministically.
+"""Tiny random models and a byte-level tokenizer, made locally and deterministically: the tests'
+and benchmarks' model factory (the demo's trained checkpoint comes from pretrained.py).
 
-    python -m pipeinfer.demo --out models/demo-llama        # the quickstart's demo model
+    python -m pipeinfer.tiny_models --out models/tiny-llama        # a 6-layer random model to try the runner on
 
 Random weights from a fixed seed, saved with save_pretrained as safetensors: the same bytes on every
 machine, and nothing downloaded. The tests build their models with make_model() too.
@@ -36,8 +37,12 @@ def make_tokenizer():
                                    padding_side="left", model_input_names=["input_ids", "attention_mask"])
 
 
-def make_model(out: str, seed: int = 0, dtype: str = "float32", model_type: str = "llama", **overrides) -> str:
-    """Write a random-weight model and tokenizer to `out` (atomically: a temp dir, then rename)."""
+def make_model(out: str, seed: int = 0, dtype: str = "float32", model_type: str = "llama", device: str = "cpu",
+               **overrides) -> str:
+    """Write a random-weight model and tokenizer to `out` (atomically: a temp dir, then rename).
+
+    device: where the weights are made and initialised ("cuda" for a billion parameters: on CPU that
+    alone takes minutes); the same seed draws other numbers there than on CPU."""
     import torch
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
@@ -49,7 +54,8 @@ def make_model(out: str, seed: int = 0, dtype: str = "float32", model_type: str 
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     # Random init gives near-uniform logits; a wider spread makes greedy choices decisive and the
     # demo's text less monotone, while staying a random model.
     with torch.no_grad():
@@ -77,7 +83,7 @@ def ensure_demo_model(out: str) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="models/demo-llama")
+    ap.add_argument("--out", default="models/tiny-llama")
     ap.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = ap.parse_args()
     if args.force and os.path.isdir(args.out):

@@ -1,0 +1,73 @@
+"""Everything a run needs, read and checked identically on every rank before anyone waits on anyone.
+
+    inputs = read_inputs("exp_config.json", ["pipeline_size=2"])   # ConfigError: exit 2, one line
+
+Config, the checkpoint's config and generation_config, the tokenizer, the prompts (rendered and
+tokenized), the device and dtype, and the plan (plan.py: every rank's layers and bytes, every
+split and budget rule). A job that cannot run ends here, on every rank alike, before the process
+group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeinfer.config import ExpConfig, check_vocab, check_world, load_config, world_from_env
+from pipeinfer.families import family_for
+from pipeinfer.generation import GenParams
+from pipeinfer.plan import Plan, plan_for_run
+from pipeinfer.prompts import Prompt, check_lengths, load_prompts, load_tokenizer, prepare
+from pipeinfer.runtime import pick_device, read_model_config, setup_logging
+from pipeinfer.sampling import SamplingParams, generation_ids, load_generation_config, score_settings
+from pipeinfer.runtime import resolve_dtype, saved_dtype
+from pipeinfer.stops import Stopper
+
+
+@dataclass(frozen=True)
+class Inputs:
+    rank: int
+    world_size: int
+    cfg: ExpConfig
+    model_config: object
+    tokenizer: object
+    prompts: list[Prompt]
+    gen: GenParams
+    score_changes: dict  # generation_config.json settings applied as generate() applies them
+    device: torch.device
+    dtype: torch.dtype
+    plan: Plan
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def read_inputs(config_path: str, overrides: list[str]) -> Inputs:
+    """Read and check everything; ConfigError (one line, with the fix) for anything wrong."""
+    rank, world_size, local_rank = world_from_env()
+    setup_logging(rank)
+    cfg = load_config(config_path, overrides)
+    check_world(cfg, world_size)
+    model_config = read_model_config(cfg.model_path, cfg.trust_remote_code)
+    family_for(model_config.model_type)
+    check_vocab(cfg, getattr(model_config, "vocab_size", None))
+    specs = load_prompts(cfg)
+    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+    prompts = prepare(tokenizer, specs, cfg)  # strings and chat messages -> text and token ids
+    lengths = check_lengths(prompts, getattr(model_config, "max_position_embeddings", None), cfg.max_new_tokens)
+    gen_config = load_generation_config(cfg.model_path, model_config)
+    score_changes = score_settings(gen_config)
+    eos_ids, pad_id = generation_ids(gen_config, model_config, tokenizer)
+    # stop strings' matchers are built now: one a tokenizer cannot serve is bad input, not a mid-run error
+    stopper = Stopper(tokenizer, () if cfg.ignore_eos else eos_ids).prepare(s for p in prompts for s in p.stops.strings)
+    gen = GenParams(cfg.max_new_tokens, cfg.ignore_eos, eos_ids, pad_id,
+                    SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed,
+                    gen_config if score_changes else None, stopper,
+                    logprobs=cfg.logprobs, prompt_logprobs=cfg.prompt_logprobs, prompt_chunk=cfg.prompt_logprobs_chunk)
+    device = pick_device(cfg.device, local_rank)
+    dtype = resolve_dtype(cfg.dtype, device, saved_dtype(model_config))
+    # Every rank's layers and bytes, every split and budget rule: a job that does not fit ends here.
+    plan = plan_for_run(cfg, model_config, max(lengths), str(dtype).removeprefix("torch."), device.type)
+    return Inputs(rank, world_size, cfg, model_config, tokenizer, prompts, gen, score_changes, device, dtype, plan)

@@ -1,0 +1,340 @@
+"""The plan of a run, known before any rank waits on another, and a dry run that prints it.
+
+    python -m pipeinfer.plan exp_config.json [--device-memory 16GiB] [--set KEY=VALUE] [--json]   # dryrun.py
+
+make_plan() is pure: from the config, the model's config and the checkpoint's safetensors headers
+(names, dtypes, shapes; never tensor data) it returns each rank's layer range, parameter bytes in
+the run's dtype, KV-cache bytes, largest transient, runtime reserve and device_map. Every split and
+budget rule is checked here and only here, raising ConfigError (one line, with the numbers and the
+smallest budget or pipeline size that works) on every rank alike, before the process group exists.
+Loading (stage.load_stage) takes the plan and only loads.
+
+What each number counts (bytes, in the run's dtype):
+  weights    the parameters the loaded stage holds: its layers, the embeddings on the first stage,
+             the final norm and lm_head on the last (a tied lm_head is the embedding: once per stage)
+  kv_cache   what kvcache.PreallocatedLayer allocates: keys + values, num_key_value_heads x head_dim,
+             for every prompt in flight (the micro-batch slots) at capacity longest prompt +
+             max_new_tokens (generation.py sizes each slot's cache so), per layer of the stage
+  transient  the prefill of the largest micro-batch: (B, T) x (4 hidden + 3 intermediate) activations
+             live at once in a decoder layer, plus the (B, T, T) mask; on the last stage also the
+             (B, V) logits in the run's dtype and in float32
+  reserve    what the runtime holds before any weight: on CUDA the context (CUDA_CONTEXT_BYTES, a
+             stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pipeinfer.checkpoint import Tensor, checkpoint_keys, read_headers
+from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, parse_bytes
+from pipeinfer.families import Family, family_for
+from pipeinfer.partition import (StageCosts, StagePlan, balance_bytes, check_complete, missing_weights, plan_split,
+                                 stage_device_map)
+
+CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS workspace per process: about 0.4-0.6 GiB on recent GPUs
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    layers: range
+    weights: int
+    kv_cache: int
+    transient: int
+    reserve: int
+    budget: int | None
+    device_map: dict[str, str] = field(repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.transient + self.reserve
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_path: str
+    family: str
+    num_layers: int
+    dtype: str
+    device_type: str
+    layer_split: str | list[int]
+    slots: tuple[int, ...]     # prompts per micro-batch slot in flight
+    longest_prompt: int
+    capacity: int              # KV positions per slot: longest_prompt + max_new_tokens
+    ranks: tuple[RankPlan, ...]
+    keys: dict[str, str] | None = field(default=None, repr=False)  # parameter name -> checkpoint tensor name
+    tensors: dict[str, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def pipeline_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def layer_ranges(self) -> list[range]:
+        return [r.layers for r in self.ranks]
+
+    def stage(self, rank: int) -> StagePlan:
+        return StagePlan(rank, self.pipeline_size, self.ranks[rank].layers)
+
+    def record(self) -> dict:
+        """JSON-ready: what the run record carries (device maps left out: derived, and long)."""
+        return {"family": self.family, "dtype": self.dtype, "device_type": self.device_type,
+                "slots": list(self.slots), "longest_prompt": self.longest_prompt, "capacity": self.capacity,
+                "ranks": [{"rank": r.rank, "layers": [r.layers.start, r.layers.stop - 1], "weights": r.weights,
+                           "kv_cache": r.kv_cache, "transient": r.transient, "reserve": r.reserve,
+                           "total": r.total, "budget": r.budget, "fits": r.fits} for r in self.ranks]}
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What planning needs from the model, computed once from its config on the meta device."""
+    family: Family
+    num_layers: int
+    top: list[str]
+    base_children: list[str]
+    params: dict[str, tuple[int, ...]]  # unique parameters (a tied head appears once, as the embedding)
+    buffers: list[str]
+    tied: bool
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_width: int                      # num_key_value_heads x head_dim
+
+
+def _model(model_config, trust_remote_code: bool = False) -> _Model:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    family = family_for(model_config.model_type)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    base = skeleton.get_submodule(family.base)
+    c = model_config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or \
+        getattr(c, "n_inner", None) or 4 * c.hidden_size
+    tied = bool(getattr(c, "tie_word_embeddings", False))
+    heads = {f"{h}.weight" for h in family.heads}  # tied: the embedding itself (some releases tie only at load)
+    return _Model(family, c.num_hidden_layers, [n for n, _ in skeleton.named_children()],
+                  [n for n, _ in base.named_children()],
+                  {n: tuple(p.shape) for n, p in skeleton.named_parameters() if not (tied and n in heads)},
+                  [n for n, _ in skeleton.named_buffers()], tied,
+                  c.hidden_size, inter, c.vocab_size, kv_heads * head_dim)
+
+
+def _placement(dmap: dict[str, str], name: str) -> str | None:
+    key = max((k for k in dmap if name == k or name.startswith(k + ".")), key=len, default=None)
+    return dmap.get(key) if key is not None else None
+
+
+def _device_maps(m: _Model, ranges: list[range], local: str) -> list[dict[str, str]]:
+    return [stage_device_map(m.top, m.base_children, m.num_layers, m.family, StagePlan(r, len(ranges), ranges[r]),
+                             m.tied, local) for r in range(len(ranges))]
+
+
+def _layer_of(name: str, m: _Model) -> int | None:
+    prefix = f"{m.family.base}.{m.family.layers}."
+    if name.startswith(prefix):
+        return int(name[len(prefix):].split(".")[0])
+    return None
+
+
+def _costs(m: _Model, itemsize: int, kv_per_layer: int) -> StageCosts:
+    """Weights (+ KV cache per layer) by part, for layer_split="auto": a tied head counts the embedding
+    on the last stage too (balancing only; the plan's weights count each stage's own exactly)."""
+    layers = [kv_per_layer] * m.num_layers
+    first = last = 0
+    fam = m.family
+    for name, shape in m.params.items():
+        nbytes = math.prod(shape) * itemsize
+        i = _layer_of(name, m)
+        child = name[len(fam.base) + 1:].split(".")[0] if name.startswith(fam.base + ".") else None
+        if i is not None:
+            layers[i] += nbytes
+        elif child in fam.first:
+            first += nbytes
+            if m.tied and child == fam.embeddings:
+                last += nbytes
+        elif child in fam.last or name.split(".")[0] in fam.heads:
+            last += nbytes
+    return StageCosts(layers, first, last)
+
+
+def _layout(m: _Model, size: int, layer_split, itemsize: int, slots: list[int], longest: int, capacity: int,
+            budgets: list[int] | None, reserve: int, local: str) -> tuple[list[range], list[RankPlan]]:
+    """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split."""
+    kv_per_layer = 2 * sum(slots) * m.kv_width * capacity * itemsize  # keys + values
+    costs = _costs(m, itemsize, kv_per_layer)
+    if layer_split != "auto":
+        ranges = plan_split(m.num_layers, size, layer_split)
+    elif layer_split == "auto":
+        # stage_bytes minus what every stage holds anyway, so that budgets compare like with like
+        b, t = max(slots), longest
+        act = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
+        extra = [act + reserve] * size
+        extra[-1] += b * m.vocab * (itemsize + 4)
+        room = None if budgets is None else [max(0, bud - e) for bud, e in zip(budgets, extra)]
+        try:
+            ranges = balance_bytes(costs, size, room)
+        except ValueError:
+            ranges = balance_bytes(costs, size)  # nothing fits: plan the best split, the fit check reports it
+    maps = _device_maps(m, ranges, local)
+    b, t = max(slots), longest
+    ranks = []
+    for r, (rng, dmap) in enumerate(zip(ranges, maps)):
+        weights = sum(math.prod(s) * itemsize for n, s in m.params.items() if _placement(dmap, n) == local)
+        transient = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
+        if r == size - 1:
+            transient += b * m.vocab * (itemsize + 4)  # (B, V) logits in the run's dtype, then float32
+        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient, reserve,
+                              None if budgets is None else budgets[r], dmap))
+    return ranges, ranks
+
+
+def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, longest_prompt: int, dtype: str,
+              device_type: str, budgets: list[int] | None = None, model: _Model | None = None) -> Plan:
+    """The plan of the run; ConfigError when the split is invalid, the checkpoint does not match the
+    model, or a stage does not fit its budget (max_memory, else `budgets`).
+
+    tensors: read_headers() (None for a pickle checkpoint: names and shapes are then not checked).
+    dtype: the run's dtype name ("float16", ...); device_type: "cpu" or "cuda".
+    """
+    m = model or _model(model_config, cfg.trust_remote_code)
+    size = cfg.pipeline_size
+    check_model(cfg, m.num_layers)
+    if cfg.max_memory is not None:
+        budgets = [parse_bytes(b) for b in cfg.max_memory]
+    itemsize = _ITEMSIZE[dtype]
+    slots = micro_batching(cfg)
+    capacity = longest_prompt + cfg.max_new_tokens
+    reserve = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0
+    local = "cpu" if device_type == "cpu" else device_type
+    try:
+        ranges, ranks = _layout(m, size, cfg.layer_split, itemsize, slots, longest_prompt, capacity, budgets,
+                                reserve, local)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    keys = None
+    if tensors is not None:
+        keys = checkpoint_keys(sorted(tensors), m.top, m.family)
+        _check_checkpoint(cfg.model_path, m, keys, tensors, ranks, local)
+    else:
+        try:
+            for r in ranks:
+                check_complete(r.device_map, list(m.params) + m.buffers, "model parameters and buffers")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
+                longest_prompt, capacity, tuple(ranks), keys, tensors)
+    bad = [r for r in ranks if not r.fits]
+    if bad:
+        r = bad[0]
+        name = f"max_memory[{r.rank}]={r.budget} bytes" if cfg.max_memory is not None else \
+            f"the device memory ({r.budget} bytes)"
+        fix = [f"raise it to at least {r.total} bytes ({_human(r.total)})"]
+        fewest = smallest_pipeline(cfg, m, itemsize, slots, longest_prompt, capacity, min(budgets), reserve, local)
+        if fewest is not None and fewest > size:
+            fix.append(f"use pipeline_size={fewest}")
+        most = largest_batch(cfg, m, itemsize, longest_prompt, budgets, reserve, local)
+        if most:
+            fix.append(f"lower batch_size to {most}")
+        if cfg.layer_split != "auto":
+            fix.append('use layer_split="auto"')
+        raise ConfigError(f"{name} cannot hold rank {r.rank}'s stage (layers {r.layers.start}..{r.layers.stop - 1}: "
+                          f"weights {r.weights} + KV cache {r.kv_cache} + transient {r.transient} + reserve "
+                          f"{r.reserve} = {r.total} bytes): {', or '.join(fix)}")
+    return plan
+
+
+def _check_checkpoint(path: str, m: _Model, keys: dict[str, str], tensors: dict[str, Tensor],
+                      ranks: list[RankPlan], local: str) -> None:
+    """Every parameter each rank owns has a stored tensor of the model's shape."""
+    have = set(keys)
+    fam = m.family
+    tied_pair = {f"{fam.base}.{fam.embeddings}.weight"} | {f"{h}.weight" for h in fam.heads if h in m.top}
+    if m.tied and have & tied_pair:
+        have |= tied_pair  # either copy serves both: they are one tensor once loaded
+    for r in ranks:
+        try:
+            check_complete(r.device_map, list(m.params) + m.buffers, "model parameters and buffers")
+            check_complete(r.device_map, list(keys), "checkpoint tensors")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        absent = missing_weights(r.device_map, list(m.params), have, local)
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            raise ConfigError(f"the checkpoint in {path} has no tensor for {len(absent)} weights rank {r.rank} "
+                              f"needs ({shown}); transformers would fill them with random values: copy the "
+                              f"complete checkpoint, saved for this model's type and size")
+    for name, shape in m.params.items():
+        key = keys.get(name)
+        if key is not None and tensors[key].shape != shape:
+            raise ConfigError(f"checkpoint tensor {key} has shape {list(tensors[key].shape)} but {path}/config.json "
+                              f"makes {name} {list(shape)}: the weights were saved for another model size")
+
+
+def smallest_pipeline(cfg, m, itemsize, slots, longest, capacity, budget, reserve, local) -> int | None:
+    """The fewest stages whose every rank fits `budget` (layer_split "auto", or cfg's mode when a string)."""
+    mode = cfg.layer_split if isinstance(cfg.layer_split, str) else "auto"
+    for size in range(1, m.num_layers + 1):
+        s = slots if cfg.micro_batch_size != "auto" else \
+            micro_batching(_replace(cfg, pipeline_size=size))
+        _, ranks = _layout(m, size, mode, itemsize, s, longest, capacity, [budget] * size, reserve, local)
+        if all(r.fits for r in ranks):
+            return size
+    return None
+
+
+def largest_batch(cfg, m, itemsize, longest, budgets, reserve, local, limit: int = 4096) -> int:
+    """The largest batch_size (<= limit) at which every rank fits, with this pipeline_size and split; 0 if none."""
+    def fits(b: int) -> bool:
+        c = _replace(cfg, batch_size=b, micro_batch_size=cfg.micro_batch_size if cfg.micro_batch_size == "auto"
+                     else min(cfg.micro_batch_size, b))
+        _, ranks = _layout(m, cfg.pipeline_size, cfg.layer_split, itemsize, micro_batching(c), longest,
+                           longest + cfg.max_new_tokens, budgets, reserve, local)
+        return all(r.fits for r in ranks)
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _replace(cfg: ExpConfig, **over) -> ExpConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, **over)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n}B"
+
+
+def plan_for_run(cfg: ExpConfig, model_config, longest_prompt: int, dtype: str, device_type: str,
+                 budgets: list[int] | None = None) -> Plan:
+    """read_headers() + make_plan(): what every rank runs before the process group."""
+    return make_plan(cfg, model_config, read_headers(cfg.model_path, cfg.allow_pickle), longest_prompt, dtype,
+                     device_type, budgets)
+
+
+if __name__ == "__main__":  # python -m pipeinfer.plan: the dry run
+    from pipeinfer.dryrun import main
+
+    raise SystemExit(main())

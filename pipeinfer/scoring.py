@@ -1,0 +1,39 @@
+"""Prompt log-probabilities on the last stage: log p(token_t | tokens before t) for every prompt
+position, from the prefill's hidden states, the lm_head applied a chunk of positions at a time so
+that the (T, V) logits of a long prompt never exist at once: at most (B, chunk, V) float32.
+
+This is what loglikelihood-style evaluations need (max_new_tokens=0 with prompt_logprobs=true
+only scores); the record's sum, count and perplexity come from these values (prompt_scores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.inference_mode()
+def prompt_logprobs(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, H) final hidden states and (B, T) ids -> the (B, V) float32 logits of the last
+    position (what the stage returns without scoring) and (B, T - 1) float64 log-probabilities:
+    entry t - 1 is that of ids[:, t] given ids[:, :t]. Left-padding positions hold meaningless
+    values (prompt_scores takes each row's own last n - 1)."""
+    B, T, _ = hidden.shape
+    out = torch.empty(B, T - 1, dtype=torch.float64, device=hidden.device)
+    for c in range(0, T - 1, chunk):
+        e = min(c + chunk, T - 1)
+        logits = head(hidden[:, c:e]).float()  # (B, e - c, V): the largest tensor here
+        out[:, c:e] = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, c + 1:e + 1, None])[..., 0]
+    return head(hidden[:, -1, :]).float(), out
+
+
+def prompt_scores(row: list[float], n: int) -> dict:
+    """One prompt's record fields from its row of prompt_logprobs (padded length T - 1) and its n
+    tokens: a value per prompt token (None for the first, which has no prefix), their sum and
+    count, and the perplexity exp(-sum / count)."""
+    values = [float(v) for v in row[len(row) - (n - 1):]] if n > 1 else []
+    total = sum(values)
+    return {"prompt_logprobs": [None, *values], "prompt_logprob_sum": total, "prompt_logprob_count": len(values),
+            "perplexity": math.exp(-total / len(values)) if values else None}

@@ -1,0 +1,249 @@
+"""The plan before the load: planned bytes against what loading really holds, a job that does not
+fit refused before any rendezvous, and the dry run on a checkpoint larger than this machine's memory.
+
+    pytest tests/test_plan.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ENTRY, PROMPTS, ROOT, TINY, base_config, rank_env
+
+SMALL = dict(hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
+MODELS = {  # tied and untied heads, GQA, a nested base (OPT with projections), a base saved without its root
+    "llama": dict(SMALL, intermediate_size=128, num_key_value_heads=2, num_hidden_layers=5),
+    "gemma": dict(SMALL, intermediate_size=128, num_key_value_heads=2, num_hidden_layers=3, head_dim=16),
+    "gpt2": dict(SMALL, num_hidden_layers=3),
+    "opt": dict(SMALL, ffn_dim=128, word_embed_proj_dim=32, num_hidden_layers=4),
+    "gpt_neox": dict(SMALL, intermediate_size=128, num_hidden_layers=5),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from pipeinfer.tiny_models import make_model
+
+    root = tmp_path_factory.mktemp("plan")
+    return {mt: make_model(str(root / mt), seed=5, model_type=mt, **cfg) for mt, cfg in MODELS.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_planned_weights_are_the_loaded_parameter_bytes(models, model_type, dtype):
+    """Exactly, per rank, at pipeline_size 1..3, in the checkpoint's dtype and converted."""
+    from pipeinfer.config import build_config
+    from pipeinfer.plan import plan_for_run
+    from pipeinfer.runtime import read_model_config
+    from pipeinfer.stage import load_stage
+
+    path = models[model_type]
+    mc = read_model_config(path)
+    for size in (1, 2, 3):
+        cfg = build_config(dict(model_path=path, prompts=["x"], pipeline_size=size, batch_size=3))
+        plan = plan_for_run(cfg, mc, 9, dtype, "cpu")
+        assert sum(len(r) for r in plan.layer_ranges) == mc.num_hidden_layers
+        for rank in range(size):
+            stage, info = load_stage(plan, rank, mc, torch.device("cpu"), getattr(torch, dtype), "unused")
+            assert plan.ranks[rank].weights == info.param_bytes > 0, (size, rank)
+            assert all(p.dtype == getattr(torch, dtype) for p in stage.parameters())
+            # KV cache: keys + values, kv heads x head_dim, every prompt in flight at prompt + max_new_tokens
+            kv_width = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+            kv_width *= getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+            assert plan.ranks[rank].kv_cache == len(plan.ranks[rank].layers) * 2 * 3 * kv_width * (9 + 32) * \
+                torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+
+
+def test_kv_cache_plan_is_what_the_cache_allocates(models):
+    """The planned KV bytes of a stage equal the buffers PreallocatedLayer holds after the slots'
+    prefills, at the capacity generation.py gives them (padded prompt + max_new_tokens)."""
+    from pipeinfer.config import build_config
+    from pipeinfer.plan import plan_for_run
+    from pipeinfer.runtime import read_model_config
+    from pipeinfer.stage import load_stage
+
+    path = models["llama"]
+    mc = read_model_config(path)
+    cfg = build_config(dict(model_path=path, prompts=["x"], pipeline_size=2, batch_size=3, max_new_tokens=5))
+    plan = plan_for_run(cfg, mc, 7, "float32", "cpu")
+    assert plan.slots == (2, 1)
+    for rank in range(2):
+        stage, _ = load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
+        held = 0
+        for b in plan.slots:
+            cache = stage.new_cache(capacity=7 + 5)
+            x = torch.zeros(b, 7, dtype=torch.long) if rank == 0 else torch.zeros(b, 7, mc.hidden_size)
+            stage(x, None, torch.arange(7).expand(b, 7), cache)
+            held += sum(layer._k.nbytes + layer._v.nbytes for layer in cache.layers)
+        assert plan.ranks[rank].kv_cache == held
+
+
+def test_budget_errors_name_the_fix(models):
+    from pipeinfer.config import ConfigError, build_config
+    from pipeinfer.plan import plan_for_run
+    from pipeinfer.runtime import read_model_config
+
+    path = models["llama"]
+    mc = read_model_config(path)
+    cfg = build_config(dict(model_path=path, prompts=["x"], pipeline_size=1, batch_size=64, max_memory=["2MB"]))
+    with pytest.raises(ConfigError, match=r"max_memory\[0\]=2000000 bytes cannot hold rank 0's stage \(layers 0..4: "
+                                          r"weights \d+ \+ KV cache \d+ \+ transient \d+ \+ reserve 0 = \d+ bytes\): "
+                                          r"raise it to at least \d+ bytes .*lower batch_size to \d+"):
+        plan_for_run(cfg, mc, 20, "float32", "cpu")
+    # the batch it names fits
+    msg = ""
+    try:
+        plan_for_run(cfg, mc, 20, "float32", "cpu")
+    except ConfigError as e:
+        msg = str(e)
+    fits = int(msg.split("lower batch_size to ")[1].split(",")[0].split()[0])
+    plan_for_run(build_config(dict(cfg.to_dict(), batch_size=fits)), mc, 20, "float32", "cpu")
+    with pytest.raises(ConfigError):
+        plan_for_run(build_config(dict(cfg.to_dict(), batch_size=fits + 1)), mc, 20, "float32", "cpu")
+    # a pipeline size that fits where one rank cannot hold the weights: the message names it
+    small = build_config(dict(model_path=path, prompts=["x"], pipeline_size=1, max_memory=["600KB"]))
+    with pytest.raises(ConfigError, match=r"use pipeline_size=[2-5]"):
+        plan_for_run(small, mc, 4, "float32", "cpu")
+
+
+def test_job_that_does_not_fit_exits_2_before_any_rendezvous(models, tmp_path):
+    """Both ranks refuse with the numbers; nobody connects to MASTER_PORT (a socket the test owns
+    listens there and counts connections), and nobody waits on anybody: the exit is quick."""
+    cfg = base_config(models["llama"], tmp_path, pipeline_size=2, max_memory=["1GiB", "10KB"], timeout_s=600)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        t0 = time.monotonic()
+        procs = [subprocess.Popen([sys.executable, ENTRY, "--config", str(path)], cwd=ROOT, env=rank_env(r, 2, port),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        results = [p.communicate(timeout=300) for p in procs]
+        elapsed = time.monotonic() - t0
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no rank tried to reach rank 0's store
+    assert [p.returncode for p in procs] == [2, 2]
+    for _, err in results:
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "max_memory[1]=10000 bytes cannot hold rank 1's stage" in lines[0], err[-2000:]
+        assert "raise it to at least" in lines[0] and "Traceback" not in err
+    assert elapsed < 240  # far below timeout_s=600: nobody waited for a peer
+    assert not os.path.exists(cfg["output_path"])
+
+
+def _write_header_only_checkpoint(path: str, model_config, dtype: str = "BF16") -> int:
+    """A model.safetensors whose header describes every tensor of the model, over a sparse file:
+    the size of the real checkpoint, none of its data. Returns the file's size."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    header, offset = {}, 0
+    for name, p in skeleton.state_dict().items():
+        if name == "lm_head.weight" and model_config.tie_word_embeddings:
+            continue
+        n = p.numel() * 2
+        header[name] = {"dtype": dtype, "shape": list(p.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+    os.truncate(path, 8 + len(raw) + offset)
+    return 8 + len(raw) + offset
+
+
+def test_dry_run_on_a_checkpoint_larger_than_memory(tmp_path):
+    """A 39 GB bfloat16 checkpoint (larger than this machine's memory) planned in seconds, from headers."""
+    from transformers import AutoConfig
+
+    from pipeinfer.config import build_config
+    from pipeinfer.tiny_models import make_model
+    from pipeinfer.dryrun import dry_run
+
+    path = make_model(str(tmp_path / "big"), seed=0, **TINY)  # for its tokenizer
+    os.remove(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        conf = json.load(f)
+    conf.update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=24, num_attention_heads=64,
+                num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+                dtype="bfloat16")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(conf, f)
+    size = _write_header_only_checkpoint(os.path.join(path, "model.safetensors"), AutoConfig.from_pretrained(path))
+    total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert size > total_memory and size > 35e9
+
+    cfg = build_config(dict(model_path=path, prompts=PROMPTS, pipeline_size=2, batch_size=8, max_new_tokens=1000))
+    dry_run(cfg, 80 * 2**30, "cuda", 100)  # imports and first calls warmed
+    t0 = time.perf_counter()
+    out = dry_run(cfg, 20 * 2**30, "cuda", 1000)
+    assert time.perf_counter() - t0 < 5
+    weights = sum(r["weights"] for r in out["ranks"])
+    # bf16 weights: the file's data, split between the ranks (untied: each copy once)
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        header_len = 8 + int.from_bytes(f.read(8), "little")
+    assert weights == size - header_len
+    assert out["fits"] is False and all(not r["fits"] for r in out["ranks"])
+    assert out["smallest_pipeline_size"] == 3  # 39 GB of weights over 20 GiB ranks: 2 ranks miss, 3 fit
+    assert out["largest_batch_size"] == 0
+    # the KV cache, GQA-aware: 8 kv heads x 128 per layer, 8 prompts of 1000 + 1000 tokens
+    first, last = out["ranks"][0]["layers"]
+    assert out["ranks"][0]["kv_cache"] == (last - first + 1) * 2 * 8 * 8 * 128 * 2000 * 2
+
+    cfg_path = tmp_path / "big.json"
+    cfg_path.write_text(json.dumps({k: v for k, v in dict(cfg.to_dict(), pipeline_size=4).items() if v is not None}))
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "pipeinfer.plan", str(cfg_path), "--device-memory", "20GiB",
+                          "--json", "--prompt-tokens", "1000"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), timeout=120)
+    wall = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["fits"] and len(out["ranks"]) == 4 and all(r["fits"] for r in out["ranks"])
+    assert out["largest_batch_size"] >= 8 and out["smallest_pipeline_size"] == 3
+    print(f"dry run CLI on a {size / 1e9:.1f} GB checkpoint: {wall:.1f} s wall (python and torch imports included)")
+
+
+def test_dry_run_table_and_exit_codes(models, tmp_path):
+    cfg_path = tmp_path / "c.json"
+    cfg_path.write_text(json.dumps(dict(model_path=models["gpt2"], prompts=PROMPTS, pipeline_size=2, batch_size=4)))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, "-m", "pipeinfer.plan", str(cfg_path), "--device", "cpu",
+                         "--device-memory", "1GiB"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "| rank | layers | weights MiB | KV cache MiB | transient MiB |" in ok.stdout
+    assert "largest batch_size that fits at pipeline_size=2: " in ok.stdout
+    assert "smallest pipeline_size that fits at batch_size=4: 1" in ok.stdout
+    over = subprocess.run([sys.executable, "-m", "pipeinfer.plan", str(cfg_path), "--device", "cpu",
+                           "--device-memory", "1KB"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert over.returncode == 1 and "| NO |" in over.stdout and "cannot hold rank 0's stage" in over.stderr
+    bad = subprocess.run([sys.executable, "-m", "pipeinfer.plan", str(cfg_path), "--device-memory", "lots"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --device-memory 'lots'")
+
+
+def test_planned_total_matches_measured_peak(tmp_path):
+    """bench/memory.py --check-plan on CPU: two families, pipeline_size 1 and 2, batch 1 and 8, a
+    512-token prompt; every rank's planned total within 10% of its peak RSS over the runtime
+    baseline, and planned weights exactly the loaded parameter bytes."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
+
+    rows = memory.check_plan(str(tmp_path))
+    assert len(rows) == 5  # pp1 + pp2 + pp2 ranks
+    for r in rows:
+        assert r["planned_weights"] == r["param_bytes"], r
+        assert 0.9 <= r["ratio"] <= 1.1, r
