@@ -26,6 +26,10 @@ class Tensor:
     dtype: str   # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ST_DTYPES[self.dtype]
+
 
 # --- the plan ---------------------------------------------------------------------------------------
 

@@ -19,6 +19,14 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "nccl", "gloo")
+QUANTIZATION = ("none", "int8", "nf4", "fp4")  # bitsandbytes LLM.int8, 4-bit NormalFloat, 4-bit float
+# quantization_options: the BitsAndBytesConfig settings a user may change, and what each accepts
+QUANT_OPTIONS = {
+    "llm_int8_threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+    "bnb_4bit_use_double_quant": (lambda v: isinstance(v, bool), "true or false"),
+    "llm_int8_skip_modules": (lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
+                              'a list of module names, e.g. ["mlp.down_proj"]'),
+}
 MAX_TIMEOUT_S = 1e6  # 11.6 days for one wait: far beyond any step, and within what timedelta and gloo hold
 
 
@@ -71,6 +79,8 @@ class ExpConfig:
     max_memory: list[int | str] | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    quantization: str = "none"
+    quantization_options: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,10 +135,15 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
                    'a list with one byte budget per rank: integers or strings like "12GiB", "500MB"'),
     "allow_pickle": (_BOOL, None, "true or false (true loads pickle .bin checkpoints, which can run code)"),
     "trust_remote_code": (_BOOL, None, "true or false (true runs the checkpoint's own Python code: auto_map)"),
+    "quantization": (_STR, lambda v: v in QUANTIZATION,
+                     f"one of {', '.join(QUANTIZATION)} (bitsandbytes, each rank quantizing its own layers)"),
+    "quantization_options": ((dict,), lambda v: all(k in QUANT_OPTIONS and QUANT_OPTIONS[k][0](x) for k, x in v.items()),
+                             "an object with " + ", ".join(f"{k} ({t})" for k, (_, t) in QUANT_OPTIONS.items())),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
 
-_OPTIONAL = ("prompts", "prompts_file", "chat_template", "system_prompt", "stop", "stop_token_ids")
+_OPTIONAL = ("prompts", "prompts_file", "chat_template", "system_prompt", "stop", "stop_token_ids",
+             "quantization_options")
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -13,7 +13,7 @@ import json
 
 from pipeinfer.checkpoint import read_headers
 from pipeinfer.config import ConfigError, ExpConfig, micro_batching, parse_bytes
-from pipeinfer.plan import (CUDA_CONTEXT_BYTES, _ITEMSIZE, _model, _replace, largest_batch, make_plan,
+from pipeinfer.plan import (CUDA_CONTEXT_BYTES, _model, _replace, largest_batch, make_plan,
                             smallest_pipeline)
 
 
@@ -64,11 +64,10 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
             r["budget"], r["fits"] = b, r["total"] <= b
         out.update(rec, fits=False, error=str(e))
     if budgets is not None:
-        itemsize = _ITEMSIZE[dtype]
         reserve = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0
         local = "cpu" if device_type == "cpu" else device_type
-        out["largest_batch_size"] = largest_batch(cfg, m, itemsize, prompt_tokens, budgets, reserve, local)
-        out["smallest_pipeline_size"] = smallest_pipeline(cfg, m, itemsize, micro_batching(cfg), prompt_tokens,
+        out["largest_batch_size"] = largest_batch(cfg, m, plan.sizes, prompt_tokens, budgets, reserve, local)
+        out["smallest_pipeline_size"] = smallest_pipeline(cfg, m, plan.sizes, micro_batching(cfg), prompt_tokens,
                                                           prompt_tokens + cfg.max_new_tokens, min(budgets), reserve,
                                                           local)
     return out

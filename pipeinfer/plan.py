@@ -11,7 +11,8 @@ Loading (stage.load_stage) takes the plan and only loads.
 
 What each number counts (bytes, in the run's dtype):
   weights    the parameters the loaded stage holds: its layers, the embeddings on the first stage,
-             the final norm and lm_head on the last (a tied lm_head is the embedding: once per stage)
+             the final norm and lm_head on the last (a tied lm_head is the embedding: once per stage);
+             a quantized weight (quantization.py) counts its 8- or 4-bit values and their scales
   kv_cache   what kvcache.PreallocatedLayer allocates: keys + values, num_key_value_heads x head_dim,
              for every prompt in flight (the micro-batch slots) at capacity longest prompt +
              max_new_tokens (generation.py sizes each slot's cache so), per layer of the stage
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pipeinfer.checkpoint import Tensor, checkpoint_keys, read_headers
 from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, parse_bytes
 from pipeinfer.families import Family, family_for
+from pipeinfer.quantization import Quantization, quantized_bytes, resolve, select, stats_keys
 from pipeinfer.partition import (StageCosts, StagePlan, balance_bytes, check_complete, missing_weights, plan_split,
                                  stage_device_map)
 
@@ -71,6 +73,9 @@ class Plan:
     ranks: tuple[RankPlan, ...]
     keys: dict[str, str] | None = field(default=None, repr=False)  # parameter name -> checkpoint tensor name
     tensors: dict[str, Tensor] | None = field(default=None, repr=False)
+    quantization: Quantization | None = None
+    quantized: frozenset[str] = field(default=frozenset(), repr=False)  # the weights it quantizes
+    sizes: "_Sizes | None" = field(default=None, repr=False)
 
     @property
     def pipeline_size(self) -> int:
@@ -87,6 +92,7 @@ class Plan:
         """JSON-ready: what the run record carries (device maps left out: derived, and long)."""
         return {"family": self.family, "dtype": self.dtype, "device_type": self.device_type,
                 "slots": list(self.slots), "longest_prompt": self.longest_prompt, "capacity": self.capacity,
+                "quantization": self.quantization.record() if self.quantization else None,
                 "ranks": [{"rank": r.rank, "layers": [r.layers.start, r.layers.stop - 1], "weights": r.weights,
                            "kv_cache": r.kv_cache, "transient": r.transient, "reserve": r.reserve,
                            "total": r.total, "budget": r.budget, "fits": r.fits} for r in self.ranks]}
@@ -101,6 +107,7 @@ class _Model:
     base_children: list[str]
     params: dict[str, tuple[int, ...]]  # unique parameters (a tied head appears once, as the embedding)
     buffers: list[str]
+    linears: frozenset[str]            # weights of nn.Linear / Conv1D modules other than the head: what bnb quantizes
     tied: bool
     hidden: int
     intermediate: int
@@ -123,10 +130,11 @@ def _model(model_config, trust_remote_code: bool = False) -> _Model:
         getattr(c, "n_inner", None) or 4 * c.hidden_size
     tied = bool(getattr(c, "tie_word_embeddings", False))
     heads = {f"{h}.weight" for h in family.heads}  # tied: the embedding itself (some releases tie only at load)
+    from pipeinfer.quantization import linear_weights
     return _Model(family, c.num_hidden_layers, [n for n, _ in skeleton.named_children()],
                   [n for n, _ in base.named_children()],
                   {n: tuple(p.shape) for n, p in skeleton.named_parameters() if not (tied and n in heads)},
-                  [n for n, _ in skeleton.named_buffers()], tied,
+                  [n for n, _ in skeleton.named_buffers()], frozenset(linear_weights(skeleton, family.heads)), tied,
                   c.hidden_size, inter, c.vocab_size, kv_heads * head_dim)
 
 
@@ -147,14 +155,30 @@ def _layer_of(name: str, m: _Model) -> int | None:
     return None
 
 
-def _costs(m: _Model, itemsize: int, kv_per_layer: int) -> StageCosts:
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes each parameter holds once loaded: the run's dtype, or its quantized form."""
+    itemsize: int                                  # the run's dtype (also the KV cache's and activations')
+    q: Quantization | None = None
+    quantized: frozenset[str] = frozenset()
+    stored: dict[str, int] = field(default_factory=dict)  # pre-quantized: bytes as stored, statistics included
+
+    def of(self, name: str, shape: tuple[int, ...]) -> int:
+        if name in self.stored:
+            return self.stored[name]
+        if name in self.quantized:
+            return quantized_bytes(self.q, shape)
+        return math.prod(shape) * self.itemsize
+
+
+def _costs(m: _Model, sizes: _Sizes, kv_per_layer: int) -> StageCosts:
     """Weights (+ KV cache per layer) by part, for layer_split="auto": a tied head counts the embedding
     on the last stage too (balancing only; the plan's weights count each stage's own exactly)."""
     layers = [kv_per_layer] * m.num_layers
     first = last = 0
     fam = m.family
     for name, shape in m.params.items():
-        nbytes = math.prod(shape) * itemsize
+        nbytes = sizes.of(name, shape)
         i = _layer_of(name, m)
         child = name[len(fam.base) + 1:].split(".")[0] if name.startswith(fam.base + ".") else None
         if i is not None:
@@ -168,11 +192,12 @@ def _costs(m: _Model, itemsize: int, kv_per_layer: int) -> StageCosts:
     return StageCosts(layers, first, last)
 
 
-def _layout(m: _Model, size: int, layer_split, itemsize: int, slots: list[int], longest: int, capacity: int,
+def _layout(m: _Model, size: int, layer_split, sizes: _Sizes, slots: list[int], longest: int, capacity: int,
             budgets: list[int] | None, reserve: int, local: str) -> tuple[list[range], list[RankPlan]]:
     """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split."""
+    itemsize = sizes.itemsize
     kv_per_layer = 2 * sum(slots) * m.kv_width * capacity * itemsize  # keys + values
-    costs = _costs(m, itemsize, kv_per_layer)
+    costs = _costs(m, sizes, kv_per_layer)
     if layer_split != "auto":
         ranges = plan_split(m.num_layers, size, layer_split)
     elif layer_split == "auto":
@@ -190,7 +215,7 @@ def _layout(m: _Model, size: int, layer_split, itemsize: int, slots: list[int], 
     b, t = max(slots), longest
     ranks = []
     for r, (rng, dmap) in enumerate(zip(ranges, maps)):
-        weights = sum(math.prod(s) * itemsize for n, s in m.params.items() if _placement(dmap, n) == local)
+        weights = sum(sizes.of(n, s) for n, s in m.params.items() if _placement(dmap, n) == local)
         transient = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
         if r == size - 1:
             transient += b * m.vocab * (itemsize + 4)  # (B, V) logits in the run's dtype, then float32
@@ -212,21 +237,25 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
     check_model(cfg, m.num_layers)
     if cfg.max_memory is not None:
         budgets = [parse_bytes(b) for b in cfg.max_memory]
-    itemsize = _ITEMSIZE[dtype]
+    q = resolve(cfg.quantization, cfg.quantization_options or {}, model_config, device_type, dtype)
+    if q is not None and tensors is None:
+        raise ConfigError(f"quantization={q.method!r} reads safetensors checkpoints only, and {cfg.model_path} "
+                          f"holds pickle .bin weights: convert them on a trusted machine (from_pretrained(dir)"
+                          f".save_pretrained(new_dir) writes safetensors)")
+    keys = None if tensors is None else checkpoint_keys(sorted(tensors), m.top, m.family)
+    sizes = _sizes(m, q, dtype, keys, tensors)
     slots = micro_batching(cfg)
     capacity = longest_prompt + cfg.max_new_tokens
     reserve = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0
     local = "cpu" if device_type == "cpu" else device_type
     try:
-        ranges, ranks = _layout(m, size, cfg.layer_split, itemsize, slots, longest_prompt, capacity, budgets,
+        ranges, ranks = _layout(m, size, cfg.layer_split, sizes, slots, longest_prompt, capacity, budgets,
                                 reserve, local)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    keys = None
     if tensors is not None:
-        keys = checkpoint_keys(sorted(tensors), m.top, m.family)
-        _check_checkpoint(cfg.model_path, m, keys, tensors, ranks, local)
+        _check_checkpoint(cfg.model_path, m, keys, tensors, ranks, local, sizes)
     else:
         try:
             for r in ranks:
@@ -235,29 +264,44 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
             raise ConfigError(str(e)) from None
 
     plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
-                longest_prompt, capacity, tuple(ranks), keys, tensors)
+                longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes.quantized, sizes)
     bad = [r for r in ranks if not r.fits]
     if bad:
         r = bad[0]
         name = f"max_memory[{r.rank}]={r.budget} bytes" if cfg.max_memory is not None else \
             f"the device memory ({r.budget} bytes)"
         fix = [f"raise it to at least {r.total} bytes ({_human(r.total)})"]
-        fewest = smallest_pipeline(cfg, m, itemsize, slots, longest_prompt, capacity, min(budgets), reserve, local)
+        fewest = smallest_pipeline(cfg, m, sizes, slots, longest_prompt, capacity, min(budgets), reserve, local)
         if fewest is not None and fewest > size:
             fix.append(f"use pipeline_size={fewest}")
-        most = largest_batch(cfg, m, itemsize, longest_prompt, budgets, reserve, local)
+        most = largest_batch(cfg, m, sizes, longest_prompt, budgets, reserve, local)
         if most:
             fix.append(f"lower batch_size to {most}")
         if cfg.layer_split != "auto":
             fix.append('use layer_split="auto"')
+        if q is None:
+            fix.append('quantize it (quantization="int8", about half the weight bytes of 16-bit, or "nf4", a quarter)')
         raise ConfigError(f"{name} cannot hold rank {r.rank}'s stage (layers {r.layers.start}..{r.layers.stop - 1}: "
                           f"weights {r.weights} + KV cache {r.kv_cache} + transient {r.transient} + reserve "
                           f"{r.reserve} = {r.total} bytes): {', or '.join(fix)}")
     return plan
 
 
+def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] | None,
+           tensors: dict[str, Tensor] | None) -> _Sizes:
+    quantized = frozenset(select(m.linears, q))
+    stored = {}
+    if q is not None and q.source == "checkpoint":
+        names = sorted(tensors)
+        for name in quantized:
+            key = keys.get(name)
+            if key is not None:
+                stored[name] = sum(tensors[k].nbytes for k in [key, *stats_keys(key, names)])
+    return _Sizes(_ITEMSIZE[dtype], q, quantized, stored)
+
+
 def _check_checkpoint(path: str, m: _Model, keys: dict[str, str], tensors: dict[str, Tensor],
-                      ranks: list[RankPlan], local: str) -> None:
+                      ranks: list[RankPlan], local: str, sizes: _Sizes) -> None:
     """Every parameter each rank owns has a stored tensor of the model's shape."""
     have = set(keys)
     fam = m.family
@@ -278,29 +322,35 @@ def _check_checkpoint(path: str, m: _Model, keys: dict[str, str], tensors: dict[
                               f"complete checkpoint, saved for this model's type and size")
     for name, shape in m.params.items():
         key = keys.get(name)
-        if key is not None and tensors[key].shape != shape:
+        if key is not None and name in sizes.stored:  # stored quantized: 8-bit values, or two 4-bit per byte
+            want = math.prod(shape) if sizes.q.bits == 8 else -(-math.prod(shape) // 2)
+            if math.prod(tensors[key].shape) != want:
+                raise ConfigError(f"checkpoint tensor {key} holds {math.prod(tensors[key].shape)} quantized values "
+                                  f"but {path}/config.json makes {name} {list(shape)}: the weights were saved for "
+                                  f"another model size")
+        elif key is not None and tensors[key].shape != shape:
             raise ConfigError(f"checkpoint tensor {key} has shape {list(tensors[key].shape)} but {path}/config.json "
                               f"makes {name} {list(shape)}: the weights were saved for another model size")
 
 
-def smallest_pipeline(cfg, m, itemsize, slots, longest, capacity, budget, reserve, local) -> int | None:
+def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, local) -> int | None:
     """The fewest stages whose every rank fits `budget` (layer_split "auto", or cfg's mode when a string)."""
     mode = cfg.layer_split if isinstance(cfg.layer_split, str) else "auto"
     for size in range(1, m.num_layers + 1):
         s = slots if cfg.micro_batch_size != "auto" else \
             micro_batching(_replace(cfg, pipeline_size=size))
-        _, ranks = _layout(m, size, mode, itemsize, s, longest, capacity, [budget] * size, reserve, local)
+        _, ranks = _layout(m, size, mode, sizes, s, longest, capacity, [budget] * size, reserve, local)
         if all(r.fits for r in ranks):
             return size
     return None
 
 
-def largest_batch(cfg, m, itemsize, longest, budgets, reserve, local, limit: int = 4096) -> int:
+def largest_batch(cfg, m, sizes, longest, budgets, reserve, local, limit: int = 4096) -> int:
     """The largest batch_size (<= limit) at which every rank fits, with this pipeline_size and split; 0 if none."""
     def fits(b: int) -> bool:
         c = _replace(cfg, batch_size=b, micro_batch_size=cfg.micro_batch_size if cfg.micro_batch_size == "auto"
                      else min(cfg.micro_batch_size, b))
-        _, ranks = _layout(m, cfg.pipeline_size, cfg.layer_split, itemsize, micro_batching(c), longest,
+        _, ranks = _layout(m, cfg.pipeline_size, cfg.layer_split, sizes, micro_batching(c), longest,
                            longest + cfg.max_new_tokens, budgets, reserve, local)
         return all(r.fits for r in ranks)
     if not fits(1):

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeinfer.families import Family, family_for
 from pipeinfer.partition import StagePlan
+from pipeinfer.quantization import held_bytes, quantize_weight, replace_linears, stats_keys, stored_weight
 from pipeinfer.runtime import saved_dtype
 
 log = logging.getLogger(__name__)
@@ -187,15 +188,15 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
         raise LoadError(f"rank {rank} did not load {len(left)} of its weights ({', '.join(left[:3])}): "
                         f"the family's module layout in pipeinfer/families.py does not match this model")
     stage.base.to(device)  # buffers (rotary inv_freq...) follow; the parameters are there already
-    param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in stage.parameters()}.values())
-    log.info("rank %d holds %d bytes of parameters", rank, param_bytes)
+    param_bytes = held_bytes(stage)
+    log.info("rank %d holds %d bytes of parameters%s", rank, param_bytes,
+             f" ({plan.quantization.method}, {plan.quantization.source})" if plan.quantization else "")
     return stage, StageInfo(family.name, plan.num_layers, plan.layer_ranges, dmap, param_bytes, stage_bytes)
 
 
 def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Family, device: torch.device,
                       dtype: torch.dtype, tied: bool, trust: bool) -> nn.Module:
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from pipeinfer.plan import _placement
@@ -211,22 +212,40 @@ def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Fa
     embedding = f"{family.base}.{family.embeddings}.weight"
     heads = [f"{h}.weight" for h in family.heads]
     by_key = plan.keys
+    q = plan.quantization
+    quantized = {n for n in plan.quantized if _placement(dmap, n) == local}
+    if quantized:
+        replace_linears(model, quantized, q)  # bitsandbytes modules, on meta, in eval mode
     for name, param in list(model.named_parameters()):
         if _placement(dmap, name) != local or (tied and name in heads):
             continue  # another stage's, or a tied head: the embedding, tied below
         key = by_key.get(name)
         if key is None and tied and name in (embedding, *heads):  # the other copy of a tied pair
             key = next(by_key[n] for n in (embedding, *heads) if n in by_key)
-        with safe_open(plan.tensors[key].file, framework="pt") as f:
-            stored = f.get_tensor(key)
-        value = stored.to(device=device, dtype=dtype, copy=True)  # a copy: the file's pages go with `stored`
-        del stored
-        module, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module), attr, nn.Parameter(value, requires_grad=False))
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name in quantized and q.source == "checkpoint":
+            names = [key, *stats_keys(key, list(plan.tensors))]
+            stored = {k[len(module_name) + 1:]: _read(plan.tensors[k].file, k, device) for k in names}
+            value = stored_weight(module, stored, device)
+        elif name in quantized:
+            value = quantize_weight(module, _read(plan.tensors[key].file, key, device, dtype), device)
+        else:
+            value = nn.Parameter(_read(plan.tensors[key].file, key, device, dtype), requires_grad=False)
+        setattr(module, attr, value)
     if tied:
         head = _head(model, family)
         head.weight = model.get_submodule(f"{family.base}.{family.embeddings}").weight
     return model
+
+
+def _read(file: str, key: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor on `device` (in `dtype`, if given), a copy: the file's mapped pages go when it closes."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        stored = f.get_tensor(key)
+        return stored.to(device=device, dtype=dtype or stored.dtype, copy=True)
 
 
 def _from_pretrained(model_path: str, dmap: dict[str, str], dtype: torch.dtype, offload_folder: str,

@@ -83,14 +83,17 @@ def prompt_records(records: list[dict]) -> list[dict]:
 
 
 def reference_outputs(model_path: str, prompts: list[str], max_new_tokens: int,
-                      ignore_eos: bool = False) -> list[list[int]]:
+                      ignore_eos: bool = False, **model_kwargs) -> list[list[int]]:
     """Whole-model transformers generate(), greedy, one prompt at a time: the ids after the prompt.
-    ignore_eos: decode past EOS, as the runner's ignore_eos does (generate() with no EOS id)."""
+    ignore_eos: decode past EOS, as the runner's ignore_eos does (generate() with no EOS id).
+    model_kwargs: for from_pretrained (quantization_config=BitsAndBytesConfig(...), device_map="cpu":
+    the whole model quantized by transformers)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32,
+                                                 **model_kwargs)
     model.eval()
     if ignore_eos:  # a None passed to generate() would fall back to the model's own generation_config
         model.generation_config.eos_token_id = None

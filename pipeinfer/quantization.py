@@ -1,0 +1,260 @@
+"""Quantized stages: bitsandbytes 8-bit (LLM.int8) and 4-bit (NF4, FP4) weights, quantized by each
+rank as it loads its own layers, or read already quantized from a checkpoint saved that way.
+
+    q = resolve(cfg, model_config, "cpu", "float32")   # None: not quantized; ConfigError: cannot run
+
+What is quantized is what transformers' BitsAndBytesConfig quantizes: every nn.Linear (GPT-2's
+Conv1D) except the lm_head and the modules named in llm_int8_skip_modules; embeddings, norms and
+the head stay in the run's dtype. Each weight goes through bitsandbytes' own Int8Params /
+Params4bit, exactly as from_pretrained(quantization_config=...) builds them, so a stage computes
+what the whole model quantized by transformers computes (tests/test_quantization.py compares the
+tokens with its generate()). The 4-bit compute dtype is the run's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from pipeinfer.config import ConfigError
+
+METHODS = ("none", "int8", "nf4", "fp4")
+MIN_BITSANDBYTES = (0, 50)  # the release the tests run; older ones ran LLM.int8 on CUDA only
+BLOCKSIZE = 64               # bitsandbytes' 4-bit block (Params4bit's default)
+_INSTALL = "pip install 'bitsandbytes>=0.50'"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    method: str                  # "int8", "nf4" or "fp4"
+    source: str                  # "load": quantized as the rank loads; "checkpoint": stored quantized
+    threshold: float = 6.0       # LLM.int8 outlier threshold (llm_int8_threshold)
+    double_quant: bool = False   # 4-bit: quantize the block scales too (bnb_4bit_use_double_quant)
+    skip: tuple[str, ...] = ()   # modules left unquantized besides the head (llm_int8_skip_modules)
+    compute_dtype: str = "float32"
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.method == "int8" else 4
+
+    def bnb_config(self):
+        """The transformers BitsAndBytesConfig that quantizes the whole model the same way."""
+        from transformers import BitsAndBytesConfig
+
+        # transformers keeps the head unquantized unless skip modules are given, which then replace that rule
+        skip = [*self.skip, "lm_head"] if self.skip else None
+        if self.method == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.method,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype), llm_int8_skip_modules=skip)
+
+    def weight_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes one quantized (out, in) weight holds once loaded, scales included."""
+        n = math.prod(shape)
+        if self.method == "int8":
+            return n + shape[0] * 4  # int8 values + one float32 scale per output row (SCB)
+        blocks = -(-n // BLOCKSIZE)
+        if self.double_quant:  # 8-bit block scales, their own float32 scales per 256, a 256-entry code
+            scales = blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
+        else:
+            scales = blocks * 4
+        return -(-n // 2) + scales + 16 * 4  # two 4-bit values per byte + scales + the 16-entry code
+
+    def record(self) -> dict:
+        return asdict(self) | {"skip": list(self.skip), "library": "bitsandbytes " + _bnb_version_text()}
+
+
+def _bnb_version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def resolve(method: str, options: dict, model_config, device_type: str, dtype: str) -> Quantization | None:
+    """The run's quantization from the config's `quantization` and `quantization_options` and the
+    checkpoint's own quantization_config; ConfigError (one line, with the fix) when it cannot run."""
+    stored = getattr(model_config, "quantization_config", None)
+    if stored is not None:
+        q = _from_checkpoint(stored if isinstance(stored, dict) else stored.to_dict(), method, dtype)
+    elif method == "none":
+        return None
+    else:
+        q = Quantization(method, "load", threshold=float(options.get("llm_int8_threshold", 6.0)),
+                         double_quant=bool(options.get("bnb_4bit_use_double_quant", False)),
+                         skip=tuple(options.get("llm_int8_skip_modules", ())), compute_dtype=dtype)
+    _check_runs(q, device_type)
+    return q
+
+
+def _from_checkpoint(stored: dict, method: str, dtype: str) -> Quantization:
+    kind = stored.get("quant_method", "?")
+    kind = getattr(kind, "value", kind)
+    if kind != "bitsandbytes":
+        raise ConfigError(f"the checkpoint is quantized with {kind!r}, which this runner does not load (it loads "
+                          f"bitsandbytes-quantized checkpoints): use the unquantized checkpoint, with "
+                          f'quantization="int8" or "nf4" if it must be smaller')
+    if stored.get("load_in_8bit"):
+        found = "int8"
+    elif stored.get("load_in_4bit"):
+        found = stored.get("bnb_4bit_quant_type", "fp4")
+    else:
+        raise ConfigError("the checkpoint's quantization_config sets neither load_in_8bit nor load_in_4bit: "
+                          "save it again with transformers' BitsAndBytesConfig")
+    if method not in ("none", found):
+        raise ConfigError(f"quantization={method!r} but the checkpoint is already quantized as {found!r}: set "
+                          f'quantization="none" (or {found!r}), or start from the unquantized checkpoint')
+    compute = stored.get("bnb_4bit_compute_dtype") or dtype
+    return Quantization(found, "checkpoint", threshold=float(stored.get("llm_int8_threshold", 6.0)),
+                        double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)),
+                        skip=tuple(stored.get("llm_int8_skip_modules") or ()),
+                        compute_dtype=str(compute).removeprefix("torch."))
+
+
+def _check_runs(q: Quantization, device_type: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"quantization={q.method!r} needs the bitsandbytes package, which is not installed: "
+                          f"{_INSTALL} (in the container or venv the ranks run in)")
+    have = _bnb_version_text()
+    if tuple(int(p) for p in have.split(".")[:2] if p.isdigit()) < MIN_BITSANDBYTES:
+        raise ConfigError(f"quantization={q.method!r} needs bitsandbytes >= "
+                          f"{'.'.join(map(str, MIN_BITSANDBYTES))} (installed: {have}): {_INSTALL}")
+    if device_type not in ("cpu", "cuda"):
+        raise ConfigError(f"quantization={q.method!r} runs on cpu or cuda, not {device_type}: set device")
+
+
+# --- which weights ------------------------------------------------------------------------------------
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return type(module) is nn.Linear or isinstance(module, Conv1D)
+
+
+def linear_weights(model: nn.Module, heads: tuple[str, ...]) -> set[str]:
+    """Weights of the nn.Linear / Conv1D modules of `model` (a meta skeleton will do), head excluded."""
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if _is_linear(module) and name.split(".")[0] not in heads}
+
+
+def select(linears, q: Quantization | None) -> set[str]:
+    """The weights `q` quantizes: every linear one but the modules it skips (matched as transformers
+    matches llm_int8_skip_modules: a dotted prefix, a regex up to a module boundary, or a suffix)."""
+    if q is None:
+        return set()
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+
+    def skipped(module: str) -> bool:
+        return any(re.match(rf"(?:{k}){boundary}", module) or module.endswith(k) for k in q.skip)
+    return {w for w in linears if not skipped(w.removesuffix(".weight"))}
+
+
+def quantized_bytes(q: Quantization, shape: tuple[int, ...]) -> int:
+    return q.weight_bytes(shape)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def replace_linears(model: nn.Module, names: set[str], q: Quantization) -> None:
+    """Swap the modules owning `names` (weights) for bitsandbytes modules, on the meta device, in eval mode."""
+    import bitsandbytes as bnb
+
+    if q.method == "int8":
+        # bitsandbytes logs "inputs will be cast ... to float16" at every int8 matmul of a float32 or
+        # bfloat16 run: a flood on stderr (and a pipe that fills blocks the rank). Said once here instead.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+        log.info("int8: bitsandbytes casts each quantized matmul's input to float16 (LLM.int8)")
+
+    for weight in names:
+        path = weight.removesuffix(".weight")
+        old = model.get_submodule(path)
+        out_f, in_f = _out_in(old)
+        bias = old.bias is not None
+        with torch.device("meta"):
+            if q.method == "int8":
+                new = bnb.nn.Linear8bitLt(in_f, out_f, bias, has_fp16_weights=False, threshold=q.threshold)
+            else:
+                new = bnb.nn.Linear4bit(in_f, out_f, bias, getattr(torch, q.compute_dtype),
+                                        compress_statistics=q.double_quant, quant_type=q.method,
+                                        quant_storage=torch.uint8)
+        new.source_cls = type(old)
+        new.train(False)
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    if type(module) is nn.Linear:
+        return module.out_features, module.in_features
+    rows, cols = module.weight.shape  # Conv1D stores (in, out)
+    return cols, rows
+
+
+def quantize_weight(module: nn.Module, value: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """`value` (the full-precision (out, in) weight, already in the run's dtype) quantized as
+    transformers' bitsandbytes integration quantizes it, on `device`."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
+        value = value.T.contiguous()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        kwargs = dict(module.weight.__dict__)
+        kwargs.pop("SCB", None)
+        return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs).to(device)
+    return bnb.nn.Params4bit(value.to(device), requires_grad=False, **module.weight.__dict__).to(device)
+
+
+def stored_weight(module: nn.Module, stored: dict[str, torch.Tensor], device: torch.device) -> nn.Parameter:
+    """A weight saved quantized: stored holds "weight" and its statistics ("SCB"; "weight.absmax", ...)."""
+    import bitsandbytes as bnb
+
+    weight = stored["weight"]
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        kwargs = dict(module.weight.__dict__) | {"SCB": stored["SCB"]}
+        return bnb.nn.Int8Params(weight, requires_grad=False, **kwargs).to(device)
+    stats = {k: v for k, v in stored.items() if k != "weight"}
+    return bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=stats, requires_grad=False,
+                                               device=device, module=module)
+
+
+def stats_keys(weight_key: str, keys: list[str]) -> list[str]:
+    """The checkpoint keys holding a stored quantized weight's statistics, besides the weight itself."""
+    module = weight_key.removesuffix("weight")
+    return [k for k in keys if k != weight_key and (k.startswith(weight_key + ".") or k == module + "SCB")]
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of parameters a (possibly quantized) module holds, quantization scales included."""
+    total = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        total += p.numel() * p.element_size()
+        scb = getattr(p, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            total += _state_bytes(state)
+    return total
+
+
+def _state_bytes(state) -> int:
+    n = 0
+    for name in ("absmax", "code"):
+        t = getattr(state, name, None)
+        if isinstance(t, torch.Tensor):
+            n += t.numel() * t.element_size()
+    if getattr(state, "nested", False) and state.state2 is not None:
+        n += _state_bytes(state.state2) + 4  # the offset
+    return n
