@@ -30,15 +30,18 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/NOTICE.md
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json --set resume=false --set model_path=$(DEMO_MODEL)
 	$(BIN)/python -m pipeinfer.answers results/demo.jsonl
 
+# Ranks are forked from a pre-imported interpreter (tests/zygote.py), so most tests wait more than
+# they compute: pytest-xdist runs three test files at a time, whole files per worker.
+XDIST ?= -n 3 --dist loadfile
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs $(XDIST) tests
 
 # The equivalence tests again at the low end of the supported transformers range.
 test-compat:
 	$(PY) -m venv $(VENV_ARGS) .venv-min
 	$(if $(TORCH),.venv-min/bin/)$(PIP_TORCH)
 	.venv-min/bin/pip install -q -r requirements.txt -r requirements-dev.txt "$(TF_MIN)"
-	.venv-min/bin/python -m pytest -q -rs tests/test_equivalence.py tests/test_instruct.py tests/test_pretrained.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py
+	.venv-min/bin/python -m pytest -q -rs $(XDIST) tests/test_equivalence.py tests/test_instruct.py tests/test_pretrained.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py tests/test_quantization.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/decode_scaling.py

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random models written with save_pretrained, and a launcher that starts
-real ranks as separate processes (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, as srun starts them)."""
+real ranks as separate processes (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, as srun starts them).
+
+Ranks are forked from a server that has torch and transformers imported already (tests/zygote.py);
+PIPEINFER_TEST_EXEC=1 starts each with a fresh interpreter instead."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 import pytest
 
@@ -36,6 +42,16 @@ def require(problem: str | None) -> None:
 PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Pipeline parallel inference, token for token."]
 
 
+# The files whose tests mostly wait (on Slurm's scheduler and time limits, on network timeouts) go
+# first: under pytest-xdist (make test) they then overlap with the rest instead of ending the run.
+_WAITING_FIRST = ("test_slurm.py", "test_two_hosts.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda it: _WAITING_FIRST.index(it.path.name) if it.path.name in _WAITING_FIRST
+               else len(_WAITING_FIRST))  # stable: the rest keep their order
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,14 +65,95 @@ def rank_env(rank: int, world: int, port: int) -> dict:
     return env
 
 
+class _Zygote:
+    """The fork server of tests/zygote.py, started once per test process."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONPATH=ROOT))
+        self.lock = threading.Lock()
+
+    def ask(self, **req) -> dict:
+        with self.lock:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the test fork server (tests/zygote.py) died: exit {self.proc.wait()}")
+        return json.loads(line)
+
+
+_zygote: _Zygote | None = None
+
+
+class Rank:
+    """A rank forked by the zygote, with the part of subprocess.Popen's interface the tests use."""
+
+    def __init__(self, args: list[str], env: dict, cwd: str):
+        global _zygote
+        if _zygote is None:
+            _zygote = _Zygote()
+        self.args = args
+        self.dir = tempfile.mkdtemp(prefix="rank-io-")
+        self.out, self.err = os.path.join(self.dir, "stdout"), os.path.join(self.dir, "stderr")
+        self.pid = _zygote.ask(op="spawn", argv=args, env=env, cwd=cwd, out=self.out, err=self.err)["pid"]
+        self.returncode = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = _zygote.ask(op="poll", pid=self.pid)["code"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        with open(self.out, encoding="utf-8", errors="replace") as o, \
+                open(self.err, encoding="utf-8", errors="replace") as e:
+            return o.read(), e.read()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+
+def start_rank(args: list[str], env: dict, cwd: str = ROOT):
+    """Start the entry script (args[0]) as one rank: forked from the zygote, or exec'd with
+    PIPEINFER_TEST_EXEC=1. Popen-like either way, text stdout/stderr."""
+    if os.environ.get("PIPEINFER_TEST_EXEC") == "1":
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return Rank(args, env, cwd)
+
+
+def run_rank(args: list[str], env: dict, timeout: float = 120, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """One process of the entry script to its end, like subprocess.run(capture_output=True, text=True)."""
+    p = start_rank([ENTRY, *args], env, cwd)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return subprocess.CompletedProcess([sys.executable, ENTRY, *args], p.returncode, out, err)
+
+
 def launch(config: dict, tmp_path, world: int, timeout: float = 240, extra_args=()) -> list[subprocess.CompletedProcess]:
     """Write config, start `world` rank processes, wait for all; returns their CompletedProcess."""
     path = tmp_path / f"config-{world}.json"
     path.write_text(json.dumps(config))
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, ENTRY, "--config", str(path), *extra_args], cwd=ROOT,
-                              env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in range(world)]
+    procs = [start_rank([ENTRY, "--config", str(path), *extra_args], rank_env(r, world, port))
+             for r in range(world)]
     results = []
     try:
         for p in procs:

@@ -98,14 +98,11 @@ def test_rendezvous_failure_is_one_line(tiny_llama, tmp_path):
     """Rank 1 started alone (rank 0 never comes): after timeout_s one line, exit 1, without the
     dozens of lines of C++ stack torch's c10d logs for each connection attempt."""
     import json
-    import subprocess
-    import sys
 
-    from conftest import ENTRY, ROOT, rank_env
+    from conftest import rank_env, run_rank
 
     (tmp_path / "cfg.json").write_text(json.dumps(base_config(tiny_llama, tmp_path, pipeline_size=2, timeout_s=3)))
-    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "cfg.json")], cwd=ROOT,
-                         env=rank_env(1, 2, free_port()), capture_output=True, text=True, timeout=60)
+    res = run_rank(["--config", str(tmp_path / "cfg.json")], rank_env(1, 2, free_port()), timeout=60)
     assert res.returncode == 1
     lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("[rank 1] INFO")]
     assert len(lines) == 1 and lines[0].startswith("error: rank 1: could not join the 2 ranks at 127.0.0.1:"), \

@@ -8,12 +8,10 @@ from __future__ import annotations
 import collections
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ENTRY, ROOT, base_config, rank_env
+from conftest import base_config, rank_env, run_rank
 from pipeinfer.config import ConfigError, build_config, parse_override
 from pipeinfer.prompts import Batch
 
@@ -22,8 +20,7 @@ def run_entry(cfg, tmp_path, world=1, raw: str | None = None, args=(), rank=0):
     path = tmp_path / "cfg.json"
     path.write_text(raw if raw is not None else json.dumps(cfg))
     env = rank_env(rank, world, 1)  # port 1: nothing may connect anywhere before the checks pass
-    return subprocess.run([sys.executable, ENTRY, "--config", str(path), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return run_rank(["--config", str(path), *args], env, timeout=60)
 
 
 BAD = [
@@ -136,8 +133,7 @@ def test_output_path_that_is_no_file(tiny_llama, tmp_path, path, needle):
 
 
 def test_config_file_that_is_a_directory(tmp_path):
-    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path)], cwd=ROOT, env=rank_env(0, 1, 1),
-                         capture_output=True, text=True, timeout=60)
+    res = run_rank(["--config", str(tmp_path)], rank_env(0, 1, 1), timeout=60)
     assert res.returncode == 2 and "cannot be read (Is a directory)" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 

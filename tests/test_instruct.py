@@ -121,7 +121,7 @@ def test_prepare_gives_the_template_ids_and_one_bos(chat_weights, tmp_path):
             assert tok.bos_token_id not in prompts[0].ids
 
 
-@pytest.mark.parametrize("pipeline_size,batch_size", [(1, 1), (1, 3), (2, 1), (2, 3), (3, 1), (3, 3)])
+@pytest.mark.parametrize("pipeline_size,batch_size", [(1, 3), (2, 1), (3, 3)])
 def test_chat_messages_match_generate(chat_model, tmp_path, pipeline_size, batch_size):
     """Messages in a .jsonl prompts_file (beside a plain string): every record's output is
     generate()'s from apply_chat_template's ids; the record keeps the messages as given."""
@@ -243,7 +243,7 @@ def stop_case(chat_weights, tmp_path_factory):
     return path, eos, stop_str, stop_id, stops, reference_with_stops(path, STOP_PROMPTS, 12, eos, stops)
 
 
-@pytest.mark.parametrize("pipeline_size", [1, 2, 3])
+@pytest.mark.parametrize("pipeline_size", [1, 3])
 def test_stops_finish_reasons_and_logprobs_match_generate(stop_case, tmp_path, pipeline_size):
     path, eos, stop_str, stop_id, stops, ref = stop_case
     assert [r[1] for r in ref] == ["eos", "stop", "stop", "length"], "the search must give all three reasons"
@@ -346,10 +346,8 @@ BAD_INPUT = [
 def test_bad_instruct_input_exits_2_with_one_line(tiny_llama, tmp_path, name, over, needle):
     """Every rank of a 2-rank job refuses alone, before it waits on another (the cases alternate
     between rank 0 and rank 1, to keep process starts few)."""
-    import subprocess
-    import sys
 
-    from conftest import ENTRY, ROOT, rank_env
+    from conftest import rank_env, run_rank
 
     files = {"BAD": "{{ raise_exception('no system messages here') }}", "SYNTAX": "{% for m in %}",
              "STOPFILE": json.dumps({"prompt": "a", "stop": "x"}) + "\n",
@@ -364,8 +362,8 @@ def test_bad_instruct_input_exits_2_with_one_line(tiny_llama, tmp_path, name, ov
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     # port 1: nothing may connect anywhere before the checks pass
     rank = [b[0] for b in BAD_INPUT].index(name) % 2
-    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "cfg.json"), "--set", "pipeline_size=2"],
-                         cwd=ROOT, env=rank_env(rank, 2, 1), capture_output=True, text=True, timeout=60)
+    res = run_rank(["--config", str(tmp_path / "cfg.json"), "--set", "pipeline_size=2"], rank_env(rank, 2, 1),
+                   timeout=60)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert needle in lines[0], lines[0]

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import ENTRY, PROMPTS, ROOT, TINY, base_config, rank_env
+from conftest import ENTRY, PROMPTS, ROOT, TINY, base_config, rank_env, start_rank
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
 MODELS = {  # tied and untied heads, GQA, a nested base (OPT with projections), a base saved without its root
@@ -126,8 +126,7 @@ def test_job_that_does_not_fit_exits_2_before_any_rendezvous(models, tmp_path):
         listener.setblocking(False)
         port = listener.getsockname()[1]
         t0 = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, ENTRY, "--config", str(path)], cwd=ROOT, env=rank_env(r, 2, port),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        procs = [start_rank([ENTRY, "--config", str(path)], rank_env(r, 2, port)) for r in range(2)]
         results = [p.communicate(timeout=300) for p in procs]
         elapsed = time.monotonic() - t0
         with pytest.raises(BlockingIOError):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import (ENTRY, ROOT, base_config, free_port, prompt_records, rank_env, reference_outputs,
+from conftest import (ENTRY, ROOT, base_config, run_rank, start_rank, free_port, prompt_records, rank_env, reference_outputs,
                       run_pipeline)
 
 SLOW_PROMPTS = [f"prompt number {i}: " + "word " * (i % 3) for i in range(8)]
@@ -39,12 +39,12 @@ def start(cfg: dict, tmp_path, world: int, env_for=None, wrap_rank=None) -> list
     port = free_port()
     procs = []
     for r in range(world):
-        cmd = [sys.executable, ENTRY, "--config", str(path)]
-        if wrap_rank and r in wrap_rank:
-            cmd = [sys.executable, "-c", wrap_rank[r], "--config", str(path)]
         env = rank_env(r, world, port)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        if wrap_rank and r in wrap_rank:
+            procs.append(subprocess.Popen([sys.executable, "-c", wrap_rank[r], "--config", str(path)], cwd=ROOT,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        else:
+            procs.append(start_rank([ENTRY, "--config", str(path)], env))
     return procs
 
 
@@ -208,8 +208,7 @@ def test_corrupt_middle_line_refuses_to_start(tiny_llama, tmp_path):
     lines[1] = lines[1][:20]
     open(cfg["output_path"], "w").write("\n".join(lines) + "\n")
     (tmp_path / "c.json").write_text(json.dumps(cfg))
-    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "c.json")], cwd=ROOT,
-                         env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=60)
+    res = run_rank(["--config", str(tmp_path / "c.json")], rank_env(0, 1, free_port()), timeout=60)
     assert res.returncode == 2 and "line 2 is corrupt" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, "refused before loading anything"
     assert open(cfg["output_path"]).read().splitlines() == lines, "nothing may change in a file we refuse"
@@ -219,8 +218,7 @@ def test_resume_refuses_records_of_another_config(tiny_llama, tmp_path):
     cfg = base_config(tiny_llama, tmp_path)
     run_pipeline(cfg, tmp_path, 1)
     (tmp_path / "c.json").write_text(json.dumps(dict(cfg, max_new_tokens=5)))
-    res = subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "c.json")], cwd=ROOT,
-                         env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=60)
+    res = run_rank(["--config", str(tmp_path / "c.json")], rank_env(0, 1, free_port()), timeout=60)
     assert res.returncode == 2 and "max_new_tokens differ" in res.stderr
     # batch_size and pipeline_size do not change outputs: a rerun with them changed has nothing to do
     again = run_pipeline(dict(cfg, batch_size=4), tmp_path, 1)
@@ -274,8 +272,7 @@ def broken_copy(model: str, tmp_path, name: str) -> str:
 
 def run_single(cfg: dict, tmp_path) -> subprocess.CompletedProcess:
     (tmp_path / "c.json").write_text(json.dumps(cfg))
-    return subprocess.run([sys.executable, ENTRY, "--config", str(tmp_path / "c.json")], cwd=ROOT,
-                          env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=120)
+    return run_rank(["--config", str(tmp_path / "c.json")], rank_env(0, 1, free_port()), timeout=120)
 
 
 def error_lines(res) -> list[str]:
