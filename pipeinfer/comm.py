@@ -135,7 +135,8 @@ class Comm(Rank):
         wire = self.wire if group is self.group else torch.device("cpu")
         with self.timeline.span("send"):
             tensor = tensor.to(wire).contiguous()  # a GPU -> host copy waits for the tensor
-            self._pending.append((dist.isend(tensor, dst, group=group), tensor, f"{doing} to rank {dst}", dst))
+            work = _post(dist.isend, tensor, dst, group, f"{doing} to rank {dst}")
+            self._pending.append((work, tensor, f"{doing} to rank {dst}", dst))
             while self._pending and self._pending[0][0].is_completed():
                 self._wait_oldest()  # completed: returns at once, or raises the send's error
         self.bytes_sent += tensor.numel() * tensor.element_size()
@@ -153,7 +154,8 @@ class Comm(Rank):
 
     def _recv(self, buf: torch.Tensor, src: int, doing: str, group=...) -> None:
         with self.timeline.span("recv"):
-            _wait(dist.irecv(buf, src, group=self.group if group is ... else group), self.timeout_s, doing, src)
+            work = _post(dist.irecv, buf, src, self.group if group is ... else group, doing)
+            _wait(work, self.timeout_s, doing, src)
 
     def warm_up_links(self, dtype: torch.dtype) -> None:
         """One small frame along the chain (0 -> 1 -> ... -> last), before the clock starts.
@@ -167,11 +169,11 @@ class Comm(Rank):
             return
         buf = torch.zeros(1, dtype=dtype, device=self.wire)
         if not self.is_first:
-            _wait(dist.irecv(buf, self.prev, group=self.group), self.timeout_s,
-                  "warming the link from the previous stage", self.prev)
+            doing = "warming the link from the previous stage"
+            _wait(_post(dist.irecv, buf, self.prev, self.group, doing), self.timeout_s, doing, self.prev)
         if not self.is_last:
-            _wait(dist.isend(buf, self.next, group=self.group), self.timeout_s,
-                  "warming the link to the next stage", self.next)
+            doing = "warming the link to the next stage"
+            _wait(_post(dist.isend, buf, self.next, self.group, doing), self.timeout_s, doing, self.next)
         self.links_warmed_at = time.time()
 
     def broadcast(self, obj, doing: str = "receiving the list of prompts to run from rank 0"):
@@ -219,6 +221,16 @@ def _collective(doing: str, timeout_s: float):
 
 def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
     return torch.cat([hidden.reshape(-1), hidden.new_tensor([control])])
+
+
+def _post(op, tensor: torch.Tensor, peer: int, group, doing: str):
+    """dist.isend / dist.irecv. gloo raises at the post itself, not only in the wait, once it has seen
+    the peer's connection close: that too is a PeerFailure, never a traceback."""
+    try:
+        return op(tensor, peer, group=group)
+    except RuntimeError:
+        raise PeerFailure(f"{doing}: rank {peer} is gone (connection closed: it exited, crashed or was killed; "
+                          f"see its log)") from None
 
 
 def _wait(work, timeout_s: float, doing: str, peer: int) -> None:

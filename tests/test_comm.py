@@ -108,3 +108,45 @@ def test_rendezvous_failure_is_one_line(tiny_llama, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: rank 1: could not join the 2 ranks at 127.0.0.1:"), \
         res.stderr
     assert "MASTER_ADDR and MASTER_PORT" in lines[0] and "frame #" not in res.stderr
+
+
+def _dead_peer_worker(rank: int, port: int, q) -> None:
+    import time
+
+    from pipeinfer import comm as pcomm
+    from pipeinfer import procgroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    c = procgroup.init(rank, 2, torch.device("cpu"), timeout_s=30, master_port=port)
+    c.all_ok(True)
+    if rank == 1:
+        os._exit(0)  # gone without a word, as a killed rank is
+    time.sleep(1.0)  # gloo has seen the connection close: posting a send now fails at once
+    try:
+        for step in range(50):
+            c.send_hidden(torch.zeros(1, 1, 4), f"sending step {step}'s hidden states")
+        c.drain_sends()
+        q.put(("no error", None))
+    except pcomm.PeerFailure as e:
+        q.put(("PeerFailure", str(e)))
+    except BaseException as e:  # what the runner would print as a traceback
+        q.put((type(e).__name__, str(e)[:300]))
+    q.close()
+    q.join_thread()  # the message is out before os._exit
+    os._exit(0)
+
+
+def test_send_to_a_dead_peer_is_a_peer_failure():
+    """gloo raises at isend itself (not only in wait) once the peer's connection is closed: seen in
+    CI as a traceback where the one-line error was meant. Every post is now guarded like a wait."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_dead_peer_worker, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    kind, msg = q.get(timeout=60)
+    for p in procs:
+        p.join(30)
+    assert kind == "PeerFailure", (kind, msg)
+    assert msg.startswith("sending step ") and "to rank 1" in msg and "rank 1 is gone" in msg, msg
