@@ -56,9 +56,7 @@ def test_table_covers_tied_and_odd_layer_models(models):
     assert any(c.num_hidden_layers % 2 for c in configs.values())
 
 
-# Three stages: a first, a middle and a last one, each with its own placeholders. One stage (the
-# whole model in one process) and two are the llama runs of test_equivalence.py.
-@pytest.mark.parametrize("pipeline_size", [3])
+@pytest.mark.parametrize("pipeline_size", [1, 2, 3])
 @pytest.mark.parametrize("model_type", list(FAMILY_MODELS))
 def test_greedy_matches_generate(models, references, tmp_path, model_type, pipeline_size):
     """One padded batch of all prompts per run: positions must skip the left padding exactly as

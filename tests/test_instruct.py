@@ -121,7 +121,7 @@ def test_prepare_gives_the_template_ids_and_one_bos(chat_weights, tmp_path):
             assert tok.bos_token_id not in prompts[0].ids
 
 
-@pytest.mark.parametrize("pipeline_size,batch_size", [(1, 3), (2, 1), (3, 3)])
+@pytest.mark.parametrize("pipeline_size,batch_size", [(1, 1), (1, 3), (2, 1), (2, 3), (3, 1), (3, 3)])
 def test_chat_messages_match_generate(chat_model, tmp_path, pipeline_size, batch_size):
     """Messages in a .jsonl prompts_file (beside a plain string): every record's output is
     generate()'s from apply_chat_template's ids; the record keeps the messages as given."""
@@ -243,7 +243,7 @@ def stop_case(chat_weights, tmp_path_factory):
     return path, eos, stop_str, stop_id, stops, reference_with_stops(path, STOP_PROMPTS, 12, eos, stops)
 
 
-@pytest.mark.parametrize("pipeline_size", [1, 3])
+@pytest.mark.parametrize("pipeline_size", [1, 2, 3])
 def test_stops_finish_reasons_and_logprobs_match_generate(stop_case, tmp_path, pipeline_size):
     path, eos, stop_str, stop_id, stops, ref = stop_case
     assert [r[1] for r in ref] == ["eos", "stop", "stop", "length"], "the search must give all three reasons"
