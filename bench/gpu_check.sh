@@ -12,6 +12,8 @@
 # 4. the benchmark (bench/throughput.py --device cuda): generate() against the runner at
 #    pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
 #    over 32 prompts x 32 new tokens, with the weight bandwidth at batch 1 against a measured copy.
+# 5. quantized cell, when bitsandbytes is installed: the runner at pipeline_size 2 with int8 and nf4
+#    in float16 against generate() on the whole model quantized the same way (bench/quantization.py).
 # The models (0.96B parameters, TinyLlama's shape) are made on the GPU, not on the CPU first.
 # Everything is cut to finish within 9 minutes (DEADLINE_S); each JSON is rewritten after every
 # cell, so a cut run still returns what it measured. Exit status: the first failing step's.
@@ -62,7 +64,17 @@ bench smoke 120 --only pp1,pp2_naive --batch-sizes 2 --prompts 4 --tokens 4 --fa
 bench float16 $(( DEADLINE_S - SECONDS < 100 ? DEADLINE_S - SECONDS : 100 )) --dtype float16 --only pp1 \
     --batch-sizes 8 --prompts 8 --tokens 16 --cell-timeout 60
 f16=$?
-bench throughput_gpu $(( DEADLINE_S - SECONDS )) --prompts 32 --tokens 32 --cell-timeout 120
+QUANT_S=${QUANT_S:-90}  # kept back for the quantized cell
+bench throughput_gpu $(( DEADLINE_S - SECONDS - QUANT_S )) --prompts 32 --tokens 32 --cell-timeout 120
 rc=$?
-echo "done in ${SECONDS}s: float16 cell exit $f16, benchmark exit $rc"
-exit $(( rc ? rc : f16 ))
+qrc=0
+if python3 -c "import bitsandbytes" 2>/dev/null; then
+    echo "+ python3 bench/quantization.py --equivalence cuda"
+    timeout $(( DEADLINE_S - SECONDS > 10 ? DEADLINE_S - SECONDS : 10 )) python3 bench/quantization.py \
+        --equivalence cuda --json "$out/quantization_gpu.json" 2>&1 | tee "$out/quantization_gpu.log"
+    qrc=${PIPESTATUS[0]}
+else
+    echo "skipped the quantized cell: bitsandbytes is not installed (carry its wheel)" | tee "$out/quantization_gpu.log"
+fi
+echo "done in ${SECONDS}s: float16 cell exit $f16, benchmark exit $rc, quantized cell exit $qrc"
+exit $(( rc ? rc : (f16 ? f16 : qrc) ))

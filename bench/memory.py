@@ -18,6 +18,10 @@ includes file pages of the memory-mapped safetensors once they are touched. The 
 
     peak(rank) <= (param_bytes(rank) + peak(runtime)) * 1.10
 
+and, with --quantization (default none,int8,nf4), the same pair of ranks again per method, each rank
+quantizing its own layers as it loads them (quantization.py), against its planned quantized bytes
+(which must equal what it holds) and a runtime that also imports bitsandbytes: target x 1.15.
+
 No process group is needed: loading is rank-local, so the ranks are started without one.
 
     python bench/memory.py --check-plan     # planned total against measured peak, three configurations
@@ -71,10 +75,12 @@ def runtime_worker(role: str) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    if role == "runtime":
+    if role.startswith("runtime"):
         from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
         import pipeinfer.stage  # noqa: F401
+    if role == "runtime-bnb":  # what a quantized rank imports besides
+        import bitsandbytes  # noqa: F401
     return {"role": role, "peak_rss": peak_rss()}
 
 
@@ -94,18 +100,19 @@ def drop_cache(path: str) -> None:
         os.close(fd)
 
 
-def _plan(model: str, size: int, dtype_name: str, batch_size: int, prompt: int, new_tokens: int):
+def _plan(model: str, size: int, dtype_name: str, batch_size: int, prompt: int, new_tokens: int,
+          quantization: str = "none"):
     from pipeinfer.config import build_config
     from pipeinfer.plan import plan_for_run
     from pipeinfer.runtime import read_model_config
 
     cfg = build_config(dict(model_path=model, prompts=["x"], pipeline_size=size, batch_size=batch_size,
-                            max_new_tokens=new_tokens))
+                            max_new_tokens=new_tokens, quantization=quantization))
     mc = read_model_config(model)
     return cfg, mc, plan_for_run(cfg, mc, prompt, dtype_name, "cpu")
 
 
-def rank_worker(model: str, rank: int, size: int, dtype_name: str) -> dict:
+def rank_worker(model: str, rank: int, size: int, dtype_name: str, quantization: str = "none") -> dict:
     import torch
 
     import accelerate  # noqa: F401
@@ -119,7 +126,7 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str) -> dict:
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
     B, T = PREFILL
-    cfg, mc, plan = _plan(model, size, dtype_name, B, T, 1)
+    cfg, mc, plan = _plan(model, size, dtype_name, B, T, 1, quantization)
     before, io0 = peak_rss(), read_bytes()
     t0 = time.perf_counter()
     stage, info = load_stage(plan, rank, mc, torch.device("cpu"), dtype, os.path.join(model, f".offload-rank{rank}"))
@@ -131,7 +138,8 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str) -> dict:
         x = torch.randn(B, T, stage.config.hidden_size, dtype=dtype)  # (B, T, H)
     pos = torch.arange(T).expand(B, T)
     stage(x, None, pos, stage.new_cache())
-    return {"role": f"rank{rank}", "layers": [info.layer_ranges[rank].start, info.layer_ranges[rank].stop - 1],
+    return {"role": f"rank{rank}", "quantization": quantization,
+            "layers": [info.layer_ranges[rank].start, info.layer_ranges[rank].stop - 1],
             "param_bytes": info.param_bytes, "planned_weights": plan.ranks[rank].weights,
             "read_bytes": io1 - io0, "peak_rss_before_load": before, "peak_rss_after_load": after_load,
             "peak_rss": peak_rss(), "rss_end": current_rss(), "load_s": round(load_s, 2)}
@@ -225,6 +233,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the ranks load in (the checkpoint is bf16)")
     ap.add_argument("--json", default=os.path.join(ROOT, "results", "memory.json"))
     ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
+    ap.add_argument("--quantization", default="none,int8,nf4",
+                    help="comma-separated: the ranks load the stage this way, each in its own pair of processes")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -233,7 +243,7 @@ def main() -> None:
         if role == "plan":
             rec = plan_worker(rest[0], *(int(v) for v in rest[1:]))
         else:
-            rec = rank_worker(rest[0], int(role), 2, rest[1]) if role.isdigit() else runtime_worker(role)
+            rec = rank_worker(rest[0], int(role), 2, *rest[1:]) if role.isdigit() else runtime_worker(role)
         print(json.dumps(rec))
         return
     if args.check_plan:
@@ -256,36 +266,47 @@ def main() -> None:
         make_model(args.model, seed=0, dtype="bfloat16", **MODEL)
     file_bytes = sum(os.path.getsize(os.path.join(args.model, n)) for n in os.listdir(args.model)
                      if n.endswith(".safetensors"))
-    for n in os.listdir(args.model):
-        if n.endswith(".safetensors"):
-            drop_cache(os.path.join(args.model, n))
-    procs = [spawn("bare"), spawn("runtime"), spawn("0", args.model, args.dtype), spawn("1", args.model, args.dtype)]
-    bare, runtime, *ranks = [collect(p) for p in procs]
-
     import torch
     import transformers
 
-    base = runtime["peak_rss"]
+    methods = args.quantization.split(",")
+    runtimes, ranks = {}, []
+    for method in methods:  # one method at a time: two ranks and their runtime baseline side by side
+        for n in os.listdir(args.model):
+            if n.endswith(".safetensors"):
+                drop_cache(os.path.join(args.model, n))
+        role = "runtime" if method == "none" else "runtime-bnb"
+        procs = [spawn(role)] + [spawn(str(r), args.model, args.dtype, method) for r in (0, 1)]
+        runtimes[method], *pair = [collect(p) for p in procs]
+        ranks += pair
+    bare = collect(spawn("bare"))
+
     mib = 2**20
     print(f"checkpoint {args.model}: {file_bytes / mib:.0f} MiB of safetensors; ranks load {args.dtype}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"bare imports (python + torch + transformers + accelerate): peak {bare['peak_rss'] / mib:.0f} MiB; "
-          f"runtime (+ model code and pipeinfer, no weights): peak {base / mib:.0f} MiB")
-    print("| rank | layers | stage params (MiB) | read from checkpoint (MiB) | peak RSS (MiB) | "
-          "target: (params + runtime) x 1.1 (MiB) | peak / (params + runtime) | met |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"runtime (+ model code and pipeinfer, no weights): peak "
+          + ", ".join(f"{runtimes[m]['peak_rss'] / mib:.0f} MiB" + ("" if m == "none" else f" ({m}: + bitsandbytes)")
+                      for m in methods))
+    print("| quantization | rank | layers | stage params, planned = loaded (MiB) | read from checkpoint (MiB) | "
+          "peak RSS (MiB) | target: (params + runtime) x 1.1 (x 1.15 quantized) (MiB) | peak / (params + runtime) "
+          "| met |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in ranks:
-        limit = (r["param_bytes"] + base) * 1.10
+        base = runtimes[r["quantization"]]["peak_rss"]
+        factor = 1.10 if r["quantization"] == "none" else 1.15
+        limit = (r["param_bytes"] + base) * factor
         r["target_bytes"], r["ratio"], r["met"] = int(limit), r["peak_rss"] / (r["param_bytes"] + base), \
-            r["peak_rss"] <= limit
-        print(f"| {r['role'][4:]} | {r['layers'][0]}..{r['layers'][1]} | {r['param_bytes'] / mib:.0f} | "
-              f"{r['read_bytes'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | {limit / mib:.0f} | {r['ratio']:.3f} | "
-              f"{'yes' if r['met'] else 'NO'} |")
+            r["peak_rss"] <= limit and r["param_bytes"] == r["planned_weights"]
+        print(f"| {r['quantization']} | {r['role'][4:]} | {r['layers'][0]}..{r['layers'][1]} | "
+              f"{r['param_bytes'] / mib:.1f} {'=' if r['param_bytes'] == r['planned_weights'] else '!='} "
+              f"{r['planned_weights'] / mib:.1f} | {r['read_bytes'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | "
+              f"{limit / mib:.0f} | {r['ratio']:.3f} | {'yes' if r['met'] else 'NO'} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"model": args.model, "checkpoint_bytes": file_bytes, "dtype": args.dtype, "prefill": PREFILL,
                    "torch": torch.__version__, "transformers": transformers.__version__,
-                   "bare": bare, "runtime": runtime, "ranks": ranks}, f, indent=2)
+                   "bare": bare, "runtime": runtimes, "ranks": ranks}, f, indent=2)
     print(f"-> {args.json}")
 
 
