@@ -77,7 +77,9 @@ def format_table(out: dict) -> str:
     mib = 2**20
     lines = [f"{out['model_path']} ({out['family']}): pipeline_size={out['pipeline_size']}, "
              f"batch_size={out['batch_size']} in slots {out['slots']}, longest prompt {out['longest_prompt']} + "
-             f"max_new_tokens {out['max_new_tokens']} tokens, {out['dtype']} on {out['device_type']}",
+             f"max_new_tokens {out['max_new_tokens']} tokens, {out['dtype']} on {out['device_type']}"
+             + (f", weights quantized {out['quantization']['method']} ({out['quantization']['source']})"
+                if out.get("quantization") else ""),
              "| rank | layers | weights MiB | KV cache MiB | transient MiB | reserve MiB | total MiB | budget MiB "
              "| fits |", "|---|---|---|---|---|---|---|---|---|"]
     for r in out["ranks"]:

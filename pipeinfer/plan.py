@@ -292,11 +292,13 @@ def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] |
     quantized = frozenset(select(m.linears, q))
     stored = {}
     if q is not None and q.source == "checkpoint":
+        # what the checkpoint stores quantized (int8, or 4-bit packed in uint8), whatever its config says
+        quantized = frozenset(n for n in m.linears if n in keys and tensors[keys[n]].dtype in ("I8", "U8"))
         names = sorted(tensors)
         for name in quantized:
-            key = keys.get(name)
-            if key is not None:
-                stored[name] = sum(tensors[k].nbytes for k in [key, *stats_keys(key, names)])
+            key = keys[name]
+            # the quant_state entry is JSON the loader reads, not a tensor the stage keeps
+            stored[name] = sum(tensors[k].nbytes for k in [key, *stats_keys(key, names)] if ".quant_state." not in k)
     return _Sizes(_ITEMSIZE[dtype], q, quantized, stored)
 
 

@@ -107,8 +107,9 @@ def test_prequantized_ranks_read_only_their_own_tensors(prequantized, monkeypatc
     per_rank = []
     for rank in range(2):
         read.clear()
-        stage_mod.load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
+        _, info = stage_mod.load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
         per_rank.append(set(read))
+        assert plan.ranks[rank].weights == info.param_bytes  # planned as stored, scales included
         assert len(read) == len(set(read))
         layers = plan.ranks[rank].layers
         for key in read:  # a decoder layer's tensor is one of this rank's layers
