@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pipeinfer.checkpoint import Tensor, checkpoint_keys, read_headers
 from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, parse_bytes
 from pipeinfer.families import Family, family_for
-from pipeinfer.quantization import Quantization, quantized_bytes, resolve, select, stats_keys
+from pipeinfer.quantization import Quantization, resolve, select, stats_keys
 from pipeinfer.partition import (StageCosts, StagePlan, balance_bytes, check_complete, missing_weights, plan_split,
                                  stage_device_map)
 
@@ -107,7 +107,7 @@ class _Model:
     base_children: list[str]
     params: dict[str, tuple[int, ...]]  # unique parameters (a tied head appears once, as the embedding)
     buffers: list[str]
-    linears: frozenset[str]            # weights of nn.Linear / Conv1D modules other than the head: what bnb quantizes
+    linears: dict[str, int]            # nn.Linear / Conv1D weights but the head (what bnb quantizes): out features
     tied: bool
     hidden: int
     intermediate: int
@@ -134,7 +134,7 @@ def _model(model_config, trust_remote_code: bool = False) -> _Model:
     return _Model(family, c.num_hidden_layers, [n for n, _ in skeleton.named_children()],
                   [n for n, _ in base.named_children()],
                   {n: tuple(p.shape) for n, p in skeleton.named_parameters() if not (tied and n in heads)},
-                  [n for n, _ in skeleton.named_buffers()], frozenset(linear_weights(skeleton, family.heads)), tied,
+                  [n for n, _ in skeleton.named_buffers()], linear_weights(skeleton, family.heads), tied,
                   c.hidden_size, inter, c.vocab_size, kv_heads * head_dim)
 
 
@@ -161,13 +161,14 @@ class _Sizes:
     itemsize: int                                  # the run's dtype (also the KV cache's and activations')
     q: Quantization | None = None
     quantized: frozenset[str] = frozenset()
+    out_features: dict[str, int] = field(default_factory=dict)  # of each linear weight
     stored: dict[str, int] = field(default_factory=dict)  # pre-quantized: bytes as stored, statistics included
 
     def of(self, name: str, shape: tuple[int, ...]) -> int:
         if name in self.stored:
             return self.stored[name]
         if name in self.quantized:
-            return quantized_bytes(self.q, shape)
+            return self.q.weight_bytes(shape, self.out_features[name])
         return math.prod(shape) * self.itemsize
 
 
@@ -299,7 +300,7 @@ def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] |
             key = keys[name]
             # the quant_state entry is JSON the loader reads, not a tensor the stage keeps
             stored[name] = sum(tensors[k].nbytes for k in [key, *stats_keys(key, names)] if ".quant_state." not in k)
-    return _Sizes(_ITEMSIZE[dtype], q, quantized, stored)
+    return _Sizes(_ITEMSIZE[dtype], q, quantized, m.linears, stored)
 
 
 def _check_checkpoint(path: str, m: _Model, keys: dict[str, str], tensors: dict[str, Tensor],

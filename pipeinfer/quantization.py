@@ -1,7 +1,7 @@
 """Quantized stages: bitsandbytes 8-bit (LLM.int8) and 4-bit (NF4, FP4) weights, quantized by each
 rank as it loads its own layers, or read already quantized from a checkpoint saved that way.
 
-    q = resolve(cfg, model_config, "cpu", "float32")   # None: not quantized; ConfigError: cannot run
+    q = resolve("nf4", {}, model_config, "cpu", "float32")   # None: not quantized; ConfigError: cannot run
 
 What is quantized is what transformers' BitsAndBytesConfig quantizes: every nn.Linear (GPT-2's
 Conv1D) except the lm_head and the modules named in llm_int8_skip_modules; embeddings, norms and
@@ -23,7 +23,6 @@ from torch import nn
 
 from pipeinfer.config import ConfigError
 
-METHODS = ("none", "int8", "nf4", "fp4")
 MIN_BITSANDBYTES = (0, 50)  # the release the tests run; older ones ran LLM.int8 on CUDA only
 BLOCKSIZE = 64               # bitsandbytes' 4-bit block (Params4bit's default)
 _INSTALL = "pip install 'bitsandbytes>=0.50'"
@@ -55,11 +54,11 @@ class Quantization:
                                   bnb_4bit_use_double_quant=self.double_quant,
                                   bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype), llm_int8_skip_modules=skip)
 
-    def weight_bytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes one quantized (out, in) weight holds once loaded, scales included."""
+    def weight_bytes(self, shape: tuple[int, ...], out_features: int) -> int:
+        """Bytes one quantized weight holds once loaded, scales included."""
         n = math.prod(shape)
         if self.method == "int8":
-            return n + shape[0] * 4  # int8 values + one float32 scale per output row (SCB)
+            return n + out_features * 4  # int8 values + one float32 scale per output row (SCB)
         blocks = -(-n // BLOCKSIZE)
         if self.double_quant:  # 8-bit block scales, their own float32 scales per 256, a 256-entry code
             scales = blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
@@ -141,9 +140,10 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, Conv1D)
 
 
-def linear_weights(model: nn.Module, heads: tuple[str, ...]) -> set[str]:
-    """Weights of the nn.Linear / Conv1D modules of `model` (a meta skeleton will do), head excluded."""
-    return {f"{name}.weight" for name, module in model.named_modules()
+def linear_weights(model: nn.Module, heads: tuple[str, ...]) -> dict[str, int]:
+    """{weight name: output features} of the nn.Linear / Conv1D modules of `model` (a meta skeleton
+    will do), head excluded."""
+    return {f"{name}.weight": _out_in(module)[0] for name, module in model.named_modules()
             if _is_linear(module) and name.split(".")[0] not in heads}
 
 
@@ -157,10 +157,6 @@ def select(linears, q: Quantization | None) -> set[str]:
     def skipped(module: str) -> bool:
         return any(re.match(rf"(?:{k}){boundary}", module) or module.endswith(k) for k in q.skip)
     return {w for w in linears if not skipped(w.removesuffix(".weight"))}
-
-
-def quantized_bytes(q: Quantization, shape: tuple[int, ...]) -> int:
-    return q.weight_bytes(shape)
 
 
 # --- loading ----------------------------------------------------------------------------------------

@@ -223,3 +223,31 @@ def test_bad_quantization_exits_2_with_one_line_on_every_rank(tiny_llama, tmp_pa
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 2, res.stderr[-2000:]
         assert len(lines) == 1 and "quantization_options" in lines[0] and "llm_int8_threshold" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    from pipeinfer.tiny_models import make_model
+
+    return make_model(str(tmp_path_factory.mktemp("models") / "gpt2"), seed=4, model_type="gpt2", n_embd=64,
+                      n_layer=3, n_head=4, n_positions=256)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_gpt2_conv1d_weights_quantize_like_transformers(tiny_gpt2, tmp_path, method):
+    """GPT-2's Conv1D stores (in, out): transposed before quantizing, as transformers does; the plan
+    counts int8's scales per output feature."""
+    from pipeinfer.plan import plan_for_run
+    from pipeinfer.runtime import read_model_config
+    from pipeinfer.stage import load_stage
+
+    want = reference_outputs(tiny_gpt2, PROMPTS, 8, quantization_config=_q(method).bnb_config(), device_map="cpu")
+    records = run_pipeline(base_config(tiny_gpt2, tmp_path, pipeline_size=2, batch_size=4, max_new_tokens=8,
+                                       dtype="float32", quantization=method), tmp_path, 2)
+    assert [p["output_ids"] for p in prompt_records(records)] == want
+    mc = read_model_config(tiny_gpt2)
+    plan = plan_for_run(build_config(dict(model_path=tiny_gpt2, prompts=["x"], pipeline_size=2, max_new_tokens=4,
+                                          quantization=method)), mc, 8, "float32", "cpu")
+    for rank in range(2):
+        _, info = load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
+        assert plan.ranks[rank].weights == info.param_bytes
