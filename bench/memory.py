@@ -20,7 +20,9 @@ includes file pages of the memory-mapped safetensors once they are touched. The 
 
 and, with --quantization (default none,int8,nf4), the same pair of ranks again per method, each rank
 quantizing its own layers as it loads them (quantization.py), against its planned quantized bytes
-(which must equal what it holds) and a runtime that also imports bitsandbytes: target x 1.15.
+(which must equal what it holds) and a runtime that also imports bitsandbytes: target x 1.15. With
+--prequantized (default nf4) the pair once more on that checkpoint saved quantized by transformers
+(built once beside --model): read_bytes shows each rank reading its own share of the stored file.
 
 No process group is needed: loading is rank-local, so the ranks are started without one.
 
@@ -214,6 +216,20 @@ def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
     return rows
 
 
+def save_prequantized(model: str, out: str, method: str, dtype_name: str) -> None:
+    """The checkpoint quantized by transformers and saved with save_pretrained, as users get one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeinfer.quantization import Quantization
+
+    print(f"building {out} ...", flush=True)
+    q = Quantization(method, "load", compute_dtype=dtype_name)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype_name), device_map="cpu",
+                                             quantization_config=q.bnb_config())
+    m.save_pretrained(out)
+
+
 def spawn(*args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *args],
@@ -235,6 +251,8 @@ def main() -> None:
     ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
     ap.add_argument("--quantization", default="none,int8,nf4",
                     help="comma-separated: the ranks load the stage this way, each in its own pair of processes")
+    ap.add_argument("--prequantized", default="nf4",
+                    help="also the checkpoint saved quantized this way (built once beside --model); '' for none")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -269,16 +287,25 @@ def main() -> None:
     import torch
     import transformers
 
-    methods = args.quantization.split(",")
+    methods = [m for m in args.quantization.split(",") if m]
+    runs = [(m, args.model, m) for m in methods]
+    if args.prequantized:  # the checkpoint saved quantized: the ranks read it as stored
+        pre = f"{args.model}-{args.prequantized}"
+        if not os.path.exists(os.path.join(pre, "config.json")):
+            save_prequantized(args.model, pre, args.prequantized, args.dtype)
+        runs.append((f"{args.prequantized} (pre-quantized)", pre, "none"))
     runtimes, ranks = {}, []
-    for method in methods:  # one method at a time: two ranks and their runtime baseline side by side
-        for n in os.listdir(args.model):
+    for label, path, method in runs:  # one at a time: two ranks and their runtime baseline side by side
+        for n in os.listdir(path):
             if n.endswith(".safetensors"):
-                drop_cache(os.path.join(args.model, n))
-        role = "runtime" if method == "none" else "runtime-bnb"
-        procs = [spawn(role)] + [spawn(str(r), args.model, args.dtype, method) for r in (0, 1)]
-        runtimes[method], *pair = [collect(p) for p in procs]
+                drop_cache(os.path.join(path, n))
+        role = "runtime" if label == "none" else "runtime-bnb"
+        procs = [spawn(role)] + [spawn(str(r), path, args.dtype, method) for r in (0, 1)]
+        runtimes[label], *pair = [collect(p) for p in procs]
+        for r in pair:
+            r["quantization"] = label
         ranks += pair
+    methods = [label for label, _, _ in runs]
     bare = collect(spawn("bare"))
 
     mib = 2**20
