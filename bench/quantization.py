@@ -136,7 +136,8 @@ def fit_table() -> list[dict]:
     from transformers import LlamaConfig
 
     from pipeinfer.config import build_config, micro_batching
-    from pipeinfer.plan import CUDA_CONTEXT_BYTES, _layout, _model, _sizes, smallest_pipeline
+    from pipeinfer.fit import smallest_pipeline
+    from pipeinfer.plan import CUDA_CONTEXT_BYTES, _layout, _model, _sizes
     from pipeinfer.quantization import Quantization
 
     budget, prompt, new = 16 * 2**30, 512, 256

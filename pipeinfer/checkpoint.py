@@ -2,7 +2,8 @@
 
     tensors = read_headers(model_path)   # {name: Tensor(file, dtype, shape)}, milliseconds at any size
 
-What planning (plan.py) and loading (stage.load_stage) know of the checkpoint before touching a weight.
+What planning (plan.py) and loading (stage.load_stage) know of the checkpoint before touching a weight,
+and check_checkpoint(): the plan's check that every weight a rank needs is stored, in the right shape.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from pipeinfer.config import ConfigError, first_line
 from pipeinfer.families import Family
+from pipeinfer.partition import check_complete, missing_weights
 
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
               "F8_E4M3": 1, "F8_E5M2": 1}
@@ -113,3 +115,37 @@ def checkpoint_keys(stored: list[str], top: list[str], family: Family) -> dict[s
         else:
             keys[f"{family.root}.{name}"] = name
     return keys
+
+
+def check_checkpoint(path: str, m, keys: dict[str, str], tensors: dict[str, Tensor], ranks, local: str,
+                     sizes) -> None:
+    """Every parameter each rank owns has a stored tensor of the model's shape (m: plan._Model,
+    ranks: plan.RankPlan, sizes: plan._Sizes); ConfigError naming the tensor and the fix."""
+    have = set(keys)
+    fam = m.family
+    tied_pair = {f"{fam.base}.{fam.embeddings}.weight"} | {f"{h}.weight" for h in fam.heads if h in m.top}
+    if m.tied and have & tied_pair:
+        have |= tied_pair  # either copy serves both: they are one tensor once loaded
+    for r in ranks:
+        try:
+            check_complete(r.device_map, list(m.params) + m.buffers, "model parameters and buffers")
+            check_complete(r.device_map, list(keys), "checkpoint tensors")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        absent = missing_weights(r.device_map, list(m.params), have, local)
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            raise ConfigError(f"the checkpoint in {path} has no tensor for {len(absent)} weights rank {r.rank} "
+                              f"needs ({shown}); transformers would fill them with random values: copy the "
+                              f"complete checkpoint, saved for this model's type and size")
+    for name, shape in m.params.items():
+        key = keys.get(name)
+        if key is not None and name in sizes.stored:  # stored quantized: 8-bit values, or two 4-bit per byte
+            want = math.prod(shape) if sizes.q.bits == 8 else -(-math.prod(shape) // 2)
+            if math.prod(tensors[key].shape) != want:
+                raise ConfigError(f"checkpoint tensor {key} holds {math.prod(tensors[key].shape)} quantized values "
+                                  f"but {path}/config.json makes {name} {list(shape)}: the weights were saved for "
+                                  f"another model size")
+        elif key is not None and tensors[key].shape != shape:
+            raise ConfigError(f"checkpoint tensor {key} has shape {list(tensors[key].shape)} but {path}/config.json "
+                              f"makes {name} {list(shape)}: the weights were saved for another model size")

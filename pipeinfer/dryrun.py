@@ -13,8 +13,8 @@ import json
 
 from pipeinfer.checkpoint import read_headers
 from pipeinfer.config import ConfigError, ExpConfig, micro_batching, parse_bytes
-from pipeinfer.plan import (CUDA_CONTEXT_BYTES, _model, _replace, largest_batch, make_plan,
-                            smallest_pipeline)
+from pipeinfer.fit import _replace, largest_batch, smallest_pipeline
+from pipeinfer.plan import CUDA_CONTEXT_BYTES, _model, make_plan
 
 
 def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str | None = None,

@@ -28,12 +28,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeinfer.checkpoint import Tensor, checkpoint_keys, read_headers
+from pipeinfer.checkpoint import Tensor, check_checkpoint, checkpoint_keys, read_headers
 from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, parse_bytes
 from pipeinfer.families import Family, family_for
 from pipeinfer.quantization import Quantization, resolve, select, stats_keys
-from pipeinfer.partition import (StageCosts, StagePlan, balance_bytes, check_complete, missing_weights, plan_split,
-                                 stage_device_map)
+from pipeinfer.partition import StageCosts, StagePlan, balance_bytes, check_complete, plan_split, stage_device_map
 
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS workspace per process: about 0.4-0.6 GiB on recent GPUs
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -256,7 +255,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
         raise ConfigError(str(e)) from None
 
     if tensors is not None:
-        _check_checkpoint(cfg.model_path, m, keys, tensors, ranks, local, sizes)
+        check_checkpoint(cfg.model_path, m, keys, tensors, ranks, local, sizes)
     else:
         try:
             for r in ranks:
@@ -272,6 +271,8 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
         name = f"max_memory[{r.rank}]={r.budget} bytes" if cfg.max_memory is not None else \
             f"the device memory ({r.budget} bytes)"
         fix = [f"raise it to at least {r.total} bytes ({_human(r.total)})"]
+        from pipeinfer.fit import largest_batch, smallest_pipeline
+
         fewest = smallest_pipeline(cfg, m, sizes, slots, longest_prompt, capacity, min(budgets), reserve, local)
         if fewest is not None and fewest > size:
             fix.append(f"use pipeline_size={fewest}")
@@ -301,76 +302,6 @@ def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] |
             # the quant_state entry is JSON the loader reads, not a tensor the stage keeps
             stored[name] = sum(tensors[k].nbytes for k in [key, *stats_keys(key, names)] if ".quant_state." not in k)
     return _Sizes(_ITEMSIZE[dtype], q, quantized, m.linears, stored)
-
-
-def _check_checkpoint(path: str, m: _Model, keys: dict[str, str], tensors: dict[str, Tensor],
-                      ranks: list[RankPlan], local: str, sizes: _Sizes) -> None:
-    """Every parameter each rank owns has a stored tensor of the model's shape."""
-    have = set(keys)
-    fam = m.family
-    tied_pair = {f"{fam.base}.{fam.embeddings}.weight"} | {f"{h}.weight" for h in fam.heads if h in m.top}
-    if m.tied and have & tied_pair:
-        have |= tied_pair  # either copy serves both: they are one tensor once loaded
-    for r in ranks:
-        try:
-            check_complete(r.device_map, list(m.params) + m.buffers, "model parameters and buffers")
-            check_complete(r.device_map, list(keys), "checkpoint tensors")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        absent = missing_weights(r.device_map, list(m.params), have, local)
-        if absent:
-            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-            raise ConfigError(f"the checkpoint in {path} has no tensor for {len(absent)} weights rank {r.rank} "
-                              f"needs ({shown}); transformers would fill them with random values: copy the "
-                              f"complete checkpoint, saved for this model's type and size")
-    for name, shape in m.params.items():
-        key = keys.get(name)
-        if key is not None and name in sizes.stored:  # stored quantized: 8-bit values, or two 4-bit per byte
-            want = math.prod(shape) if sizes.q.bits == 8 else -(-math.prod(shape) // 2)
-            if math.prod(tensors[key].shape) != want:
-                raise ConfigError(f"checkpoint tensor {key} holds {math.prod(tensors[key].shape)} quantized values "
-                                  f"but {path}/config.json makes {name} {list(shape)}: the weights were saved for "
-                                  f"another model size")
-        elif key is not None and tensors[key].shape != shape:
-            raise ConfigError(f"checkpoint tensor {key} has shape {list(tensors[key].shape)} but {path}/config.json "
-                              f"makes {name} {list(shape)}: the weights were saved for another model size")
-
-
-def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, local) -> int | None:
-    """The fewest stages whose every rank fits `budget` (layer_split "auto", or cfg's mode when a string)."""
-    mode = cfg.layer_split if isinstance(cfg.layer_split, str) else "auto"
-    for size in range(1, m.num_layers + 1):
-        s = slots if cfg.micro_batch_size != "auto" else \
-            micro_batching(_replace(cfg, pipeline_size=size))
-        _, ranks = _layout(m, size, mode, sizes, s, longest, capacity, [budget] * size, reserve, local)
-        if all(r.fits for r in ranks):
-            return size
-    return None
-
-
-def largest_batch(cfg, m, sizes, longest, budgets, reserve, local, limit: int = 4096) -> int:
-    """The largest batch_size (<= limit) at which every rank fits, with this pipeline_size and split; 0 if none."""
-    def fits(b: int) -> bool:
-        c = _replace(cfg, batch_size=b, micro_batch_size=cfg.micro_batch_size if cfg.micro_batch_size == "auto"
-                     else min(cfg.micro_batch_size, b))
-        _, ranks = _layout(m, cfg.pipeline_size, cfg.layer_split, sizes, micro_batching(c), longest,
-                           longest + cfg.max_new_tokens, budgets, reserve, local)
-        return all(r.fits for r in ranks)
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:  # fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def _replace(cfg: ExpConfig, **over) -> ExpConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, **over)
 
 
 def _human(n: int) -> str:
