@@ -296,11 +296,11 @@ def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] |
     if q is not None and q.source == "checkpoint":
         # what the checkpoint stores quantized (int8, or 4-bit packed in uint8), whatever its config says
         quantized = frozenset(n for n in m.linears if n in keys and tensors[keys[n]].dtype in ("I8", "U8"))
-        names = sorted(tensors)
+        stats = stats_keys(tensors)
         for name in quantized:
             key = keys[name]
             # the quant_state entry is JSON the loader reads, not a tensor the stage keeps
-            stored[name] = sum(tensors[k].nbytes for k in [key, *stats_keys(key, names)] if ".quant_state." not in k)
+            stored[name] = sum(tensors[k].nbytes for k in [key, *stats.get(key, ())] if ".quant_state." not in k)
     return _Sizes(_ITEMSIZE[dtype], q, quantized, m.linears, stored)
 
 

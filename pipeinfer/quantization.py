@@ -225,10 +225,16 @@ def stored_weight(module: nn.Module, stored: dict[str, torch.Tensor], device: to
                                                device=device, module=module)
 
 
-def stats_keys(weight_key: str, keys: list[str]) -> list[str]:
-    """The checkpoint keys holding a stored quantized weight's statistics, besides the weight itself."""
-    module = weight_key.removesuffix("weight")
-    return [k for k in keys if k != weight_key and (k.startswith(weight_key + ".") or k == module + "SCB")]
+def stats_keys(keys) -> dict[str, list[str]]:
+    """{stored quantized weight's key: the keys of its statistics}, in one pass over the checkpoint's
+    keys: int8's "<module>.SCB", 4-bit's "<module>.weight.absmax", ".quant_map", ".quant_state...")."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        if k.endswith(".SCB"):
+            out.setdefault(k[:-len("SCB")] + "weight", []).append(k)
+        elif ".weight." in k:
+            out.setdefault(k[:k.index(".weight.")] + ".weight", []).append(k)
+    return out
 
 
 def held_bytes(model: nn.Module) -> int:

@@ -216,6 +216,7 @@ def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Fa
     quantized = {n for n in plan.quantized if _placement(dmap, n) == local}
     if quantized:
         replace_linears(model, quantized, q)  # bitsandbytes modules, on meta, in eval mode
+    stats = stats_keys(plan.tensors) if q is not None and q.source == "checkpoint" else {}
     for name, param in list(model.named_parameters()):
         if _placement(dmap, name) != local or (tied and name in heads):
             continue  # another stage's, or a tied head: the embedding, tied below
@@ -225,7 +226,7 @@ def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Fa
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if name in quantized and q.source == "checkpoint":
-            names = [key, *stats_keys(key, list(plan.tensors))]
+            names = [key, *stats.get(key, ())]
             stored = {k[len(module_name) + 1:]: _read(plan.tensors[k].file, k, device) for k in names}
             value = stored_weight(module, stored, device)
         elif name in quantized:
