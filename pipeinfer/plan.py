@@ -73,8 +73,12 @@ class Plan:
     keys: dict[str, str] | None = field(default=None, repr=False)  # parameter name -> checkpoint tensor name
     tensors: dict[str, Tensor] | None = field(default=None, repr=False)
     quantization: Quantization | None = None
-    quantized: frozenset[str] = field(default=frozenset(), repr=False)  # the weights it quantizes
     sizes: "_Sizes | None" = field(default=None, repr=False)
+
+    @property
+    def quantized(self) -> frozenset[str]:
+        """The weights the plan quantizes (or that the checkpoint stores quantized)."""
+        return self.sizes.quantized if self.sizes is not None else frozenset()
 
     @property
     def pipeline_size(self) -> int:
@@ -264,7 +268,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
             raise ConfigError(str(e)) from None
 
     plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
-                longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes.quantized, sizes)
+                longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes)
     bad = [r for r in ranks if not r.fits]
     if bad:
         r = bad[0]

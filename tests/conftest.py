@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,6 +100,7 @@ class Rank:
         self.out, self.err = os.path.join(self.dir, "stdout"), os.path.join(self.dir, "stderr")
         self.pid = _zygote.ask(op="spawn", argv=args, env=env, cwd=cwd, out=self.out, err=self.err)["pid"]
         self.returncode = None
+        self._output = None  # (stdout, stderr), read once the rank has exited
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -115,9 +117,12 @@ class Rank:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
-        with open(self.out, encoding="utf-8", errors="replace") as o, \
-                open(self.err, encoding="utf-8", errors="replace") as e:
-            return o.read(), e.read()
+        if self._output is None:
+            with open(self.out, encoding="utf-8", errors="replace") as o, \
+                    open(self.err, encoding="utf-8", errors="replace") as e:
+                self._output = o.read(), e.read()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return self._output
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:

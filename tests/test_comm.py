@@ -46,13 +46,19 @@ def _worker(rank: int, port: int, q) -> None:
         procgroup.shutdown()
 
 
-def test_round_trip_over_gloo():
+def _start_pair(target):
+    """Two spawned processes running target(rank, port, queue); returns them and the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, q)) for r in range(2)]
     for p in procs:
         p.start()
+    return procs, q
+
+
+def test_round_trip_over_gloo():
+    procs, q = _start_pair(_worker)
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
@@ -139,12 +145,7 @@ def _dead_peer_worker(rank: int, port: int, q) -> None:
 def test_send_to_a_dead_peer_is_a_peer_failure():
     """gloo raises at isend itself (not only in wait) once the peer's connection is closed: seen in
     CI as a traceback where the one-line error was meant. Every post is now guarded like a wait."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_dead_peer_worker, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
+    procs, q = _start_pair(_dead_peer_worker)
     kind, msg = q.get(timeout=60)
     for p in procs:
         p.join(30)
