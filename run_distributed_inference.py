@@ -22,6 +22,7 @@ from pipeinfer.comm import PeerFailure
 from pipeinfer.config import ConfigError, micro_batching
 from pipeinfer.generation import Aborted, NonFiniteLogits, generate
 from pipeinfer.inputs import read_inputs
+from pipeinfer.offload import OffloadError
 from pipeinfer.metrics import batch_records, reset_peak_memory, run_record, stage_record, summary_record
 from pipeinfer.runtime import steady_host_memory
 from pipeinfer.prompts import micro_batches
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. Every rank's stage record gathered on rank 0, then the summary.
         gathered = comm.gather(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
-                                            work.max_in_flight))
+                                            work.max_in_flight, stage.streamer and stage.streamer.record()))
         done = len(prompts) - len(todo) + len(records)
         if writer is not None:
             for rec in gathered:
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                             stop.signal or "a stop request", done, len(prompts), EXIT_REQUEUE)
             return EXIT_REQUEUE
         return 0
-    except (PeerFailure, ResultsError, NonFiniteLogits) as e:  # ResultsError: output_path not writable
+    except (PeerFailure, ResultsError, NonFiniteLogits, OffloadError) as e:  # ResultsError: output_path not writable
         print(f"error: rank {rank}: {e}", file=sys.stderr)
         return 1
     finally:

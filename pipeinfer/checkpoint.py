@@ -27,6 +27,7 @@ class Tensor:
     file: str
     dtype: str   # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
+    offset: int = 0  # where its bytes begin in the file (offload.py reads them in place from there)
 
     @property
     def nbytes(self) -> int:
@@ -92,7 +93,7 @@ def _read_shard(path: str) -> dict[str, Tensor]:
             if stop - begin != math.prod(shape) * _ST_DTYPES[info["dtype"]]:
                 raise ValueError(f"{name}: offsets do not match its shape and dtype")
             end = max(end, stop)
-            out[name] = Tensor(path, info["dtype"], shape)
+            out[name] = Tensor(path, info["dtype"], shape, 8 + n + begin)
         if 8 + n + end != size:
             raise ValueError(f"the header describes {8 + n + end} bytes but the file has {size}")
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -76,7 +76,8 @@ class ExpConfig:
     profile_steps: int = 0
     progress: bool = True
     layer_split: str | list[int] = "even"
-    max_memory: list[int | str] | None = None
+    max_memory: list[int | str] | int | str | None = None
+    max_cpu_memory: list[int | str] | int | str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     quantization: str = "none"
@@ -131,8 +132,13 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "layer_split": ((str, list), lambda v: v in ("even", "auto") if isinstance(v, str) else
                     len(v) > 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v),
                     '"even", "auto" or a list of layer counts per stage, each >= 1'),
-    "max_memory": ((list,), lambda v: len(v) > 0 and all(_is_bytes(b) for b in v),
-                   'a list with one byte budget per rank: integers or strings like "12GiB", "500MB"'),
+    "max_memory": ((list, int, str), lambda v: all(_is_bytes(b) for b in v) and len(v) > 0 if isinstance(v, list)
+                   else _is_bytes(v), 'a device budget for every rank ("12GiB", "500MB" or bytes), or a list '
+                   'with one per rank'),
+    "max_cpu_memory": ((list, int, str), lambda v: all(_is_bytes(b, 0) for b in v) and len(v) > 0
+                       if isinstance(v, list) else _is_bytes(v, 0),
+                       'host memory for offloaded layers, per rank ("8GiB"; "0": the overflow goes to disk), or a '
+                       'list with one per rank; setting it lets the plan offload what max_memory cannot hold'),
     "allow_pickle": (_BOOL, None, "true or false (true loads pickle .bin checkpoints, which can run code)"),
     "trust_remote_code": (_BOOL, None, "true or false (true runs the checkpoint's own Python code: auto_map)"),
     "quantization": (_STR, lambda v: v in QUANTIZATION,
@@ -163,9 +169,16 @@ def parse_bytes(value: int | str) -> int:
     return int(amount)
 
 
-def _is_bytes(value: object) -> bool:
+def per_rank(value: list[int | str] | int | str | None, size: int) -> list[int] | None:
+    """A budget key (max_memory, max_cpu_memory) as bytes per rank: one value for all, or a list."""
+    if value is None:
+        return None
+    return [parse_bytes(v) for v in value] if isinstance(value, list) else [parse_bytes(value)] * size
+
+
+def _is_bytes(value: object, least: int = 1) -> bool:
     try:
-        return isinstance(value, (int, str)) and not isinstance(value, bool) and parse_bytes(value) > 0
+        return isinstance(value, (int, str)) and not isinstance(value, bool) and parse_bytes(value) >= least
     except ValueError:
         return False
 
@@ -232,7 +245,7 @@ def build_config(raw: dict) -> ExpConfig:
     if (values.get("prompts") is None) == (values.get("prompts_file") is None):
         raise ConfigError("set exactly one of prompts (a list of strings) or prompts_file (a .jsonl or .txt path)")
     size = values.get("pipeline_size", 1)
-    for key in ("layer_split", "max_memory"):
+    for key in ("layer_split", "max_memory", "max_cpu_memory"):
         if isinstance(values.get(key), list) and len(values[key]) != size:
             raise ConfigError(f"{key}={json.dumps(values[key])} has {len(values[key])} entries but pipeline_size={size}: "
                               f"give one per stage")

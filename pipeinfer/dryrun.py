@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from pipeinfer.checkpoint import read_headers
-from pipeinfer.config import ConfigError, ExpConfig, micro_batching, parse_bytes
+from pipeinfer.config import ConfigError, ExpConfig, micro_batching, per_rank
 from pipeinfer.fit import _replace, largest_batch, smallest_pipeline
 from pipeinfer.plan import CUDA_CONTEXT_BYTES, _model, make_plan
 
@@ -46,7 +46,7 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
         budgets = [device_memory] * cfg.pipeline_size
         cfg = _replace(cfg, max_memory=None)
     elif cfg.max_memory is not None:
-        budgets = [parse_bytes(b) for b in cfg.max_memory]
+        budgets = per_rank(cfg.max_memory, cfg.pipeline_size)
     tensors = read_headers(cfg.model_path, cfg.allow_pickle)
     m = _model(model_config, cfg.trust_remote_code)
     out = {"model_path": cfg.model_path, "pipeline_size": cfg.pipeline_size, "batch_size": cfg.batch_size,
@@ -58,7 +58,8 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
         if budgets is None or "cannot hold" not in str(e):
             raise
         # the same numbers without the budget check, to show which rank is over and by how much
-        plan = make_plan(cfg, model_config, tensors, prompt_tokens, dtype, device_type, None, model=m)
+        plan = make_plan(_replace(cfg, max_cpu_memory=None), model_config, tensors, prompt_tokens, dtype, device_type,
+                         None, model=m)
         rec = plan.record()
         for r, b in zip(rec["ranks"], budgets):
             r["budget"], r["fits"] = b, r["total"] <= b
@@ -71,6 +72,10 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
                                                           prompt_tokens + cfg.max_new_tokens, min(budgets), reserve,
                                                           local)
     return out
+
+
+def _spans(layers: list[int]) -> str:
+    return f"layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
 
 
 def format_table(out: dict) -> str:
@@ -88,6 +93,13 @@ def format_table(out: dict) -> str:
         lines.append(f"| {r['rank']} | {r['layers'][0]}..{r['layers'][1]} | {r['weights'] / mib:.1f} | "
                      f"{r['kv_cache'] / mib:.1f} | {r['transient'] / mib:.1f} | {r['reserve'] / mib:.0f} | "
                      f"{r['total'] / mib:.1f} | {budget} | {fits} |")
+    for r in out["ranks"]:
+        if "offload" in r:
+            o = r["offload"]
+            lines.append(f"rank {r['rank']} offloads: " + ", ".join(
+                f"{tier} {_spans(o[tier]['layers'])} ({o[tier]['bytes'] / mib:.1f} MiB)" for tier in ("device", "host", "disk")
+                if o[tier]["layers"]) + f"; stream buffers {o['stream_buffers'] / mib:.1f} MiB (counted in total)"
+                + (f", pinned staging {o['staging'] / mib:.1f} MiB" if o["staging"] else ""))
     if out["budgets"] is None:
         lines.append("no budget: pass --device-memory 16GiB (or set max_memory) to check the fit")
     else:

@@ -21,15 +21,24 @@ What each number counts (bytes, in the run's dtype):
              (B, V) logits in the run's dtype and in float32
   reserve    what the runtime holds before any weight: on CUDA the context (CUDA_CONTEXT_BYTES, a
              stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
+  stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
+             the next layer's weights move while one computes; one when a single layer streams)
+
+Offload (max_cpu_memory set): a stage that does not fit max_memory keeps its first layers resident,
+as many as fit beside everything else and the stream buffers; the layers after them stream in
+(offload.py), from pinned host memory up to max_cpu_memory, the rest read in place from the
+checkpoint on disk. Embeddings, final norm and head stay resident. `weights` then counts what is
+resident only; each layer's bytes and placement are in RankPlan.layer_bytes and .placement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from pipeinfer.checkpoint import Tensor, check_checkpoint, checkpoint_keys, read_headers
-from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, parse_bytes
+from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, per_rank
 from pipeinfer.families import Family, family_for
 from pipeinfer.quantization import Quantization, resolve, select, stats_keys
 from pipeinfer.partition import StageCosts, StagePlan, balance_bytes, check_complete, plan_split, stage_device_map
@@ -48,10 +57,37 @@ class RankPlan:
     reserve: int
     budget: int | None
     device_map: dict[str, str] = field(repr=False)
+    layer_bytes: tuple[int, ...] = ()  # each of the stage's layers' weights, in stage order
+    placement: tuple[str, ...] = ()    # each layer's: "device" (resident), "host" or "disk" (streamed)
+    stream: int = 0                    # device bytes of the buffers streamed layers arrive in
+    staging: int = 0                   # pinned host bytes disk reads pass through on CUDA
+    cpu_budget: int | None = None      # max_cpu_memory: host bytes for offloaded layers (+ staging)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.transient + self.reserve
+        return self.weights + self.kv_cache + self.transient + self.reserve + self.stream
+
+    def tier(self, name: str) -> list[int]:
+        """The stage's layers (global indices) placed on `name`: "device", "host" or "disk"."""
+        return [i for i, p in zip(self.layers, self.placement) if p == name]
+
+    def tier_bytes(self, name: str) -> int:
+        return sum(b for b, p in zip(self.layer_bytes, self.placement) if p == name)
+
+    @property
+    def offloaded(self) -> bool:
+        return any(p != "device" for p in self.placement)
+
+    def record(self) -> dict:
+        rec = {"rank": self.rank, "layers": [self.layers.start, self.layers.stop - 1], "weights": self.weights,
+               "kv_cache": self.kv_cache, "transient": self.transient, "reserve": self.reserve, "total": self.total,
+               "budget": self.budget, "fits": self.fits}
+        if self.offloaded:
+            rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "cpu_budget": self.cpu_budget,
+                              **{tier: {"layers": self.tier(tier), "bytes": self.tier_bytes(tier)}
+                                 for tier in ("device", "host", "disk")},
+                              "layer_bytes": dict(zip(map(str, self.layers), self.layer_bytes))}
+        return rec
 
     @property
     def fits(self) -> bool:
@@ -96,9 +132,7 @@ class Plan:
         return {"family": self.family, "dtype": self.dtype, "device_type": self.device_type,
                 "slots": list(self.slots), "longest_prompt": self.longest_prompt, "capacity": self.capacity,
                 "quantization": self.quantization.record() if self.quantization else None,
-                "ranks": [{"rank": r.rank, "layers": [r.layers.start, r.layers.stop - 1], "weights": r.weights,
-                           "kv_cache": r.kv_cache, "transient": r.transient, "reserve": r.reserve,
-                           "total": r.total, "budget": r.budget, "fits": r.fits} for r in self.ranks]}
+                "ranks": [r.record() for r in self.ranks]}
 
 
 @dataclass(frozen=True)
@@ -218,13 +252,18 @@ def _layout(m: _Model, size: int, layer_split, sizes: _Sizes, slots: list[int], 
     maps = _device_maps(m, ranges, local)
     b, t = max(slots), longest
     ranks = []
+    per_layer = [0] * m.num_layers
+    for name, shape in m.params.items():
+        if (i := _layer_of(name, m)) is not None:
+            per_layer[i] += sizes.of(name, shape)
     for r, (rng, dmap) in enumerate(zip(ranges, maps)):
         weights = sum(sizes.of(n, s) for n, s in m.params.items() if _placement(dmap, n) == local)
         transient = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
         if r == size - 1:
             transient += b * m.vocab * (itemsize + 4)  # (B, V) logits in the run's dtype, then float32
         ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient, reserve,
-                              None if budgets is None else budgets[r], dmap))
+                              None if budgets is None else budgets[r], dmap, tuple(per_layer[i] for i in rng),
+                              ("device",) * len(rng)))
     return ranges, ranks
 
 
@@ -240,7 +279,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
     size = cfg.pipeline_size
     check_model(cfg, m.num_layers)
     if cfg.max_memory is not None:
-        budgets = [parse_bytes(b) for b in cfg.max_memory]
+        budgets = per_rank(cfg.max_memory, size)
     q = resolve(cfg.quantization, cfg.quantization_options or {}, model_config, device_type, dtype)
     if q is not None and tensors is None:
         raise ConfigError(f"quantization={q.method!r} reads safetensors checkpoints only, and {cfg.model_path} "
@@ -267,6 +306,8 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    if cfg.max_cpu_memory is not None:
+        ranks = _offload_ranks(cfg, ranks, budgets, q, tensors, device_type)
     plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
                 longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes)
     bad = [r for r in ranks if not r.fits]
@@ -291,6 +332,53 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
                           f"weights {r.weights} + KV cache {r.kv_cache} + transient {r.transient} + reserve "
                           f"{r.reserve} = {r.total} bytes): {', or '.join(fix)}")
     return plan
+
+
+def _offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
+                   device_type: str) -> list[RankPlan]:
+    """Each rank over its device budget with layers placed on host memory and disk (see the module
+    docstring); ConfigError when even every layer streamed leaves too little room."""
+    if budgets is None:
+        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
+                          "set: set max_memory (the device budget per rank) too")
+    if q is not None:
+        raise ConfigError(f"quantization={q.method!r} with max_cpu_memory: quantized layers cannot be offloaded "
+                          f"yet; quantize (a 4-bit stage is a quarter of 16-bit) or offload, not both")
+    if tensors is None:
+        raise ConfigError(f"max_cpu_memory streams layers from safetensors files, and {cfg.model_path} holds pickle "
+                          f".bin weights: convert them (from_pretrained(dir).save_pretrained(new_dir))")
+    cpu = per_rank(cfg.max_cpu_memory, len(ranks))
+    return [r if r.fits else _offload(r, c, device_type) for r, c in zip(ranks, cpu)]
+
+
+def _offload(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
+    """The first layers resident, as many as fit with two stream buffers; then host, then disk."""
+    lw = list(r.layer_bytes)
+    fixed = r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve
+
+    def stream_for(keep: int) -> int:
+        return min(2, len(lw) - keep) * max(lw[keep:])
+
+    keep = next((k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget), None)
+    if keep is None:
+        least = fixed + min(2, len(lw)) * max(lw)
+        raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
+                          f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
+                          f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
+                          f"reserve {r.reserve} + stream buffers {min(2, len(lw)) * max(lw)} = {least} bytes): "
+                          f"raise it to at least {least} bytes ({_human(least)}), lower batch_size or "
+                          f"max_new_tokens, or use a larger pipeline_size")
+    streamed, stream = lw[keep:], stream_for(keep)
+    # disk reads pass through pinned buffers on CUDA (on CPU they land in the stream buffers directly)
+    staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget else 0
+    room, placement = cpu_budget - staging, ["device"] * keep
+    for b in streamed:
+        on_host = placement[-1:] != ["disk"] and b <= room
+        placement.append("host" if on_host else "disk")
+        room -= b if on_host else 0
+    staging = staging if "disk" in placement else 0
+    return dataclasses.replace(r, weights=r.weights - sum(streamed), placement=tuple(placement), stream=stream,
+                               staging=staging, cpu_budget=cpu_budget)
 
 
 def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] | None,

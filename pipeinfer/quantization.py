@@ -241,6 +241,8 @@ def held_bytes(model: nn.Module) -> int:
     """Bytes of parameters a (possibly quantized) module holds, quantization scales included."""
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
+        if p.device.type == "meta":
+            continue  # a streamed layer's, between uses (offload.py)
         total += p.numel() * p.element_size()
         scb = getattr(p, "SCB", None)
         if isinstance(scb, torch.Tensor):

@@ -67,6 +67,7 @@ class Stage(nn.Module):
         # processors (sampling.checkpoint_processors). Kept out of the module tree: its modules are
         # this stage's own plus placeholders.
         self.__dict__["lm"] = lm
+        self.streamer = None  # offload.Streamer when the plan streams some of the stage's layers
         params = inspect.signature(base.forward).parameters
         # transformers >= 5.2x names the cache argument `cache`; earlier releases `past_key_values`.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -96,6 +97,8 @@ class Stage(nn.Module):
                 x = torch.zeros(1, length, hidden_size, dtype=dtype, device=device)  # (1, T, H)
             pos = torch.arange(step * 4, step * 4 + length, device=device)[None]
             self(x, None, pos, cache)
+        if self.streamer is not None:
+            self.streamer.reset_stats()
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
@@ -178,16 +181,28 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
     log.info("rank %d owns %s of %d (%s, %s): %d bytes of weights + %d of KV cache planned (layer_split=%s, "
              "all ranks: %s)", rank, owned, plan.num_layers, local, str(dtype).removeprefix("torch."),
              mine.weights, mine.kv_cache, json.dumps(plan.layer_split), stage_bytes)
+    streamed = set(mine.layers) - set(mine.tier("device"))
     if plan.tensors is None:
         model = _from_pretrained(plan.model_path, dmap, dtype, offload_folder, trust_remote_code)
     else:
-        model = _from_safetensors(plan, dmap, local, config, family, device, dtype, tied, trust_remote_code)
+        model = _from_safetensors(plan, dmap, local, config, family, device, dtype, tied, trust_remote_code,
+                                  streamed)
     stage = _extract_stage(model, family, stage_plan, config, tied)
-    left = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
+    layers = getattr(stage.base, family.layers)
+    left = [n for n, p in stage.named_parameters() if p.device.type == "meta"
+            and not (n.startswith(f"base.{family.layers}.") and
+                     stage_plan.layers[int(n.split(".")[2])] in streamed)]
     if left:
         raise LoadError(f"rank {rank} did not load {len(left)} of its weights ({', '.join(left[:3])}): "
                         f"the family's module layout in pipeinfer/families.py does not match this model")
-    stage.base.to(device)  # buffers (rotary inv_freq...) follow; the parameters are there already
+    for module in stage.base.modules():  # buffers (rotary inv_freq...) follow; the parameters are there already
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    if streamed:
+        from pipeinfer.offload import Streamer
+        stage.streamer = Streamer.attach(list(layers), mine, plan, device, dtype,
+                                         f"{family.base}.{family.layers}.")
     param_bytes = held_bytes(stage)
     log.info("rank %d holds %d bytes of parameters%s", rank, param_bytes,
              f" ({plan.quantization.method}, {plan.quantization.source})" if plan.quantization else "")
@@ -195,7 +210,7 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
 
 
 def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Family, device: torch.device,
-                      dtype: torch.dtype, tied: bool, trust: bool) -> nn.Module:
+                      dtype: torch.dtype, tied: bool, trust: bool, streamed: set[int] = frozenset()) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -217,9 +232,12 @@ def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Fa
     if quantized:
         replace_linears(model, quantized, q)  # bitsandbytes modules, on meta, in eval mode
     stats = stats_keys(plan.tensors) if q is not None and q.source == "checkpoint" else {}
+    layer_prefix = f"{family.base}.{family.layers}."
     for name, param in list(model.named_parameters()):
         if _placement(dmap, name) != local or (tied and name in heads):
             continue  # another stage's, or a tied head: the embedding, tied below
+        if name.startswith(layer_prefix) and int(name[len(layer_prefix):].split(".")[0]) in streamed:
+            continue  # streamed in when it runs (offload.py)
         key = by_key.get(name)
         if key is None and tied and name in (embedding, *heads):  # the other copy of a tied pair
             key = next(by_key[n] for n in (embedding, *heads) if n in by_key)

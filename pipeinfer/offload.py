@@ -1,0 +1,268 @@
+"""Layers streamed in just before they run: the stage's layers that the plan put in host memory or on
+disk (plan.py, max_cpu_memory), with the next one's weights already on the way while one computes.
+
+    streamer = Streamer.attach(layers, plan.ranks[rank], plan, device)   # stage.load_stage does this
+
+A streamed layer's parameters live on the meta device between uses. A forward pre-hook binds them to
+views into one of two device buffers (one when a single layer streams) the moment its weights are
+there, and a forward hook unbinds them and hands the buffer to the next layer in line, so while layer
+i computes, layer i+1's bytes are moving: a reader thread (a plain thread: os.preadv and torch's
+copies let go of the GIL) reads a disk layer's tensors in place from the checkpoint's safetensors
+files, never a copy of them, and on CUDA copies host bytes to the device on a side stream, ordered
+by events (the buffer's last user has finished before it is overwritten; the layer runs only after
+its copy). The order is the stage's: after the last streamed layer comes the first again, for the
+next step, so it loads while the resident layers compute. Resident layers never move.
+
+On CPU the "device" is the process itself and the host tier is copied into the buffer all the same:
+a stand-in for the host-to-device copy, so that every path but the CUDA stream runs in the tests.
+The schedule runs one micro-batch through all of a stage's layers per visit, so a streamed layer
+is brought in once per micro-batch step; bringing it in once for every waiting micro-batch would
+mean holding the pipe back, which the round-robin schedule (generation.py) does not do.
+
+Not accelerate's hooks: its offload hooks move each weight when the module is called, synchronously,
+one tensor at a time (bench/offload.py measures the difference).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class OffloadError(RuntimeError):
+    """A streamed layer's weights could not be read; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One parameter of a streamed layer: where it sits in the layer's packed bytes and in the file."""
+    begin: int                 # byte offset in the layer's packed buffer
+    nbytes: int                # in the run's dtype
+    file: str
+    offset: int                # where the stored tensor begins in the file
+    stored: torch.dtype        # its dtype in the file
+
+
+class _Layer:
+    def __init__(self, index: int, module: nn.Module, tier: str, sources: list[_Source], dtype: torch.dtype):
+        self.index, self.module, self.tier, self.sources, self.dtype = index, module, tier, sources, dtype
+        self.params = [(module.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], p)
+                       for n, p in module.named_parameters()]
+        self.nbytes = sum(s.nbytes for s in sources)
+        self.host: torch.Tensor | None = None  # the host tier's packed bytes
+
+
+class _Job:
+    def __init__(self, layer: _Layer, slot: int):
+        self.layer, self.slot, self.done, self.error = layer, slot, threading.Event(), None
+
+
+class Streamer:
+    """Brings a stage's streamed layers in, in order, one ahead; see the module docstring."""
+
+    def __init__(self, layers: list[_Layer], device: torch.device, stage_layers: range, resident: list[int]):
+        self.layers, self.device = layers, device
+        self.cuda = device.type == "cuda"
+        self.stage_layers, self.resident = stage_layers, resident
+        size = max(layer.nbytes for layer in layers)
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(layers)))]
+        disk = any(layer.tier == "disk" for layer in layers)
+        self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in self.slots] \
+            if self.cuda and disk else None
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready: list = [None] * len(self.slots)   # CUDA: the copy into the slot has finished
+        self.freed: list = [None] * len(self.slots)   # CUDA: the slot's last user has finished
+        self.copied: list = [None] * len(self.slots)  # CUDA: the copy out of the staging buffer has finished
+        # per (layer, slot): its parameters as views into the slot, built once
+        self.views = {(layer.index, s): [nn.Parameter(self._view(slot, src, p), requires_grad=False)
+                                         for src, (_, _, p) in zip(layer.sources, layer.params)]
+                      for layer in layers for s, slot in enumerate(self.slots)}
+        self.by_module = {id(layer.module): layer for layer in layers}
+        self.order = {layer.index: k for k, layer in enumerate(layers)}
+        self.free, self.pending, self.active, self.cursor = deque(range(len(self.slots))), {}, {}, 0
+        self.fds: dict[str, int] = {}
+        self.reset_stats()
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._worker, name="pipeinfer-offload", daemon=True).start()
+        for layer in layers:
+            layer.module.register_forward_pre_hook(self._before)
+            layer.module.register_forward_hook(self._after)
+
+    @staticmethod
+    def _view(slot: torch.Tensor, src: _Source, meta: torch.Tensor) -> torch.Tensor:
+        return slot[src.begin:src.begin + src.nbytes].view(meta.dtype).view(meta.shape)
+
+    @classmethod
+    def attach(cls, layers: list[nn.Module], rank_plan, plan, device: torch.device, dtype: torch.dtype,
+               prefix: str) -> "Streamer | None":
+        """Stream the stage's host and disk layers (rank_plan.placement), their parameters on meta;
+        the host tier is read into (pinned, on CUDA) memory here. prefix: "model.layers."."""
+        streamed = []
+        for local, (index, tier) in enumerate(zip(rank_plan.layers, rank_plan.placement)):
+            if tier == "device":
+                continue
+            module, sources, begin = layers[local], [], 0
+            for name, p in module.named_parameters():
+                t = plan.tensors[plan.keys[f"{prefix}{index}.{name}"]]
+                nbytes = p.numel() * dtype.itemsize
+                sources.append(_Source(begin, nbytes, t.file, t.offset, _TORCH_DTYPES[t.dtype]))
+                begin += nbytes
+            streamed.append(_Layer(index, module, tier, sources, dtype))
+        if not streamed:
+            return None
+        self = cls(streamed, device, rank_plan.layers, rank_plan.tier("device"))
+        for layer in streamed:
+            if layer.tier == "host":
+                layer.host = torch.empty(layer.nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+                self._read(layer, layer.host)
+        self._fill()  # the first layers' loads start now, while the stage warms up
+        log.info("rank %d streams %d of its %d layers: %s", rank_plan.rank, len(streamed), len(rank_plan.layers),
+                 ", ".join(f"{tier} {rank_plan.tier(tier)} ({rank_plan.tier_bytes(tier)} bytes)"
+                           for tier in ("device", "host", "disk") if rank_plan.tier(tier)))
+        return self
+
+    def reset_stats(self) -> None:
+        """After warm-up: the stage record counts the measured run."""
+        self.wait_s, self.loads, self.moved, self.read = 0.0, 0, 0, 0
+
+    def record(self) -> dict:
+        tiers = {tier: [x.index for x in self.layers if x.tier == tier] for tier in ("host", "disk")}
+        return {"device_layers": self.resident, "host_layers": tiers["host"], "disk_layers": tiers["disk"],
+                "host_bytes": sum(x.nbytes for x in self.layers if x.tier == "host"),
+                "disk_bytes": sum(x.nbytes for x in self.layers if x.tier == "disk"),
+                "stream_buffer_bytes": sum(s.numel() for s in self.slots),
+                "weights_wait_s": self.wait_s, "weights_moved_bytes": self.moved, "weights_read_bytes": self.read,
+                "layer_loads": self.loads}
+
+    # --- the compute side (forward hooks, the main thread) ------------------------------------------
+
+    def _before(self, module: nn.Module, args) -> None:
+        layer = self.by_module[id(module)]
+        job = self.pending.pop(layer.index, None) or self._resync(layer)
+        t0 = time.perf_counter()
+        job.done.wait()
+        self.wait_s += time.perf_counter() - t0
+        if job.error is not None:
+            self.free.append(job.slot)
+            raise job.error
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[job.slot])
+        for (owner, attr, _), view in zip(layer.params, self.views[(layer.index, job.slot)]):
+            owner._parameters[attr] = view
+        self.active[layer.index] = job.slot
+
+    def _after(self, module: nn.Module, args, output) -> None:
+        layer = self.by_module[id(module)]
+        self._release(layer)
+        self._fill()
+
+    def _release(self, layer: _Layer) -> None:
+        slot = self.active.pop(layer.index)
+        for owner, attr, meta in layer.params:
+            owner._parameters[attr] = meta  # between uses the layer holds nothing
+        if self.cuda:
+            self.freed[slot] = torch.cuda.Event()
+            self.freed[slot].record(torch.cuda.current_stream(self.device))
+        self.free.append(slot)
+
+    def _fill(self) -> None:
+        """Every free buffer gets the next streamed layer in stage order (cyclic: after the last, the first)."""
+        while self.free:
+            layer = self.layers[self.cursor]
+            self.cursor = (self.cursor + 1) % len(self.layers)
+            job = _Job(layer, self.free.popleft())
+            self.pending[layer.index] = job
+            self.jobs.put(job)
+
+    def _resync(self, layer: _Layer) -> _Job:
+        """A layer called out of order (a forward that raised half-way, a layer skipped): drop what is
+        in flight and start again from this layer."""
+        for index in list(self.active):
+            self._release(self.layers[self.order[index]])
+        for job in self.pending.values():
+            job.done.wait()
+            self.free.append(job.slot)
+        self.pending.clear()
+        self.cursor = self.order[layer.index]
+        self._fill()
+        return self.pending.pop(layer.index)
+
+    # --- the reader thread ----------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                self._load(job.layer, job.slot)
+            except BaseException as e:  # handed to the compute side, which raises it
+                job.error = e if isinstance(e, OffloadError) else OffloadError(f"layer {job.layer.index}: {e}")
+            finally:
+                job.done.set()
+
+    def _load(self, layer: _Layer, slot: int) -> None:
+        dest = self.slots[slot]
+        if not self.cuda:
+            if layer.tier == "disk":
+                self._read(layer, dest)
+            else:
+                dest[:layer.nbytes].copy_(layer.host)
+            self.moved += layer.nbytes
+            self.loads += 1
+            return
+        if layer.tier == "disk":
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # the staging buffer's last copy to the device is done
+            src = self.staging[slot]
+            self._read(layer, src)
+        else:
+            src = layer.host
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if self.freed[slot] is not None:
+                self.stream.wait_event(self.freed[slot])
+            dest[:layer.nbytes].copy_(src[:layer.nbytes], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.ready[slot] = self.copied[slot] = done
+        self.moved += layer.nbytes
+        self.loads += 1
+
+    def _read(self, layer: _Layer, dest: torch.Tensor) -> None:
+        """The layer's tensors from the checkpoint into dest (CPU bytes), converted to the run's dtype."""
+        for src in layer.sources:
+            out = dest[src.begin:src.begin + src.nbytes]
+            stored = src.nbytes // layer.dtype.itemsize * src.stored.itemsize
+            if src.stored == layer.dtype:
+                self._pread(src.file, out, src.offset)
+            else:
+                raw = torch.empty(stored, dtype=torch.uint8)
+                self._pread(src.file, raw, src.offset)
+                out.view(layer.dtype).copy_(raw.view(src.stored))
+            self.read += stored
+
+    def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
+        fd = self.fds.get(file)
+        if fd is None:
+            try:
+                fd = self.fds[file] = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise OffloadError(f"cannot open {file} to stream offloaded layers ({e.strerror}): keep the checkpoint "
+                                   f"where the run started reading it") from None
+        view, done = memoryview(out.numpy()).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OffloadError(f"{file} ended {len(view) - done} bytes early while streaming an offloaded layer: "
+                                   f"the checkpoint changed during the run; copy it again and rerun")
+            done += got
