@@ -107,13 +107,14 @@ def rank_env(rank: int, world: int, port: int) -> dict:
                 MASTER_PORT=str(port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-def launch(argv: list[str], world: int, log_prefix: str, timeout: float) -> list[int]:
-    """Start `world` rank processes, rank r pinned to core r; return their exit codes (-9 for a
-    rank killed after `timeout` seconds: a hung rank costs one cell, not the whole run)."""
+def launch(argv: list[str], world: int, log_prefix: str, timeout: float, cores: str | None = None) -> list[int]:
+    """Start `world` rank processes, rank r pinned to core r (or all to `cores`, a taskset list);
+    return their exit codes (-9 for a rank killed after `timeout` seconds: a hung rank costs one
+    cell, not the whole run)."""
     port, procs = free_port(), []
     for r in range(world):
         with open(f"{log_prefix}.rank{r}.log", "w") as log:
-            procs.append(subprocess.Popen(["taskset", "-c", str(r % os.cpu_count()), sys.executable, *argv],
+            procs.append(subprocess.Popen(["taskset", "-c", cores or str(r % os.cpu_count()), sys.executable, *argv],
                                           cwd=ROOT, env=rank_env(r, world, port), stdout=log,
                                           stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout

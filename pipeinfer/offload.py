@@ -76,22 +76,24 @@ class Streamer:
         self.layers, self.device = layers, device
         self.cuda = device.type == "cuda"
         self.stage_layers, self.resident = stage_layers, resident
-        size = max(layer.nbytes for layer in layers)
-        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(layers)))]
-        disk = any(layer.tier == "disk" for layer in layers)
-        self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in self.slots] \
-            if self.cuda and disk else None
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.ready: list = [None] * len(self.slots)   # CUDA: the copy into the slot has finished
-        self.freed: list = [None] * len(self.slots)   # CUDA: the slot's last user has finished
-        self.copied: list = [None] * len(self.slots)  # CUDA: the copy out of the staging buffer has finished
-        # per (layer, slot): its parameters as views into the slot, built once
-        self.views = {(layer.index, s): [nn.Parameter(self._view(slot, src, p), requires_grad=False)
-                                         for src, (_, _, p) in zip(layer.sources, layer.params)]
-                      for layer in layers for s, slot in enumerate(self.slots)}
+        self.size = max(layer.nbytes for layer in layers)
+        nslots = min(2, len(layers))
+        # allocated once and reused: fresh memory at every load would pay a page fault per 4 KiB each time
+        self.slots = [torch.empty(self.size, dtype=torch.uint8, device=device) for _ in range(nslots)]
+        # per (layer, slot): its parameters as views into the slot's buffer, built once
+        self.views = {(layer.index, k): self._params(layer, slot) for layer in layers
+                      for k, slot in enumerate(self.slots)}
+        if self.cuda:
+            disk = any(layer.tier == "disk" for layer in layers)
+            self.staging = [torch.empty(self.size, dtype=torch.uint8, pin_memory=True) for _ in range(nslots)] \
+                if disk else None
+            self.stream = torch.cuda.Stream(device)
+            self.ready: list = [None] * nslots   # the copy into the slot has finished
+            self.freed: list = [None] * nslots   # the slot's last user has finished
+            self.copied: list = [None] * nslots  # the copy out of the staging buffer has finished
         self.by_module = {id(layer.module): layer for layer in layers}
         self.order = {layer.index: k for k, layer in enumerate(layers)}
-        self.free, self.pending, self.active, self.cursor = deque(range(len(self.slots))), {}, {}, 0
+        self.free, self.pending, self.active, self.cursor = deque(range(nslots)), {}, {}, 0
         self.fds: dict[str, int] = {}
         self.reset_stats()
         self.jobs: queue.Queue = queue.Queue()
@@ -101,8 +103,10 @@ class Streamer:
             layer.module.register_forward_hook(self._after)
 
     @staticmethod
-    def _view(slot: torch.Tensor, src: _Source, meta: torch.Tensor) -> torch.Tensor:
-        return slot[src.begin:src.begin + src.nbytes].view(meta.dtype).view(meta.shape)
+    def _params(layer: _Layer, packed: torch.Tensor) -> list[nn.Parameter]:
+        """The layer's parameters as views into its packed bytes."""
+        return [nn.Parameter(packed[src.begin:src.begin + src.nbytes].view(meta.dtype).view(meta.shape),
+                             requires_grad=False) for src, (_, _, meta) in zip(layer.sources, layer.params)]
 
     @classmethod
     def attach(cls, layers: list[nn.Module], rank_plan, plan, device: torch.device, dtype: torch.dtype,
@@ -135,15 +139,20 @@ class Streamer:
 
     def reset_stats(self) -> None:
         """After warm-up: the stage record counts the measured run."""
-        self.wait_s, self.loads, self.moved, self.read = 0.0, 0, 0, 0
+        self.wait_s, self.load_s, self.loads, self.moved, self.read = 0.0, 0.0, 0, 0, 0
+        self.copies: list = []  # CUDA: (begin, end) events of each copy to the device
 
     def record(self) -> dict:
+        if self.copies:
+            self.copies[-1][1].synchronize()
+            self.load_s += sum(b.elapsed_time(e) for b, e in self.copies) / 1e3
+            self.copies = []
         tiers = {tier: [x.index for x in self.layers if x.tier == tier] for tier in ("host", "disk")}
         return {"device_layers": self.resident, "host_layers": tiers["host"], "disk_layers": tiers["disk"],
                 "host_bytes": sum(x.nbytes for x in self.layers if x.tier == "host"),
                 "disk_bytes": sum(x.nbytes for x in self.layers if x.tier == "disk"),
-                "stream_buffer_bytes": sum(s.numel() for s in self.slots),
-                "weights_wait_s": self.wait_s, "weights_moved_bytes": self.moved, "weights_read_bytes": self.read,
+                "stream_buffer_bytes": self.size * len(self.slots),
+                "weights_wait_s": self.wait_s, "weights_load_s": self.load_s, "weights_moved_bytes": self.moved, "weights_read_bytes": self.read,
                 "layer_loads": self.loads}
 
     # --- the compute side (forward hooks, the main thread) ------------------------------------------
@@ -159,8 +168,8 @@ class Streamer:
             raise job.error
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[job.slot])
-        for (owner, attr, _), view in zip(layer.params, self.views[(layer.index, job.slot)]):
-            owner._parameters[attr] = view
+        for (owner, attr, _), param in zip(layer.params, self.views[(layer.index, job.slot)]):
+            owner._parameters[attr] = param
         self.active[layer.index] = job.slot
 
     def _after(self, module: nn.Module, args, output) -> None:
@@ -212,28 +221,35 @@ class Streamer:
                 job.done.set()
 
     def _load(self, layer: _Layer, slot: int) -> None:
-        dest = self.slots[slot]
+        """Layer's bytes into slot `slot`. load_s counts the reader's busy time: reads and CPU copies,
+        and on CUDA the side stream's copy time (its events' elapsed time, summed in record())."""
+        t0 = time.perf_counter()
         if not self.cuda:
             if layer.tier == "disk":
-                self._read(layer, dest)
+                self._read(layer, self.slots[slot])
             else:
-                dest[:layer.nbytes].copy_(layer.host)
+                self.slots[slot][:layer.nbytes].copy_(layer.host)  # the stand-in for the host-to-device copy
+            self.load_s += time.perf_counter() - t0
             self.moved += layer.nbytes
             self.loads += 1
             return
         if layer.tier == "disk":
             if self.copied[slot] is not None:
                 self.copied[slot].synchronize()  # the staging buffer's last copy to the device is done
+            t0 = time.perf_counter()
             src = self.staging[slot]
             self._read(layer, src)
+            self.load_s += time.perf_counter() - t0
         else:
             src = layer.host
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if self.freed[slot] is not None:
                 self.stream.wait_event(self.freed[slot])
-            dest[:layer.nbytes].copy_(src[:layer.nbytes], non_blocking=True)
-            done = torch.cuda.Event()
+            begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(self.stream)
+            self.slots[slot][:layer.nbytes].copy_(src[:layer.nbytes], non_blocking=True)
             done.record(self.stream)
+        self.copies.append((begin, done))
         self.ready[slot] = self.copied[slot] = done
         self.moved += layer.nbytes
         self.loads += 1
@@ -251,7 +267,7 @@ class Streamer:
                 out.view(layer.dtype).copy_(raw.view(src.stored))
             self.read += stored
 
-    def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
+    def _fd(self, file: str) -> int:
         fd = self.fds.get(file)
         if fd is None:
             try:
@@ -259,6 +275,10 @@ class Streamer:
             except OSError as e:
                 raise OffloadError(f"cannot open {file} to stream offloaded layers ({e.strerror}): keep the checkpoint "
                                    f"where the run started reading it") from None
+        return fd
+
+    def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
+        fd = self._fd(file)
         view, done = memoryview(out.numpy()).cast("B"), 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)
@@ -266,3 +286,4 @@ class Streamer:
                 raise OffloadError(f"{file} ended {len(view) - done} bytes early while streaming an offloaded layer: "
                                    f"the checkpoint changed during the run; copy it again and rerun")
             done += got
+
