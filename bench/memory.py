@@ -103,13 +103,13 @@ def drop_cache(path: str) -> None:
 
 
 def _plan(model: str, size: int, dtype_name: str, batch_size: int, prompt: int, new_tokens: int,
-          quantization: str = "none"):
+          quantization: str = "none", **budgets):
     from pipeinfer.config import build_config
     from pipeinfer.plan import plan_for_run
     from pipeinfer.runtime import read_model_config
 
     cfg = build_config(dict(model_path=model, prompts=["x"], pipeline_size=size, batch_size=batch_size,
-                            max_new_tokens=new_tokens, quantization=quantization))
+                            max_new_tokens=new_tokens, quantization=quantization, **budgets))
     mc = read_model_config(model)
     return cfg, mc, plan_for_run(cfg, mc, prompt, dtype_name, "cpu")
 
@@ -147,10 +147,12 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str, quantization:
             "peak_rss": peak_rss(), "rss_end": current_rss(), "load_s": round(load_s, 2)}
 
 
-def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, new_tokens: int) -> dict:
+def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, new_tokens: int,
+                max_memory: int = 0, max_cpu_memory: int = -1) -> dict:
     """Load rank `rank`'s stage as planned and run its share of a whole generation, alone: every
     micro-batch slot's prefill of `prompt` tokens, then new_tokens - 1 decode steps (the cache
-    filled to capacity, as generate() fills it). Peak RSS and the plan's numbers for comparison."""
+    filled to capacity, as generate() fills it). Peak RSS and the plan's numbers for comparison.
+    max_memory (0: none) and max_cpu_memory (-1: none): budgets, the same for every rank."""
     import torch
 
     from pipeinfer.runtime import steady_host_memory
@@ -158,7 +160,10 @@ def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, 
 
     steady_host_memory()  # as the runner does
     torch.set_num_threads(1)
-    cfg, mc, plan = _plan(model, size, "float32", batch_size, prompt, new_tokens)
+    budgets = {"max_memory": max_memory} if max_memory else {}
+    if max_cpu_memory >= 0:
+        budgets["max_cpu_memory"] = max_cpu_memory
+    cfg, mc, plan = _plan(model, size, "float32", batch_size, prompt, new_tokens, **budgets)
     mine = plan.ranks[rank]
     stage, info = load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
     caches = []
@@ -174,7 +179,10 @@ def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, 
             caches.append(cache)  # every slot stays in flight to the end
     return {"role": f"rank{rank}", "param_bytes": info.param_bytes, "peak_rss": peak_rss(),
             "planned": {"weights": mine.weights, "kv_cache": mine.kv_cache, "transient": mine.transient,
-                        "total": mine.total}}
+                        "total": mine.total, "stream": mine.stream, "budget": mine.budget,
+                        "cpu_budget": mine.cpu_budget, "host": mine.tier_bytes("host"), "disk": mine.tier_bytes("disk"),
+                        "placement": {t: mine.tier(t) for t in ("device", "host", "disk")}},
+            "offload": stage.streamer.record() if stage.streamer else None}
 
 
 # (name, family config, pipeline_size, batch_size, prompt tokens, max_new_tokens): two families, pp 1 and 2,
@@ -216,6 +224,60 @@ def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
     return rows
 
 
+# (pipeline_size, batch_size, prompt tokens, max_new_tokens) on PLAN_MODELS["llama"] (8 layers of 11 MiB)
+OFFLOAD_CASES = [(1, 1, 32, 16), (2, 4, 64, 16)]
+
+
+def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
+    """Each rank of each case run twice, every layer resident and then with budgets that leave each
+    stage room for half its layers (max_memory = the resident plan's total less half the layer
+    bytes and a quarter layer, max_cpu_memory = one and a half layers: one layer in host memory, the
+    rest on disk).
+    The bound: peak RSS over the runtime baseline within max_memory (which holds the stream
+    buffers) plus the host tier's bytes (on CPU, host memory is the same process's), up to the
+    plan's own accuracy (10%: the transient estimate, tests/test_plan.py); and the memory saved
+    against all-resident, measured, against what the plan says offloading saves."""
+    from pipeinfer.tiny_models import make_model
+
+    conf = PLAN_MODELS["llama"]
+    model, tiny = os.path.join(root, "plan-llama"), os.path.join(root, "plan-llama-tiny4")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        make_model(model, seed=0, **conf)
+    if not os.path.exists(os.path.join(tiny, "config.json")):
+        make_model(tiny, seed=0, **dict(conf, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                        intermediate_size=64, num_key_value_heads=1))
+    rows = []
+    for size, batch, prompt, new in cases:
+        args = [str(v) for v in (size, batch, prompt, new)]
+        # the baseline streams too (its reader thread, its buffers' bookkeeping): 1 layer resident, 1 in
+        # host memory, 2 on disk, with almost no weights; planned bytes and host tier subtracted
+        probe = collect(spawn("plan", tiny, "0", "1", *args[1:]))
+        base = collect(spawn("plan", tiny, "0", "1", *args[1:], str(probe["planned"]["total"] - 1),
+                             str(probe["param_bytes"] // 4)))
+        assert base["offload"] and base["planned"]["host"] and base["planned"]["disk"], base["planned"]
+        runtime = base["peak_rss"] - base["planned"]["total"] - base["planned"]["host"]
+        resident = [collect(spawn("plan", model, str(r), *args)) for r in range(size)]
+        # one budget for every rank: the tightest stage's
+        layer = max(r["param_bytes"] for r in resident) // (8 // size + 1)
+        budget = min(r["planned"]["total"] - r["param_bytes"] // 2 for r in resident) + layer // 4
+        cpu = 3 * layer // 2
+        procs = [spawn("plan", model, str(r), *args, str(budget), str(cpu)) for r in range(size)]
+        for res, r in zip(resident, (collect(p) for p in procs)):
+            measured = r["peak_rss"] - runtime
+            bound = budget + r["planned"]["host"]
+            planned_saving = res["planned"]["total"] - r["planned"]["total"] - r["planned"]["host"]
+            rows.append({"case": f"llama pp{size} batch {batch} prompt {prompt} + {new}", "rank": r["role"],
+                         "max_memory": budget, "max_cpu_memory": cpu, "placement": r["planned"]["placement"],
+                         "planned_total": r["planned"]["total"], "host": r["planned"]["host"],
+                         "disk": r["planned"]["disk"], "stream": r["planned"]["stream"],
+                         "resident_measured": res["peak_rss"] - runtime, "runtime": runtime,
+                         "peak_rss": r["peak_rss"], "measured": measured, "bound": bound,
+                         "over_bound": measured / bound, "planned_saving": planned_saving,
+                         "measured_saving": res["peak_rss"] - r["peak_rss"],
+                         "moved": (r["offload"] or {}).get("weights_moved_bytes")})
+    return rows
+
+
 def save_prequantized(model: str, out: str, method: str, dtype_name: str) -> None:
     """The checkpoint quantized by transformers and saved with save_pretrained, as users get one."""
     import torch
@@ -249,6 +311,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the ranks load in (the checkpoint is bf16)")
     ap.add_argument("--json", default=os.path.join(ROOT, "results", "memory.json"))
     ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
+    ap.add_argument("--check-offload", action="store_true",
+                    help="offloaded stages: peak against max_memory + host-tier bytes, per rank")
     ap.add_argument("--quantization", default="none,int8,nf4",
                     help="comma-separated: the ranks load the stage this way, each in its own pair of processes")
     ap.add_argument("--prequantized", default="nf4",
@@ -263,6 +327,20 @@ def main() -> None:
         else:
             rec = rank_worker(rest[0], int(role), 2, *rest[1:]) if role.isdigit() else runtime_worker(role)
         print(json.dumps(rec))
+        return
+    if args.check_offload:
+        mib = 2**20
+        print("| case | rank | device / host / disk layers | max_memory | planned total (stream buffers) | host tier | "
+              "all resident: peak - runtime | offloaded: peak - runtime | bound: max_memory + host tier | "
+              "measured / bound | saved: measured (planned) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in check_offload(os.path.dirname(args.model)):
+            p = r["placement"]
+            print(f"| {r['case']} | {r['rank'][4:]} | {len(p['device'])} / {len(p['host'])} / {len(p['disk'])} | "
+                  f"{r['max_memory'] / mib:.1f} | {r['planned_total'] / mib:.1f} ({r['stream'] / mib:.1f}) | "
+                  f"{r['host'] / mib:.1f} | {r['resident_measured'] / mib:.1f} | {r['measured'] / mib:.1f} | "
+                  f"{r['bound'] / mib:.1f} | {r['over_bound']:.3f} | {r['measured_saving'] / mib:.1f} "
+                  f"({r['planned_saving'] / mib:.1f}) |")
         return
     if args.check_plan:
         mib = 2**20

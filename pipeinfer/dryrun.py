@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from pipeinfer.checkpoint import read_headers
-from pipeinfer.config import ConfigError, ExpConfig, micro_batching, per_rank
+from pipeinfer.config import ConfigError, ExpConfig, micro_batching, parse_bytes, per_rank
 from pipeinfer.fit import _replace, largest_batch, smallest_pipeline
 from pipeinfer.plan import CUDA_CONTEXT_BYTES, _model, make_plan
 
