@@ -224,8 +224,8 @@ def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
     return rows
 
 
-# (pipeline_size, batch_size, prompt tokens, max_new_tokens) on PLAN_MODELS["llama"] (8 layers of 11 MiB)
-OFFLOAD_CASES = [(1, 1, 32, 16), (2, 4, 64, 16)]
+# (pipeline_size, batch_size, prompt tokens, max_new_tokens) on PLAN_MODELS["llama"] with 12 layers of 11 MiB
+OFFLOAD_CASES = [(1, 1, 32, 16), (2, 2, 32, 16)]
 
 
 def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
@@ -239,8 +239,8 @@ def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
     against all-resident, measured, against what the plan says offloading saves."""
     from pipeinfer.tiny_models import make_model
 
-    conf = PLAN_MODELS["llama"]
-    model, tiny = os.path.join(root, "plan-llama"), os.path.join(root, "plan-llama-tiny4")
+    conf = dict(PLAN_MODELS["llama"], num_hidden_layers=12)
+    model, tiny = os.path.join(root, "plan-llama12"), os.path.join(root, "plan-llama-tiny4")
     if not os.path.exists(os.path.join(model, "config.json")):
         make_model(model, seed=0, **conf)
     if not os.path.exists(os.path.join(tiny, "config.json")):
@@ -258,7 +258,7 @@ def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
         runtime = base["peak_rss"] - base["planned"]["total"] - base["planned"]["host"]
         resident = [collect(spawn("plan", model, str(r), *args)) for r in range(size)]
         # one budget for every rank: the tightest stage's
-        layer = max(r["param_bytes"] for r in resident) // (8 // size + 1)
+        layer = max(r["param_bytes"] for r in resident) // (12 // size + 1)
         budget = min(r["planned"]["total"] - r["param_bytes"] // 2 for r in resident) + layer // 4
         cpu = 3 * layer // 2
         procs = [spawn("plan", model, str(r), *args, str(budget), str(cpu)) for r in range(size)]

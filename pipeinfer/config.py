@@ -148,8 +148,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
 
-_OPTIONAL = ("prompts", "prompts_file", "chat_template", "system_prompt", "stop", "stop_token_ids",
-             "quantization_options")
+_OPTIONAL = ("prompts", "prompts_file", "chat_template", "system_prompt", "stop", "stop_token_ids", "max_memory",
+             "max_cpu_memory", "quantization_options")
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

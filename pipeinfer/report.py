@@ -156,7 +156,19 @@ def stage_summary(stage: dict) -> dict:
     share = {k.removesuffix("_s") + "_pct": (100 * v / wall if wall > 0 else None) for k, v in parts.items()}
     return {"rank": stage.get("rank"), "layers": stage.get("layers"), "wall_s": wall, **parts, **share,
             "bytes_sent": stage.get("bytes_sent"), "peak_memory_bytes": stage.get("peak_memory_bytes"),
-            "events": len(stage.get("events") or []), "events_dropped": stage.get("events_dropped") or 0}
+            "events": len(stage.get("events") or []), "events_dropped": stage.get("events_dropped") or 0,
+            "offload": _offload_summary(stage.get("offload"), wall)}
+
+
+def _offload_summary(o: dict | None, wall: float) -> dict | None:
+    """An offloaded stage (offload.Streamer.record): its layers per tier, the wait for weights (s and
+    % of wall) and the bytes streamed in."""
+    if not isinstance(o, dict):
+        return None
+    wait = _num(o.get("weights_wait_s")) or 0.0
+    return {"tiers": {t: len(o.get(f"{t}_layers") or []) for t in ("device", "host", "disk")},
+            "wait_s": wait, "wait_pct": 100 * wait / wall if wall > 0 else None,
+            "moved_bytes": o.get("weights_moved_bytes")}
 
 
 def sacct_summary(rows: list[dict]) -> list[dict]:
@@ -276,6 +288,17 @@ def table_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
             (f"rank {r} bytes sent", ["-" if st is None else _bytes(st["bytes_sent"]) for st in stage]),
             (f"rank {r} peak memory", ["-" if st is None else _bytes(st["peak_memory_bytes"]) for st in stage]),
         ]
+        if any(st is not None and st.get("offload") for st in stage):
+            rows += [
+                (f"rank {r} layers device/host/disk",
+                 ["-" if st is None or not st.get("offload") else
+                  "/".join(str(st["offload"]["tiers"][t]) for t in ("device", "host", "disk")) for st in stage]),
+                (f"rank {r} waiting for weights",
+                 ["-" if st is None or not st.get("offload") else
+                  f"{st['offload']['wait_s']:.2f} s ({_f(st['offload']['wait_pct'], '{:.0f}')}%)" for st in stage]),
+                (f"rank {r} weights streamed in",
+                 ["-" if st is None or not st.get("offload") else _bytes(st["offload"]["moved_bytes"])
+                  for st in stage])]
         if any(st is not None and st.get("planned_bytes") is not None for st in stage):
             # planned: weights + KV cache + transient + reserve; a CPU peak (RSS) also holds the runtime
             rows.append((f"rank {r} planned memory",
