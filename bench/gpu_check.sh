@@ -12,7 +12,10 @@
 # 4. the benchmark (bench/throughput.py --device cuda): generate() against the runner at
 #    pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
 #    over 32 prompts x 32 new tokens, with the weight bandwidth at batch 1 against a measured copy.
-# 5. quantized cell, when bitsandbytes is installed: the runner at pipeline_size 2 with int8 and nf4
+# 5. offload cell (bench/offload.py --device cuda --quick): the runner with half its layers streamed
+#    from pinned host memory (side CUDA stream) and from disk, against accelerate's CPU offload and the
+#    all-resident runner, and the streaming rate against a measured pinned host-to-device copy.
+# 6. quantized cell, when bitsandbytes is installed: the runner at pipeline_size 2 with int8 and nf4
 #    in float16 against generate() on the whole model quantized the same way (bench/quantization.py).
 # The models (0.96B parameters, TinyLlama's shape) are made on the GPU, not on the CPU first.
 # Everything is cut to finish within 9 minutes (DEADLINE_S); each JSON is rewritten after every
@@ -65,8 +68,14 @@ bench float16 $(( DEADLINE_S - SECONDS < 100 ? DEADLINE_S - SECONDS : 100 )) --d
     --batch-sizes 8 --prompts 8 --tokens 16 --cell-timeout 60
 f16=$?
 QUANT_S=${QUANT_S:-90}  # kept back for the quantized cell
-bench throughput_gpu $(( DEADLINE_S - SECONDS - QUANT_S )) --prompts 32 --tokens 32 --cell-timeout 120
+OFFLOAD_S=${OFFLOAD_S:-120}  # and for the offload cell
+bench throughput_gpu $(( DEADLINE_S - SECONDS - QUANT_S - OFFLOAD_S )) --prompts 32 --tokens 32 --cell-timeout 120
 rc=$?
+echo "+ python3 bench/offload.py --device cuda --quick"
+timeout $(( DEADLINE_S - SECONDS - QUANT_S > 10 ? DEADLINE_S - SECONDS - QUANT_S : 10 )) python3 bench/offload.py \
+    --device cuda --quick --workdir "$work" --json "$out/offload_gpu.json" 2>&1 | grep --line-buffered -v "it/s]" \
+    | tee "$out/offload_gpu.log"
+orc=${PIPESTATUS[0]}
 qrc=0
 if python3 -c "import bitsandbytes" 2>/dev/null; then
     echo "+ python3 bench/quantization.py --equivalence cuda"
@@ -76,5 +85,5 @@ if python3 -c "import bitsandbytes" 2>/dev/null; then
 else
     echo "skipped the quantized cell: bitsandbytes is not installed (carry its wheel)" | tee "$out/quantization_gpu.log"
 fi
-echo "done in ${SECONDS}s: float16 cell exit $f16, benchmark exit $rc, quantized cell exit $qrc"
-exit $(( rc ? rc : (f16 ? f16 : qrc) ))
+echo "done in ${SECONDS}s: float16 cell exit $f16, benchmark exit $rc, offload cell exit $orc, quantized cell exit $qrc"
+exit $(( rc ? rc : (f16 ? f16 : (orc ? orc : qrc)) ))

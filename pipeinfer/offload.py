@@ -95,6 +95,7 @@ class Streamer:
         self.order = {layer.index: k for k, layer in enumerate(layers)}
         self.free, self.pending, self.active, self.cursor = deque(range(nslots)), {}, {}, 0
         self.fds: dict[str, int] = {}
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # stored bytes awaiting a dtype conversion, reused
         self.reset_stats()
         self.jobs: queue.Queue = queue.Queue()
         threading.Thread(target=self._worker, name="pipeinfer-offload", daemon=True).start()
@@ -105,7 +106,7 @@ class Streamer:
     @staticmethod
     def _params(layer: _Layer, packed: torch.Tensor) -> list[nn.Parameter]:
         """The layer's parameters as views into its packed bytes."""
-        return [nn.Parameter(packed[src.begin:src.begin + src.nbytes].view(meta.dtype).view(meta.shape),
+        return [nn.Parameter(packed[src.begin:src.begin + src.nbytes].view(layer.dtype).view(meta.shape),
                              requires_grad=False) for src, (_, _, meta) in zip(layer.sources, layer.params)]
 
     @classmethod
@@ -142,11 +143,18 @@ class Streamer:
         self.wait_s, self.load_s, self.loads, self.moved, self.read = 0.0, 0.0, 0, 0, 0
         self.copies: list = []  # CUDA: (begin, end) events of each copy to the device
 
-    def record(self) -> dict:
-        if self.copies:
+    def _count_copies(self, wait: bool) -> None:
+        """CUDA: add the finished copies' time to load_s (all of them, once the last is done, if wait)."""
+        if wait and self.copies:
             self.copies[-1][1].synchronize()
-            self.load_s += sum(b.elapsed_time(e) for b, e in self.copies) / 1e3
-            self.copies = []
+        done = [c for c in self.copies if c[1].query()]
+        self.load_s += sum(b.elapsed_time(e) for b, e in done) / 1e3
+        self.copies = [c for c in self.copies if c not in done]
+
+    def record(self) -> dict:
+        for job in list(self.pending.values()):
+            job.done.wait()  # loads still in flight (the next step's, prefetched) finish first
+        self._count_copies(wait=True)
         tiers = {tier: [x.index for x in self.layers if x.tier == tier] for tier in ("host", "disk")}
         return {"device_layers": self.resident, "host_layers": tiers["host"], "disk_layers": tiers["disk"],
                 "host_bytes": sum(x.nbytes for x in self.layers if x.tier == "host"),
@@ -250,6 +258,8 @@ class Streamer:
             self.slots[slot][:layer.nbytes].copy_(src[:layer.nbytes], non_blocking=True)
             done.record(self.stream)
         self.copies.append((begin, done))
+        if len(self.copies) > 256:
+            self._count_copies(wait=False)
         self.ready[slot] = self.copied[slot] = done
         self.moved += layer.nbytes
         self.loads += 1
@@ -261,8 +271,10 @@ class Streamer:
             stored = src.nbytes // layer.dtype.itemsize * src.stored.itemsize
             if src.stored == layer.dtype:
                 self._pread(src.file, out, src.offset)
-            else:
-                raw = torch.empty(stored, dtype=torch.uint8)
+            else:  # e.g. a bfloat16 checkpoint run in float16 on a T4: read, then convert into place
+                if self.scratch.numel() < stored:
+                    self.scratch = torch.empty(stored, dtype=torch.uint8)
+                raw = self.scratch[:stored]
                 self._pread(src.file, raw, src.offset)
                 out.view(layer.dtype).copy_(raw.view(src.stored))
             self.read += stored

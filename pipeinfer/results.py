@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 # geometry ones regroup prompts into other micro-batches: see the module docstring).
 GEOMETRY = ("pipeline_size", "batch_size", "micro_batch_size")
 RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "comm_backend", "resume",
-                               "layer_split", "max_memory", "max_cpu_memory", "nvtx",
-                                "profile_steps", "progress", *GEOMETRY})
+                               "layer_split", "max_memory", "max_cpu_memory", "nvtx", "profile_steps", "progress",
+                               *GEOMETRY})
 
 
 class ResultsError(ValueError):
