@@ -216,7 +216,8 @@ def stage_record(rank: int, layers: range, param_bytes: int, device: torch.devic
     """One rank's {"type": "stage"} record: what it held, where its wall time went (the timeline's
     spans), what it sent, its memory and its network; comm: the rank's comm.Comm. offload: the
     streamer's record (offload.Streamer.record: placement, time waiting for weights, bytes moved)."""
-    return {**({"offload": offload} if offload else {}), "type": "stage", "rank": rank, "hostname": socket.gethostname(), "device": device_name(device),
+    return {**({"offload": offload} if offload else {}), "type": "stage", "rank": rank,
+            "hostname": socket.gethostname(), "device": device_name(device),
             "layers": [layers.start, layers.stop - 1], "param_bytes": param_bytes, "wall_s": wall_s,
             "bytes_sent": comm.bytes_sent, "comm_backend": comm.backend,
             "max_prompts_in_flight": max_prompts_in_flight, "links_warmed_at": comm.links_warmed_at,

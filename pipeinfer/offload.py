@@ -1,7 +1,7 @@
 """Layers streamed in just before they run: the stage's layers that the plan put in host memory or on
 disk (plan.py, max_cpu_memory), with the next one's weights already on the way while one computes.
 
-    streamer = Streamer.attach(layers, plan.ranks[rank], plan, device)   # stage.load_stage does this
+    stage.streamer = Streamer.attach(layers, plan.ranks[rank], plan, device, dtype, "model.layers.")  # load_stage
 
 A streamed layer's parameters live on the meta device between uses. A forward pre-hook binds them to
 views into one of two device buffers (one when a single layer streams) the moment its weights are
@@ -160,8 +160,8 @@ class Streamer:
                 "host_bytes": sum(x.nbytes for x in self.layers if x.tier == "host"),
                 "disk_bytes": sum(x.nbytes for x in self.layers if x.tier == "disk"),
                 "stream_buffer_bytes": self.size * len(self.slots),
-                "weights_wait_s": self.wait_s, "weights_load_s": self.load_s, "weights_moved_bytes": self.moved, "weights_read_bytes": self.read,
-                "layer_loads": self.loads}
+                "weights_wait_s": self.wait_s, "weights_load_s": self.load_s, "weights_moved_bytes": self.moved,
+                "weights_read_bytes": self.read, "layer_loads": self.loads}
 
     # --- the compute side (forward hooks, the main thread) ------------------------------------------
 
