@@ -169,6 +169,13 @@ def parse_bytes(value: int | str) -> int:
     return int(amount)
 
 
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n}B"
+
+
 def per_rank(value: list[int | str] | int | str | None, size: int) -> list[int] | None:
     """A budget key (max_memory, max_cpu_memory) as bytes per rank: one value for all, or a list."""
     if value is None:

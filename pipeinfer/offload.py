@@ -1,5 +1,6 @@
-"""Layers streamed in just before they run: the stage's layers that the plan put in host memory or on
-disk (plan.py, max_cpu_memory), with the next one's weights already on the way while one computes.
+"""Layers streamed in just before they run: where a stage's layers go when they do not all fit its
+device (offload_ranks, called by plan.make_plan when max_cpu_memory is set), and the streaming of
+those in host memory or on disk, with the next one's weights on the way while one computes.
 
     stage.streamer = Streamer.attach(layers, plan.ranks[rank], plan, device, dtype, "model.layers.")  # load_stage
 
@@ -25,6 +26,7 @@ one tensor at a time (bench/offload.py measures the difference).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -32,13 +34,72 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from pipeinfer.config import ConfigError, ExpConfig, human_bytes, per_rank
+
+if TYPE_CHECKING:
+    from pipeinfer.plan import RankPlan
+
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+# --- where: the plan's placement (plan.make_plan calls offload_ranks) -----------------------------------
+
+
+def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
+                  device_type: str) -> list[RankPlan]:
+    """Each rank over its device budget with its layers placed in host memory and on disk (see
+    plan.py's docstring); ConfigError when even every layer streamed leaves too little room."""
+    if budgets is None:
+        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
+                          "set: set max_memory (the device budget per rank) too")
+    if q is not None:
+        raise ConfigError(f"quantization={q.method!r} with max_cpu_memory: quantized layers cannot be offloaded "
+                          f"yet; quantize (a 4-bit stage is a quarter of 16-bit) or offload, not both")
+    if tensors is None:
+        raise ConfigError(f"max_cpu_memory streams layers from safetensors files, and {cfg.model_path} holds pickle "
+                          f".bin weights: convert them (from_pretrained(dir).save_pretrained(new_dir))")
+    cpu = per_rank(cfg.max_cpu_memory, len(ranks))
+    return [r if r.fits else _place(r, c, device_type) for r, c in zip(ranks, cpu)]
+
+
+def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
+    """The first layers resident, as many as fit with two stream buffers; then host, then disk."""
+    lw = list(r.layer_bytes)
+    fixed = r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve
+
+    def stream_for(keep: int) -> int:
+        return min(2, len(lw) - keep) * max(lw[keep:])
+
+    keep = next((k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget), None)
+    if keep is None:
+        least = fixed + min(2, len(lw)) * max(lw)
+        raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
+                          f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
+                          f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
+                          f"reserve {r.reserve} + stream buffers {min(2, len(lw)) * max(lw)} = {least} bytes): "
+                          f"raise it to at least {least} bytes ({human_bytes(least)}), lower batch_size or "
+                          f"max_new_tokens, or use a larger pipeline_size")
+    streamed, stream = lw[keep:], stream_for(keep)
+    # disk reads pass through pinned buffers on CUDA (on CPU they land in the stream buffers directly)
+    staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget else 0
+    room, placement = cpu_budget - staging, ["device"] * keep
+    for b in streamed:
+        on_host = placement[-1:] != ["disk"] and b <= room
+        placement.append("host" if on_host else "disk")
+        room -= b if on_host else 0
+    staging = staging if "disk" in placement else 0
+    return dataclasses.replace(r, weights=r.weights - sum(streamed), placement=tuple(placement), stream=stream,
+                               staging=staging, cpu_budget=cpu_budget)
+
+
+# --- how: streaming ------------------------------------------------------------------------------
 
 
 class OffloadError(RuntimeError):

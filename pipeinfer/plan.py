@@ -24,21 +24,21 @@ What each number counts (bytes, in the run's dtype):
   stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
              the next layer's weights move while one computes; one when a single layer streams)
 
-Offload (max_cpu_memory set): a stage that does not fit max_memory keeps its first layers resident,
-as many as fit beside everything else and the stream buffers; the layers after them stream in
-(offload.py), from pinned host memory up to max_cpu_memory, the rest read in place from the
-checkpoint on disk. Embeddings, final norm and head stay resident. `weights` then counts what is
-resident only; each layer's bytes and placement are in RankPlan.layer_bytes and .placement.
+Offload (max_cpu_memory set; offload.offload_ranks): a stage that does not fit max_memory keeps its
+first layers resident, as many as fit beside everything else and the stream buffers; the layers
+after them stream in (offload.Streamer), from pinned host memory up to max_cpu_memory, the rest
+read in place from the checkpoint on disk. Embeddings, final norm and head stay resident.
+`weights` then counts what is resident only; each layer's bytes and placement are in
+RankPlan.layer_bytes and .placement.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from pipeinfer.checkpoint import Tensor, check_checkpoint, checkpoint_keys, read_headers
-from pipeinfer.config import ConfigError, ExpConfig, check_model, micro_batching, per_rank
+from pipeinfer.config import ConfigError, ExpConfig, check_model, human_bytes, micro_batching, per_rank
 from pipeinfer.families import Family, family_for
 from pipeinfer.quantization import Quantization, resolve, select, stats_keys
 from pipeinfer.partition import StageCosts, StagePlan, balance_bytes, check_complete, plan_split, stage_device_map
@@ -307,7 +307,8 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
             raise ConfigError(str(e)) from None
 
     if cfg.max_cpu_memory is not None:
-        ranks = _offload_ranks(cfg, ranks, budgets, q, tensors, device_type)
+        from pipeinfer.offload import offload_ranks
+        ranks = offload_ranks(cfg, ranks, budgets, q, tensors, device_type)
     plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
                 longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes)
     bad = [r for r in ranks if not r.fits]
@@ -315,7 +316,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
         r = bad[0]
         name = f"max_memory[{r.rank}]={r.budget} bytes" if cfg.max_memory is not None else \
             f"the device memory ({r.budget} bytes)"
-        fix = [f"raise it to at least {r.total} bytes ({_human(r.total)})"]
+        fix = [f"raise it to at least {r.total} bytes ({human_bytes(r.total)})"]
         from pipeinfer.fit import largest_batch, smallest_pipeline
 
         fewest = smallest_pipeline(cfg, m, sizes, slots, longest_prompt, capacity, min(budgets), reserve, local)
@@ -334,53 +335,6 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
     return plan
 
 
-def _offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
-                   device_type: str) -> list[RankPlan]:
-    """Each rank over its device budget with layers placed on host memory and disk (see the module
-    docstring); ConfigError when even every layer streamed leaves too little room."""
-    if budgets is None:
-        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
-                          "set: set max_memory (the device budget per rank) too")
-    if q is not None:
-        raise ConfigError(f"quantization={q.method!r} with max_cpu_memory: quantized layers cannot be offloaded "
-                          f"yet; quantize (a 4-bit stage is a quarter of 16-bit) or offload, not both")
-    if tensors is None:
-        raise ConfigError(f"max_cpu_memory streams layers from safetensors files, and {cfg.model_path} holds pickle "
-                          f".bin weights: convert them (from_pretrained(dir).save_pretrained(new_dir))")
-    cpu = per_rank(cfg.max_cpu_memory, len(ranks))
-    return [r if r.fits else _offload(r, c, device_type) for r, c in zip(ranks, cpu)]
-
-
-def _offload(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
-    """The first layers resident, as many as fit with two stream buffers; then host, then disk."""
-    lw = list(r.layer_bytes)
-    fixed = r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve
-
-    def stream_for(keep: int) -> int:
-        return min(2, len(lw) - keep) * max(lw[keep:])
-
-    keep = next((k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget), None)
-    if keep is None:
-        least = fixed + min(2, len(lw)) * max(lw)
-        raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
-                          f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
-                          f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
-                          f"reserve {r.reserve} + stream buffers {min(2, len(lw)) * max(lw)} = {least} bytes): "
-                          f"raise it to at least {least} bytes ({_human(least)}), lower batch_size or "
-                          f"max_new_tokens, or use a larger pipeline_size")
-    streamed, stream = lw[keep:], stream_for(keep)
-    # disk reads pass through pinned buffers on CUDA (on CPU they land in the stream buffers directly)
-    staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget else 0
-    room, placement = cpu_budget - staging, ["device"] * keep
-    for b in streamed:
-        on_host = placement[-1:] != ["disk"] and b <= room
-        placement.append("host" if on_host else "disk")
-        room -= b if on_host else 0
-    staging = staging if "disk" in placement else 0
-    return dataclasses.replace(r, weights=r.weights - sum(streamed), placement=tuple(placement), stream=stream,
-                               staging=staging, cpu_budget=cpu_budget)
-
-
 def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] | None,
            tensors: dict[str, Tensor] | None) -> _Sizes:
     quantized = frozenset(select(m.linears, q))
@@ -394,13 +348,6 @@ def _sizes(m: _Model, q: Quantization | None, dtype: str, keys: dict[str, str] |
             # the quant_state entry is JSON the loader reads, not a tensor the stage keeps
             stored[name] = sum(tensors[k].nbytes for k in [key, *stats.get(key, ())] if ".quant_state." not in k)
     return _Sizes(_ITEMSIZE[dtype], q, quantized, m.linears, stored)
-
-
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n}B"
 
 
 def plan_for_run(cfg: ExpConfig, model_config, longest_prompt: int, dtype: str, device_type: str,

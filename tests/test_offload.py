@@ -152,6 +152,21 @@ def test_offload_config_errors(llama8, over, message):
         plan_for_run(build_config(dict(model_path=llama8, prompts=["x"], **over)), mc, 8, "float32", "cpu")
 
 
+def test_pickle_checkpoints_are_not_offloaded(llama8, tmp_path):
+    """Streaming reads tensors at their offsets in safetensors files; a pickle checkpoint has none."""
+    from safetensors.torch import load_file
+
+    path = str(tmp_path / "bin")
+    shutil.copytree(llama8, path)
+    torch.save(load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "pytorch_model.bin"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    cfg = build_config(dict(model_path=path, prompts=["x"], allow_pickle=True, max_memory="300KB",
+                            max_cpu_memory="1GiB"))
+    with pytest.raises(ConfigError, match=r"max_cpu_memory streams layers from safetensors files, and .* holds "
+                                          r"pickle .bin weights: convert them"):
+        plan_for_run(cfg, read_model_config(path), 8, "float32", "cpu")
+
+
 @pytest.mark.parametrize("over,message", [
     (dict(max_cpu_memory="lots"), 'max_cpu_memory="lots" is out of range'),
     (dict(max_cpu_memory=-1), "max_cpu_memory=-1 is out of range"),
