@@ -50,7 +50,7 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
     tensors = read_headers(cfg.model_path, cfg.allow_pickle)
     m = _model(model_config, cfg.trust_remote_code)
     out = {"model_path": cfg.model_path, "pipeline_size": cfg.pipeline_size, "batch_size": cfg.batch_size,
-           "max_new_tokens": cfg.max_new_tokens, "budgets": budgets}
+           "max_new_tokens": cfg.max_new_tokens, "budgets": budgets, "offload": cfg.max_cpu_memory is not None}
     try:
         plan = make_plan(cfg, model_config, tensors, prompt_tokens, dtype, device_type, budgets, model=m)
         out.update(plan.record(), fits=True)
@@ -104,9 +104,10 @@ def format_table(out: dict) -> str:
     if out["budgets"] is None:
         lines.append("no budget: pass --device-memory 16GiB (or set max_memory) to check the fit")
     else:
-        lines.append(f"largest batch_size that fits at pipeline_size={out['pipeline_size']}: "
+        resident = " with every layer resident" if out.get("offload") else ""  # the search does not offload
+        lines.append(f"largest batch_size that fits{resident} at pipeline_size={out['pipeline_size']}: "
                      f"{out['largest_batch_size'] or 'none'}")
-        lines.append(f"smallest pipeline_size that fits at batch_size={out['batch_size']}: "
+        lines.append(f"smallest pipeline_size that fits{resident} at batch_size={out['batch_size']}: "
                      f"{out['smallest_pipeline_size'] or 'none (more ranks than layers would be needed)'}")
     return "\n".join(lines)
 
