@@ -66,7 +66,26 @@ def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | No
         raise ConfigError(f"max_cpu_memory streams layers from safetensors files, and {cfg.model_path} holds pickle "
                           f".bin weights: convert them (from_pretrained(dir).save_pretrained(new_dir))")
     cpu = per_rank(cfg.max_cpu_memory, len(ranks))
+    over = [r for r in ranks if not r.fits]
+    short = [r for r in over if r.budget < _least(r)]
+    if short:
+        r = short[0]
+        lw = r.layer_bytes
+        # one max_memory for every rank: the least must hold for the neediest rank, not only this one
+        least = max(_least(x) for x in (short if not isinstance(cfg.max_memory, list) else [r]))
+        raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
+                          f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
+                          f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
+                          f"reserve {r.reserve} + stream buffers {min(2, len(lw)) * max(lw)} = {_least(r)} bytes): "
+                          f"raise it to at least {least} bytes ({human_bytes(least)}), lower batch_size or "
+                          f"max_new_tokens, or use a larger pipeline_size")
     return [r if r.fits else _place(r, c, device_type) for r, c in zip(ranks, cpu)]
+
+
+def _least(r: RankPlan) -> int:
+    """The smallest device budget that runs rank r's stage with every layer streamed."""
+    lw = r.layer_bytes
+    return r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve + min(2, len(lw)) * max(lw)
 
 
 def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
@@ -77,18 +96,17 @@ def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
     def stream_for(keep: int) -> int:
         return min(2, len(lw) - keep) * max(lw[keep:])
 
-    keep = next((k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget), None)
-    if keep is None:
-        least = fixed + min(2, len(lw)) * max(lw)
-        raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
-                          f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
-                          f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
-                          f"reserve {r.reserve} + stream buffers {min(2, len(lw)) * max(lw)} = {least} bytes): "
-                          f"raise it to at least {least} bytes ({human_bytes(least)}), lower batch_size or "
-                          f"max_new_tokens, or use a larger pipeline_size")
+    # keeping all but one or two never fits where keeping all did not (their buffers take as much room
+    # as they free), so at least three layers stream
+
+    keep = next(k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget)
     streamed, stream = lw[keep:], stream_for(keep)
     # disk reads pass through pinned buffers on CUDA (on CPU they land in the stream buffers directly)
     staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget else 0
+    if staging > cpu_budget:
+        raise ConfigError(f"max_cpu_memory[{r.rank}]={cpu_budget} bytes cannot hold the pinned buffers that rank "
+                          f"{r.rank}'s disk reads pass through on CUDA ({staging} bytes: two of its largest streamed "
+                          f"layer): raise it to at least {staging} bytes ({human_bytes(staging)})")
     room, placement = cpu_budget - staging, ["device"] * keep
     for b in streamed:
         on_host = placement[-1:] != ["disk"] and b <= room
@@ -100,6 +118,24 @@ def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
 
 
 # --- how: streaming ------------------------------------------------------------------------------
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    """Page-locked host memory of exactly nbytes. torch's pinned allocator (pin_memory=True) rounds
+    every request up to a power of two (a 605 MiB layer of a 13B in float16 would take 1 GiB), so the
+    memory is allocated as usual and registered with CUDA instead; if registering fails, the
+    allocator's, rounding and all, with a warning."""
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+        if int(getattr(err, "value", err)) == 0:
+            return t
+        reason = f"cudaHostRegister returned {err}"
+    except (AttributeError, RuntimeError, TypeError) as e:
+        reason = str(e)
+    log.warning("pinning %d bytes through torch's allocator, which rounds them up to a power of two (%s)",
+                nbytes, reason)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 class OffloadError(RuntimeError):
@@ -146,7 +182,7 @@ class Streamer:
                       for k, slot in enumerate(self.slots)}
         if self.cuda:
             disk = any(layer.tier == "disk" for layer in layers)
-            self.staging = [torch.empty(self.size, dtype=torch.uint8, pin_memory=True) for _ in range(nslots)] \
+            self.staging = [_pinned(self.size) for _ in range(nslots)] \
                 if disk else None
             self.stream = torch.cuda.Stream(device)
             self.ready: list = [None] * nslots   # the copy into the slot has finished
@@ -181,7 +217,12 @@ class Streamer:
                 continue
             module, sources, begin = layers[local], [], 0
             for name, p in module.named_parameters():
-                t = plan.tensors[plan.keys[f"{prefix}{index}.{name}"]]
+                key = plan.keys[f"{prefix}{index}.{name}"]
+                t = plan.tensors[key]
+                if t.dtype not in _TORCH_DTYPES:
+                    from pipeinfer.stage import LoadError
+                    raise LoadError(f"{key} is stored as {t.dtype}, which offloading cannot convert as it streams: "
+                                    f"run without max_cpu_memory, or convert the checkpoint to float16/bfloat16")
                 nbytes = p.numel() * dtype.itemsize
                 sources.append(_Source(begin, nbytes, t.file, t.offset, _TORCH_DTYPES[t.dtype]))
                 begin += nbytes
@@ -191,7 +232,7 @@ class Streamer:
         self = cls(streamed, device, rank_plan.layers, rank_plan.tier("device"))
         for layer in streamed:
             if layer.tier == "host":
-                layer.host = torch.empty(layer.nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+                layer.host = _pinned(layer.nbytes) if self.cuda else torch.empty(layer.nbytes, dtype=torch.uint8)
                 self._read(layer, layer.host)
         self._fill()  # the first layers' loads start now, while the stage warms up
         log.info("rank %d streams %d of its %d layers: %s", rank_plan.rank, len(streamed), len(rank_plan.layers),
@@ -200,22 +241,43 @@ class Streamer:
         return self
 
     def reset_stats(self) -> None:
-        """After warm-up: the stage record counts the measured run."""
+        """After warm-up: the stage record counts the measured run (loads in flight finish first)."""
+        self._drain()
         self.wait_s, self.load_s, self.loads, self.moved, self.read = 0.0, 0.0, 0, 0, 0
         self.copies: list = []  # CUDA: (begin, end) events of each copy to the device
+        self.stalls: list = []  # CUDA: (begin, end) events around the compute stream's wait for a copy
+
+    def _drain(self) -> None:
+        for job in list(self.pending.values()):
+            job.done.wait()
+
+    def close(self) -> None:
+        """Stop the reader (after the loads in flight) and close the checkpoint files; the buffers go
+        with the streamer. For processes that load more than one stage (tests, benchmarks)."""
+        self._drain()
+        self.jobs.put(None)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    @staticmethod
+    def _timed(pairs: list, wait: bool) -> tuple[float, list]:
+        """CUDA: seconds between the finished (begin, end) event pairs, and the pairs not finished yet."""
+        if wait and pairs:
+            pairs[-1][1].synchronize()
+        done = [p for p in pairs if p[1].query()]
+        return sum(b.elapsed_time(e) for b, e in done) / 1e3, [p for p in pairs if not p[1].query()]
 
     def _count_copies(self, wait: bool) -> None:
-        """CUDA: add the finished copies' time to load_s (all of them, once the last is done, if wait)."""
-        if wait and self.copies:
-            self.copies[-1][1].synchronize()
-        done = [c for c in self.copies if c[1].query()]
-        self.load_s += sum(b.elapsed_time(e) for b, e in done) / 1e3
-        self.copies = [c for c in self.copies if c not in done]
+        spent, self.copies = self._timed(self.copies, wait)
+        self.load_s += spent
 
     def record(self) -> dict:
-        for job in list(self.pending.values()):
-            job.done.wait()  # loads still in flight (the next step's, prefetched) finish first
+        self._drain()  # loads still in flight (the next step's, prefetched) finish first
         self._count_copies(wait=True)
+        if self.cuda:  # the GPU's own wait for copies, beside the CPU's wait for the reader
+            stalled, self.stalls = self._timed(self.stalls, wait=True)
+            self.wait_s += stalled
         tiers = {tier: [x.index for x in self.layers if x.tier == tier] for tier in ("host", "disk")}
         return {"device_layers": self.resident, "host_layers": tiers["host"], "disk_layers": tiers["disk"],
                 "host_bytes": sum(x.nbytes for x in self.layers if x.tier == "host"),
@@ -236,7 +298,15 @@ class Streamer:
             self.free.append(job.slot)
             raise job.error
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[job.slot])
+            compute = torch.cuda.current_stream(self.device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(compute)
+            compute.wait_event(self.ready[job.slot])
+            end.record(compute)
+            self.stalls.append((begin, end))
+            if len(self.stalls) > 256:
+                stalled, self.stalls = self._timed(self.stalls, wait=False)
+                self.wait_s += stalled
         for (owner, attr, _), param in zip(layer.params, self.views[(layer.index, job.slot)]):
             owner._parameters[attr] = param
         self.active[layer.index] = job.slot
@@ -282,6 +352,8 @@ class Streamer:
     def _worker(self) -> None:
         while True:
             job = self.jobs.get()
+            if job is None:
+                return
             try:
                 self._load(job.layer, job.slot)
             except BaseException as e:  # handed to the compute side, which raises it

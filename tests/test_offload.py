@@ -71,12 +71,26 @@ def test_offloaded_stages_match_generate(llama8, reference, tmp_path, pipeline_s
         streamed = o["host"]["bytes"] + o["disk"]["bytes"]
         assert s["weights_moved_bytes"] >= 12 * streamed
         assert s["layer_loads"] >= 12 * len(o["host"]["layers"] + o["disk"]["layers"])
-        assert s["weights_wait_s"] >= 0 and s["weights_load_s"] > 0
+        assert s["weights_wait_s"] < stage["wall_s"] and s["weights_load_s"] > 0
         assert stage["param_bytes"] == plan["weights"]  # only the resident layers are held
     # the disk tier is read in place from the checkpoint: nothing written to the offload folder
     assert not os.path.exists(cfg["offload_folder"]) or not any(os.scandir(cfg["offload_folder"]))
     text = report.format_table([report.summarize(report.load_run(cfg["output_path"]))])
     assert "rank 0 layers device/host/disk" in text and "rank 0 waiting for weights" in text, text
+
+
+def test_every_layer_streamed(llama8, reference, tmp_path):
+    """The smallest budget that works streams every layer of each stage (none resident)."""
+    from pipeinfer.offload import _least
+
+    cfg = base_config(llama8, tmp_path, pipeline_size=2, batch_size=2, dtype="float32")
+    free = plan_for_run(build_config(cfg), read_model_config(llama8), max(len(p) for p in PROMPTS) + 2, "float32",
+                        "cpu").ranks  # the byte tokenizer: a token per byte, plus BOS/EOS at most
+    cfg.update(max_memory=[_least(r) for r in free], max_cpu_memory=free[0].layer_bytes[0])
+    records = run_pipeline(cfg, tmp_path, 2)
+    assert [p["output_ids"] for p in prompt_records(records)] == reference
+    for plan in next(r for r in records if r["type"] == "run")["plan"]["ranks"]:
+        assert not plan["offload"]["device"]["layers"] and plan["offload"]["host"]["layers"], plan
 
 
 def test_a_checkpoint_in_another_dtype_is_converted_as_it_streams(tmp_path_factory, tmp_path):
@@ -125,6 +139,41 @@ def test_plan_placement_and_smallest_budget(llama8):
                         "cpu").ranks[0].placement == ("device",) * 8
     with pytest.raises(ConfigError, match=r"cannot hold rank 0's stage \(layers 0..7"):
         plan_for_run(build_config(dict(cfg, max_memory=fixed + 5 * layer)), mc, 16, "float32", "cpu")
+
+
+def test_cuda_plan_counts_pinned_staging(llama8):
+    """On CUDA, disk reads pass through two pinned staging buffers: the plan takes them out of
+    max_cpu_memory first, and refuses a max_cpu_memory that cannot hold them. (A plan only: it reads
+    headers, so it runs without a GPU.)"""
+    mc = read_model_config(llama8)
+    cfg = dict(model_path=llama8, prompts=["x"], max_new_tokens=8, dtype="float16")
+    free = plan_for_run(build_config(cfg), mc, 16, "float16", "cuda").ranks[0]
+    layer = free.layer_bytes[0]
+    budget = free.total - 2 * layer  # keeps 4 of 8 layers
+    plan = plan_for_run(build_config(dict(cfg, max_memory=budget, max_cpu_memory=3 * layer)), mc, 16, "float16",
+                        "cuda").ranks[0]
+    assert plan.staging == 2 * layer and plan.reserve > 0
+    assert plan.placement == ("device",) * 4 + ("host",) + ("disk",) * 3  # 3 layers of host memory - staging = 1
+    everything = plan_for_run(build_config(dict(cfg, max_memory=budget, max_cpu_memory=4 * layer)), mc, 16, "float16",
+                              "cuda").ranks[0]
+    assert everything.placement == ("device",) * 4 + ("host",) * 4 and everything.staging == 0  # no disk, no staging
+    with pytest.raises(ConfigError, match=rf"max_cpu_memory\[0\]=0 bytes cannot hold the pinned buffers .* "
+                                          rf"raise it to at least {2 * layer} bytes"):
+        plan_for_run(build_config(dict(cfg, max_memory=budget, max_cpu_memory=0)), mc, 16, "float16", "cuda")
+
+
+def test_one_budget_for_all_ranks_names_what_the_neediest_needs(llama8):
+    """With one max_memory for every rank, the least budget in the refusal holds for every rank."""
+    from pipeinfer.offload import _least
+
+    mc = read_model_config(llama8)
+    cfg = dict(model_path=llama8, prompts=["x"], max_new_tokens=8, pipeline_size=2)
+    ranks = plan_for_run(build_config(cfg), mc, 16, "float32", "cpu").ranks
+    need = max(_least(r) for r in ranks)
+    with pytest.raises(ConfigError, match=rf"raise it to at least {need} bytes"):
+        plan_for_run(build_config(dict(cfg, max_memory=1000, max_cpu_memory=0)), mc, 16, "float32", "cpu")
+    plan = plan_for_run(build_config(dict(cfg, max_memory=need, max_cpu_memory=0)), mc, 16, "float32", "cpu")
+    assert all(r.fits and "disk" in r.placement for r in plan.ranks)
 
 
 def test_dry_run_shows_the_placement(llama8, tmp_path, capsys):
@@ -219,11 +268,13 @@ def test_a_forward_that_fails_half_way_leaves_the_streamer_consistent(llama8):
         with torch.no_grad():
             want = whole(ids).logits[:, -1].float()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    stage.streamer.close()
 
 
-def test_a_checkpoint_cut_short_mid_run_is_one_line(llama8, tmp_path):
-    """The disk tier reads the checkpoint at every step: a file truncated under a running job is
-    reported as such, with what to do, not as a traceback or wrong tokens."""
+def test_a_checkpoint_cut_short_mid_run_is_an_offload_error(llama8, tmp_path):
+    """The disk tier reads the checkpoint at every step: a file truncated under a running job raises
+    OffloadError naming the file and what to do (the runner prints such errors as one line and
+    exits 1), not a traceback from deep inside or wrong tokens."""
     from pipeinfer.offload import OffloadError
 
     model = str(tmp_path / "copy")
@@ -236,6 +287,7 @@ def test_a_checkpoint_cut_short_mid_run_is_one_line(llama8, tmp_path):
     with pytest.raises(OffloadError, match="ended .* bytes early while streaming an offloaded layer: the checkpoint "
                                            "changed during the run"):
         stage(torch.tensor([[5, 6, 7]]), None, torch.arange(3)[None], stage.new_cache())
+    stage.streamer.close()
 
 
 def test_runner_exits_with_one_line_when_the_budget_is_too_small(llama8, tmp_path):
