@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -127,8 +128,10 @@ def _pinned(nbytes: int) -> torch.Tensor:
     allocator's, rounding and all, with a warning."""
     t = torch.empty(nbytes, dtype=torch.uint8)
     try:
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
         if int(getattr(err, "value", err)) == 0:
+            weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())  # before the memory goes back
             return t
         reason = f"cudaHostRegister returned {err}"
     except (AttributeError, RuntimeError, TypeError) as e:
