@@ -77,7 +77,7 @@ def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | No
         raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
                           f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
                           f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
-                          f"reserve {r.reserve} + stream buffers {min(2, len(lw)) * max(lw)} = {_least(r)} bytes): "
+                          f"reserve {r.reserve} + stream buffers {_buffers(lw)} = {_least(r)} bytes): "
                           f"raise it to at least {least} bytes ({human_bytes(least)}), lower batch_size or "
                           f"max_new_tokens, or use a larger pipeline_size")
     return [r if r.fits else _place(r, c, device_type) for r, c in zip(ranks, cpu)]
@@ -86,7 +86,12 @@ def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | No
 def _least(r: RankPlan) -> int:
     """The smallest device budget that runs rank r's stage with every layer streamed."""
     lw = r.layer_bytes
-    return r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve + min(2, len(lw)) * max(lw)
+    return r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve + _buffers(lw)
+
+
+def _buffers(lw) -> int:
+    """Device bytes of the stream buffers when the layers of sizes lw stream: two of the largest (one)."""
+    return min(2, len(lw)) * max(lw)
 
 
 def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
@@ -95,7 +100,7 @@ def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
     fixed = r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve
 
     def stream_for(keep: int) -> int:
-        return min(2, len(lw) - keep) * max(lw[keep:])
+        return _buffers(lw[keep:])
 
     # keeping all but one or two never fits where keeping all did not (their buffers take as much room
     # as they free), so at least three layers stream

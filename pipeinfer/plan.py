@@ -252,10 +252,7 @@ def _layout(m: _Model, size: int, layer_split, sizes: _Sizes, slots: list[int], 
     maps = _device_maps(m, ranges, local)
     b, t = max(slots), longest
     ranks = []
-    per_layer = [0] * m.num_layers
-    for name, shape in m.params.items():
-        if (i := _layer_of(name, m)) is not None:
-            per_layer[i] += sizes.of(name, shape)
+    per_layer = [c - kv_per_layer for c in costs.layers]  # each layer's weights alone
     for r, (rng, dmap) in enumerate(zip(ranges, maps)):
         weights = sum(sizes.of(n, s) for n, s in m.params.items() if _placement(dmap, n) == local)
         transient = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
