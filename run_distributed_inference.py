@@ -17,19 +17,19 @@ import os
 import sys
 import time
 
-from pipeinfer import procgroup
-from pipeinfer.comm import PeerFailure
+from pipeinfer.run import procgroup
+from pipeinfer.run.comm import PeerFailure
 from pipeinfer.config import ConfigError, micro_batching
-from pipeinfer.generation import Aborted, NonFiniteLogits, generate
-from pipeinfer.inputs import read_inputs
-from pipeinfer.offload import OffloadError
-from pipeinfer.metrics import batch_records, reset_peak_memory, run_record, stage_record, summary_record
-from pipeinfer.runtime import steady_host_memory
-from pipeinfer.prompts import micro_batches
-from pipeinfer.results import ResultsError, check_previous, start_results
-from pipeinfer.runtime import EXIT_REQUEUE, StopRequest, progress_bar
-from pipeinfer.stage import LoadError, load_stage
-from pipeinfer.timeline import Timeline
+from pipeinfer.run.generation import Aborted, NonFiniteLogits, generate
+from pipeinfer.run.inputs import read_inputs
+from pipeinfer.load.streamer import OffloadError
+from pipeinfer.record.metrics import batch_records, reset_peak_memory, run_record, stage_record, summary_record
+from pipeinfer.run.runtime import steady_host_memory
+from pipeinfer.run.prompts import micro_batches
+from pipeinfer.record.results import ResultsError, check_previous, start_results
+from pipeinfer.run.runtime import EXIT_REQUEUE, StopRequest, progress_bar
+from pipeinfer.load.stage import LoadError, load_stage
+from pipeinfer.record.timeline import Timeline
 
 log = logging.getLogger("pipeinfer")
 

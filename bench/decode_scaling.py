@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeinfer.comm import Comm  # noqa: E402
-from pipeinfer.tiny_models import make_model  # noqa: E402
-from pipeinfer.generation import GenParams, generate  # noqa: E402
-from pipeinfer.partition import StagePlan  # noqa: E402
-from pipeinfer.prompts import Batch, MicroBatches  # noqa: E402
-from pipeinfer.sampling import SamplingParams  # noqa: E402
-from pipeinfer.stage import partition_model  # noqa: E402
+from pipeinfer.run.comm import Comm  # noqa: E402
+from pipeinfer.models.tiny import make_model  # noqa: E402
+from pipeinfer.run.generation import GenParams, generate  # noqa: E402
+from pipeinfer.plan.partition import StagePlan  # noqa: E402
+from pipeinfer.run.prompts import Batch, MicroBatches  # noqa: E402
+from pipeinfer.run.sampling import SamplingParams  # noqa: E402
+from pipeinfer.load.stage import partition_model  # noqa: E402
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ if Version(torch.__version__.split("+")[0]) < Version("2.4"):
 if not torch.cuda.is_available():
     sys.exit(f"error: torch {torch.__version__} sees no GPU: run this on the GPU machine (a CPU run stops here)")
 sys.path.insert(0, ".")
-from pipeinfer.runtime import native_bf16, resolve_dtype
+from pipeinfer.run.runtime import native_bf16, resolve_dtype
 dev = torch.device("cuda", 0)
 p = torch.cuda.get_device_properties(dev)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 from throughput import launch, make_prompts, tail  # noqa: E402
 
-from pipeinfer.tiny_models import make_model  # noqa: E402
+from pipeinfer.models.tiny import make_model  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "run_distributed_inference.py")
 FEATURES = {"off": {}, "stop_lp5": {"stop": ["<never here>", "###\n###"], "logprobs": 5}}

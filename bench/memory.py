@@ -28,7 +28,7 @@ No process group is needed: loading is rank-local, so the ranks are started with
 
     python bench/memory.py --check-plan     # planned total against measured peak, three configurations
 
-checks the planner (pipeinfer/plan.py) against reality on CPU: each rank of each configuration
+checks the planner (pipeinfer/plan/make.py) against reality on CPU: each rank of each configuration
 loads its stage and runs its share of a whole generation (prefill of every micro-batch slot, decode
 to max_new_tokens) alone, in float32; its peak RSS over the runtime baseline is compared with the
 plan's total. The baseline is the same worker on a model of the same family with almost no weights
@@ -80,7 +80,7 @@ def runtime_worker(role: str) -> dict:
     if role.startswith("runtime"):
         from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
-        import pipeinfer.stage  # noqa: F401
+        import pipeinfer.load.stage  # noqa: F401
     if role == "runtime-bnb":  # what a quantized rank imports besides
         import bitsandbytes  # noqa: F401
     return {"role": role, "peak_rss": peak_rss()}
@@ -105,8 +105,8 @@ def drop_cache(path: str) -> None:
 def _plan(model: str, size: int, dtype_name: str, batch_size: int, prompt: int, new_tokens: int,
           quantization: str = "none", **budgets):
     from pipeinfer.config import build_config
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     cfg = build_config(dict(model_path=model, prompts=["x"], pipeline_size=size, batch_size=batch_size,
                             max_new_tokens=new_tokens, quantization=quantization, **budgets))
@@ -119,9 +119,9 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str, quantization:
 
     import accelerate  # noqa: F401
     import transformers  # noqa: F401
-    from pipeinfer.runtime import steady_host_memory
-    from pipeinfer.runtime import setup_logging
-    from pipeinfer.stage import load_stage
+    from pipeinfer.run.runtime import steady_host_memory
+    from pipeinfer.run.runtime import setup_logging
+    from pipeinfer.load.stage import load_stage
 
     steady_host_memory()  # as the runner does
     setup_logging(rank)
@@ -155,8 +155,8 @@ def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, 
     max_memory (0: none) and max_cpu_memory (-1: none): budgets, the same for every rank."""
     import torch
 
-    from pipeinfer.runtime import steady_host_memory
-    from pipeinfer.stage import load_stage
+    from pipeinfer.run.runtime import steady_host_memory
+    from pipeinfer.load.stage import load_stage
 
     steady_host_memory()  # as the runner does
     torch.set_num_threads(1)
@@ -198,7 +198,7 @@ PLAN_CASES = [("llama", 1, 1, 32, 16), ("llama", 2, 8, 512, 32), ("gpt2", 2, 8, 
 
 def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
     """Each rank of each case: planned total against peak RSS over the runtime baseline."""
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     rows = []
     for name, size, batch, prompt, new in cases:
@@ -237,7 +237,7 @@ def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
     buffers) plus the host tier's bytes (on CPU, host memory is the same process's), up to the
     plan's own accuracy (10%: the transient estimate, tests/test_plan.py); and the memory saved
     against all-resident, measured, against what the plan says offloading saves."""
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     conf = dict(PLAN_MODELS["llama"], num_hidden_layers=12)
     model, tiny = os.path.join(root, "plan-llama12"), os.path.join(root, "plan-llama-tiny4")
@@ -283,7 +283,7 @@ def save_prequantized(model: str, out: str, method: str, dtype_name: str) -> Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeinfer.quantization import Quantization
+    from pipeinfer.plan.quantization import Quantization
 
     print(f"building {out} ...", flush=True)
     q = Quantization(method, "load", compute_dtype=dtype_name)
@@ -356,7 +356,7 @@ def main() -> None:
         return
 
     if not os.path.exists(os.path.join(args.model, "config.json")):
-        from pipeinfer.tiny_models import make_model
+        from pipeinfer.models.tiny import make_model
 
         print(f"building {args.model} ...", flush=True)
         make_model(args.model, seed=0, dtype="bfloat16", **MODEL)

@@ -148,7 +148,7 @@ def disk_limit(model: str, layers: list[int], repeats: int = 3) -> float:
     streamer reads them: each layer's tensors packed into one of two layer-sized buffers, taken in
     turn (a destination the size of a layer is not held in the CPU's caches, as the stream buffers
     are not); best of `repeats`."""
-    from pipeinfer.checkpoint import read_headers
+    from pipeinfer.plan.checkpoint import read_headers
 
     tensors = read_headers(model)
     per_layer = [[(t.file, t.offset, t.nbytes) for k, t in sorted(tensors.items()) if f".layers.{i}." in k]
@@ -203,8 +203,8 @@ def main() -> int:
         return accelerate_worker(args.accelerate_worker)
 
     from pipeinfer.config import build_config
-    from pipeinfer.dryrun import dry_run
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.plan.__main__ import dry_run
+    from pipeinfer.models.tiny import make_model
 
     cuda = args.device == "cuda"
     shape, dtype = (GPU_SHAPE, "float16") if cuda else (CPU_SHAPE, "float32")

@@ -100,8 +100,8 @@ def equivalence(device: str, out_dir: str, new_tokens: int = 16) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeinfer.quantization import Quantization
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.plan.quantization import Quantization
+    from pipeinfer.models.tiny import make_model
 
     model = make_model(os.path.join(out_dir, "llama"), seed=0, device=device, hidden_size=512,
                        intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
@@ -136,20 +136,22 @@ def fit_table() -> list[dict]:
     from transformers import LlamaConfig
 
     from pipeinfer.config import build_config, micro_batching
-    from pipeinfer.fit import smallest_pipeline
-    from pipeinfer.plan import CUDA_CONTEXT_BYTES, _layout, _model, _sizes
-    from pipeinfer.quantization import Quantization
+    from pipeinfer.plan.fit import smallest_pipeline
+    from pipeinfer.plan.layout import CUDA_CONTEXT_BYTES, layout
+    from pipeinfer.plan.make import plan_sizes
+    from pipeinfer.plan.model import model_shape
+    from pipeinfer.plan.quantization import Quantization
 
     budget, prompt, new = 16 * 2**30, 512, 256
     rows = []
     for name, shape in SHAPES.items():
-        m = _model(LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shape))
+        m = model_shape(LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shape))
         for method in METHODS:
             q = None if method == "none" else Quantization(method, "load", compute_dtype="float16")
-            sizes = _sizes(m, q, "float16", None, None)
+            sizes = plan_sizes(m, q, "float16", None, None)
             cfg = build_config(dict(model_path="-", prompts=["x"], pipeline_size=1, max_new_tokens=new,
                                     layer_split="auto"))
-            _, ranks = _layout(m, 1, "auto", sizes, micro_batching(cfg), prompt, prompt + new, None,
+            _, ranks = layout(m, 1, "auto", sizes, micro_batching(cfg), prompt, prompt + new, None,
                                CUDA_CONTEXT_BYTES, "cuda")
             fewest = smallest_pipeline(cfg, m, sizes, micro_batching(cfg), prompt, prompt + new, budget,
                                        CUDA_CONTEXT_BYTES, "cuda")
@@ -183,7 +185,7 @@ def main() -> None:
     result = {"fit": fits}
     if not args.fit_only:
         if not os.path.exists(os.path.join(args.model, "config.json")):
-            raise SystemExit(f"no checkpoint at {args.model}: make demo (or python -m pipeinfer.pretrained "
+            raise SystemExit(f"no checkpoint at {args.model}: make demo (or python -m pipeinfer.models.pretrained "
                              f"--out {args.model}) fetches and converts it")
         import torch
         import transformers

@@ -3,7 +3,7 @@
     python bench/stage_handoff.py [--hidden-size 1024] [--steps 150] [--repeats 3]
 
 bench/throughput.py measures the runner at pipeline_size 2 against pipeline_size 1 at batch 1
-(its "one prompt" ratio). This script takes the runner's own Stage objects (pipeinfer/stage.py,
+(its "one prompt" ratio). This script takes the runner's own Stage objects (pipeinfer/load/stage.py,
 the same model as throughput.py builds at this --hidden-size) and runs greedy decoding four ways,
 one thread each, without torch.distributed:
 
@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench/, for throughput.py when imported
 
-from pipeinfer.tiny_models import make_model  # noqa: E402
-from pipeinfer.partition import StagePlan  # noqa: E402
-from pipeinfer.stage import partition_model  # noqa: E402
+from pipeinfer.models.tiny import make_model  # noqa: E402
+from pipeinfer.plan.partition import StagePlan  # noqa: E402
+from pipeinfer.load.stage import partition_model  # noqa: E402
 from throughput import SEED, SHAPE, cpu_shape, model_dir  # noqa: E402
 
 PROMPT_LEN = 16

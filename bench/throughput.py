@@ -53,9 +53,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "run_distributed_inference.py")
 sys.path.insert(0, ROOT)
 
-from pipeinfer.tiny_models import make_model  # noqa: E402
-from pipeinfer.prompts import load_tokenizer, make_batches, text_prompts  # noqa: E402
-from pipeinfer.runtime import resolve_dtype  # noqa: E402
+from pipeinfer.models.tiny import make_model  # noqa: E402
+from pipeinfer.run.prompts import load_tokenizer, make_batches, text_prompts  # noqa: E402
+from pipeinfer.run.runtime import resolve_dtype  # noqa: E402
 
 # 26M parameters (104 MB in float32, far beyond the caches): a batch-1 decode step takes ~9 ms on
 # one thread here, so per-step Python and communication overheads are measured against real work.

@@ -5,6 +5,9 @@
 Every check here runs before any process group or model load, identically on every rank, so a bad
 config gives the same one-line ConfigError everywhere and nobody waits on a peer that already quit.
 Relative paths are taken relative to the current working directory.
+
+Over 300 lines on purpose: ExpConfig's fields are the documented keys, each with its meaning beside
+it, and their checks follow; split, a key's meaning and its check would live in two files.
 """
 
 from __future__ import annotations

@@ -211,14 +211,14 @@ def reference_outputs(model_path: str, prompts: list[str], max_new_tokens: int,
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "llama5"), seed=1, **TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "llama4-tied"), seed=2, tie_word_embeddings=True,
                       **dict(TINY, num_hidden_layers=4))

@@ -12,13 +12,13 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import base_config, free_port, launch
-from pipeinfer.procgroup import p2p_backend
+from pipeinfer.run.procgroup import p2p_backend
 from pipeinfer.config import ConfigError
 
 
 def _worker(rank: int, port: int, q) -> None:
-    from pipeinfer import comm as pcomm
-    from pipeinfer import procgroup
+    from pipeinfer.run import comm as pcomm
+    from pipeinfer.run import procgroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     c = procgroup.init(rank, 2, torch.device("cpu"), timeout_s=30, master_port=port)
@@ -119,8 +119,8 @@ def test_rendezvous_failure_is_one_line(tiny_llama, tmp_path):
 def _dead_peer_worker(rank: int, port: int, q) -> None:
     import time
 
-    from pipeinfer import comm as pcomm
-    from pipeinfer import procgroup
+    from pipeinfer.run import comm as pcomm
+    from pipeinfer.run import procgroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     c = procgroup.init(rank, 2, torch.device("cpu"), timeout_s=30, master_port=port)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import base_config, rank_env, run_rank
 from pipeinfer.config import ConfigError, build_config, parse_override
-from pipeinfer.prompts import Batch
+from pipeinfer.run.prompts import Batch
 
 
 def run_entry(cfg, tmp_path, world=1, raw: str | None = None, args=(), rank=0):
@@ -96,7 +96,7 @@ def test_build_config_defaults_and_types():
 
 
 def test_prompts_file_formats(tiny_llama, tmp_path):
-    from pipeinfer.prompts import load_prompts
+    from pipeinfer.run.prompts import load_prompts
 
     def load(name):
         return [spec.given for spec in load_prompts(build_config({"model_path": "m",
@@ -159,7 +159,7 @@ def test_unwritable_output_path(tiny_llama, tmp_path):
 def test_generation_config_settings_that_change_scores():
     from transformers import GenerationConfig
 
-    from pipeinfer.sampling import score_settings
+    from pipeinfer.run.sampling import score_settings
 
     assert score_settings(GenerationConfig()) == {}
     assert score_settings(GenerationConfig(temperature=0.7, top_p=0.9, do_sample=True)) == {}  # exp_config's job
@@ -193,9 +193,9 @@ def test_errors_with_empty_messages_stay_one_line(tiny_llama, tmp_path, monkeypa
     IndexError: a traceback where a one-line error was meant."""
     import transformers
 
-    from pipeinfer.checkpoint import _read_shard
-    from pipeinfer.prompts import load_tokenizer
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.checkpoint import _read_shard
+    from pipeinfer.run.prompts import load_tokenizer
+    from pipeinfer.plan.model import read_model_config
 
     def fail(*args, **kwargs):
         raise OSError()
@@ -220,7 +220,7 @@ def test_micro_batching_never_puts_more_than_batch_size_in_flight(batch_size, pi
     """batch_size 3 at pipeline_size 2 once ran 2 micro-batches of 2 (4 in flight), 5 at 4 ran 6,
     and batch_size 4 with micro_batch_size 3 ran 6."""
     from pipeinfer.config import micro_batching
-    from pipeinfer.prompts import MicroBatches
+    from pipeinfer.run.prompts import MicroBatches
 
     cfg = build_config(dict(model_path="m", prompts=["p"], batch_size=batch_size, pipeline_size=pipeline_size,
                             micro_batch_size=micro_batch_size))

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from conftest import PROMPTS, base_config, launch, prompt_records, reference_outputs, run_pipeline
-from pipeinfer import comm as pcomm
-from pipeinfer import procgroup
-from pipeinfer import metrics
-from pipeinfer.runtime import native_bf16, resolve_dtype
-from pipeinfer.timeline import Timeline
+from pipeinfer.run import comm as pcomm
+from pipeinfer.run import procgroup
+from pipeinfer.record import metrics
+from pipeinfer.run.runtime import native_bf16, resolve_dtype
+from pipeinfer.record.timeline import Timeline
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -171,7 +171,7 @@ def overflowing_model(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import TINY
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     src = make_model(str(tmp_path_factory.mktemp("models") / "src"), seed=3, **dict(TINY, num_hidden_layers=2))
     model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch.float32)

@@ -37,7 +37,7 @@ TIED = {"gemma", "gpt2", "opt"}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     root = tmp_path_factory.mktemp("families")
     return {mt: make_model(str(root / mt), seed=3, model_type=mt, **SMALL, **cfg) for mt, cfg in FAMILY_MODELS.items()}
@@ -68,8 +68,8 @@ def test_greedy_matches_generate(models, references, tmp_path, model_type, pipel
 
 def stages_of(path: str, size: int, **cfg_over):
     from pipeinfer.config import build_config
-    from pipeinfer.partition import StagePlan
-    from pipeinfer.stage import partition_model
+    from pipeinfer.plan.partition import StagePlan
+    from pipeinfer.load.stage import partition_model
 
     cfg = build_config(dict(model_path=path, prompts=["x"], pipeline_size=size, **cfg_over))
     return [partition_model(path, StagePlan(r, size, range(0)), torch.device("cpu"), torch.float32,
@@ -77,7 +77,7 @@ def stages_of(path: str, size: int, **cfg_over):
 
 
 def run_stages(stages, enc):
-    from pipeinfer.generation import position_ids
+    from pipeinfer.run.generation import position_ids
 
     h = enc["input_ids"]
     for stage, _ in stages:
@@ -91,8 +91,8 @@ def test_three_stage_logits_equal_whole_model(models, model_type):
     under transformers < 5, a position embedding added twice) can leave greedy tokens unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from pipeinfer.tiny_models import make_tokenizer
-    from pipeinfer.generation import position_ids
+    from pipeinfer.models.tiny import make_tokenizer
+    from pipeinfer.run.generation import position_ids
 
     path = models[model_type]
     enc = make_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
@@ -128,7 +128,7 @@ def test_layer_split_auto_and_explicit(models):
 
 
 def test_max_memory_too_small_names_the_rank(models):
-    from pipeinfer.stage import LoadError
+    from pipeinfer.load.stage import LoadError
 
     with pytest.raises(LoadError, match=r"max_memory\[1\]=1000 bytes cannot hold rank 1's stage"):
         stages_of(models["llama"], 2, layer_split="auto", max_memory=["1GiB", 1000])
@@ -143,7 +143,7 @@ def test_unsupported_architecture_fails_before_loading(tmp_path):
 
 def test_remote_code_needs_trust_remote_code(models, tmp_path):
     from pipeinfer.config import ConfigError
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.model import read_model_config
 
     path = str(tmp_path / "custom")
     shutil.copytree(models["llama"], path)
@@ -162,8 +162,8 @@ def test_remote_code_needs_trust_remote_code(models, tmp_path):
 def test_pickle_checkpoint_only_with_allow_pickle(models, tmp_path):
     from safetensors.torch import load_file
 
-    from pipeinfer.tiny_models import make_tokenizer
-    from pipeinfer.stage import LoadError
+    from pipeinfer.models.tiny import make_tokenizer
+    from pipeinfer.load.stage import LoadError
 
     path = str(tmp_path / "gpt2-bin")
     shutil.copytree(models["gpt2"], path)
@@ -180,8 +180,8 @@ def test_pickle_checkpoint_only_with_allow_pickle(models, tmp_path):
 def test_kv_headroom_is_planned_per_layer(models):
     """stage_bytes = parameters + per layer 2 x batch_size x (longest prompt + max_new_tokens) x kv heads x head_dim."""
     from pipeinfer.config import build_config
-    from pipeinfer.partition import StagePlan
-    from pipeinfer.stage import partition_model
+    from pipeinfer.plan.partition import StagePlan
+    from pipeinfer.load.stage import partition_model
 
     path = models["llama"]  # 5 layers, 2 kv heads of 16
     cfg = build_config(dict(model_path=path, prompts=["x"], pipeline_size=2, batch_size=3, max_new_tokens=7))
@@ -192,11 +192,11 @@ def test_kv_headroom_is_planned_per_layer(models):
 
 
 def test_float16_on_a_bfloat16_checkpoint_warns(tmp_path, caplog):
-    from pipeinfer.tiny_models import make_model
-    from pipeinfer.partition import StagePlan
-    from pipeinfer.stage import partition_model
+    from pipeinfer.models.tiny import make_model
+    from pipeinfer.plan.partition import StagePlan
+    from pipeinfer.load.stage import partition_model
 
     path = make_model(str(tmp_path / "bf16"), dtype="bfloat16", **SMALL, **FAMILY_MODELS["qwen2"])
-    with caplog.at_level("WARNING", logger="pipeinfer.stage"):
+    with caplog.at_level("WARNING", logger="pipeinfer.load.stage"):
         partition_model(path, StagePlan(0, 1, range(0)), torch.device("cpu"), torch.float16, str(tmp_path / "o"))
     assert "bfloat16 checkpoint in float16" in caplog.text and "overflow" in caplog.text

@@ -37,7 +37,7 @@ def chat_tokenizer(style: str, template: bool = True):
     """The byte-level test tokenizer with Llama-3 or ChatML specials and template, as real ones ship."""
     from tokenizers.processors import TemplateProcessing
 
-    from pipeinfer.tiny_models import make_tokenizer
+    from pipeinfer.models.tiny import make_tokenizer
 
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
@@ -55,7 +55,7 @@ def chat_tokenizer(style: str, template: bool = True):
 
 @pytest.fixture(scope="module")
 def chat_weights(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "chat-weights"), seed=3, vocab_size=VOCAB, **TINY)
 
@@ -101,7 +101,7 @@ def test_prepare_gives_the_template_ids_and_one_bos(chat_weights, tmp_path):
     from transformers import AutoTokenizer
 
     from pipeinfer.config import build_config
-    from pipeinfer.prompts import load_prompts, prepare
+    from pipeinfer.run.prompts import load_prompts, prepare
 
     for style in ("llama3", "chatml"):
         path = with_tokenizer(chat_weights, str(tmp_path / style), chat_tokenizer(style))
@@ -171,7 +171,7 @@ def merges_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeinfer.tiny_models import SPECIALS as DEMO_SPECIALS
+    from pipeinfer.models.tiny import SPECIALS as DEMO_SPECIALS
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for t in DEMO_SPECIALS:
@@ -373,7 +373,7 @@ def test_bad_instruct_input_exits_2_with_one_line(tiny_llama, tmp_path, name, ov
 def test_scoring_holds_at_most_a_chunk_of_logits():
     """scoring.prompt_logprobs never asks the lm_head for more than (B, chunk) positions, and its
     values equal log_softmax over the whole (B, T, V) logits at once."""
-    from pipeinfer.scoring import prompt_logprobs
+    from pipeinfer.run.scoring import prompt_logprobs
 
     torch.manual_seed(0)
     B, T, H, V, chunk = 2, 23, 8, 50, 5
@@ -418,7 +418,7 @@ def test_sampled_logprobs_are_those_of_the_filtered_scores(tiny_llama, tmp_path)
 
 PEAK_SCRIPT = """
 import resource, sys, torch
-from pipeinfer.scoring import prompt_logprobs
+from pipeinfer.run.scoring import prompt_logprobs
 torch.manual_seed(0)
 H, V, T = 64, 32000, 2048
 head = torch.nn.Linear(H, V, bias=False)

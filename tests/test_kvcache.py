@@ -14,9 +14,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, MistralConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from pipeinfer.kvcache import PreallocatedLayer
-from pipeinfer.partition import StagePlan
-from pipeinfer.stage import Stage
+from pipeinfer.load.kvcache import PreallocatedLayer
+from pipeinfer.plan.partition import StagePlan
+from pipeinfer.load.stage import Stage
 
 
 def _kv(g: torch.Generator, t: int, batch: int = 2, heads: int = 3, dim: int = 4):

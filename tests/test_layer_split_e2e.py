@@ -17,7 +17,7 @@ from conftest import PROMPTS, base_config, launch, prompt_records, reference_out
 
 @pytest.fixture(scope="module")
 def neox5(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("split") / "neox5"), seed=4, model_type="gpt_neox", hidden_size=64,
                       intermediate_size=128, num_hidden_layers=5, num_attention_heads=4, max_position_embeddings=256)

@@ -9,8 +9,8 @@ import json
 
 from conftest import base_config, prompt_records, run_pipeline
 from pipeinfer.config import build_config, micro_batching
-from pipeinfer.metrics import prompt_record
-from pipeinfer.timeline import Timeline, profiler_attached
+from pipeinfer.record.metrics import prompt_record
+from pipeinfer.record.timeline import Timeline, profiler_attached
 
 # Stated tolerance: per stage, compute + recv wait + send (+ rank 0's fsynced writes of the prompt
 # records) covers at least 85% of the stage's wall time (the rest is Python bookkeeping between

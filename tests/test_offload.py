@@ -17,18 +17,18 @@ import pytest
 import torch
 
 from conftest import PROMPTS, ROOT, TINY, base_config, launch, prompt_records, reference_outputs, run_pipeline
-from pipeinfer import report
+from pipeinfer.report import summary as report, tables
 from pipeinfer.config import ConfigError, build_config
-from pipeinfer.dryrun import dry_run
-from pipeinfer.plan import plan_for_run
-from pipeinfer.runtime import read_model_config
+from pipeinfer.plan.__main__ import dry_run
+from pipeinfer.plan.make import plan_for_run
+from pipeinfer.plan.model import read_model_config
 
 
 @pytest.fixture(scope="module")
 def llama8(tmp_path_factory):
     """Eight layers, so that a four-layer stage can keep one resident, one in host memory and two on
     disk (two streamed layers need the same two buffers that keeping them would)."""
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "llama8"), seed=3, **dict(TINY, num_hidden_layers=8))
 
@@ -75,18 +75,18 @@ def test_offloaded_stages_match_generate(llama8, reference, tmp_path, pipeline_s
         assert stage["param_bytes"] == plan["weights"]  # only the resident layers are held
     # the disk tier is read in place from the checkpoint: nothing written to the offload folder
     assert not os.path.exists(cfg["offload_folder"]) or not any(os.scandir(cfg["offload_folder"]))
-    text = report.format_table([report.summarize(report.load_run(cfg["output_path"]))])
+    text = tables.format_table([report.summarize(report.load_run(cfg["output_path"]))])
     assert "rank 0 layers device/host/disk" in text and "rank 0 waiting for weights" in text, text
 
 
 def test_every_layer_streamed(llama8, reference, tmp_path):
     """The smallest budget that works streams every layer of each stage (none resident)."""
-    from pipeinfer.offload import _least
+    from pipeinfer.plan.offload import least_budget
 
     cfg = base_config(llama8, tmp_path, pipeline_size=2, batch_size=2, dtype="float32")
     free = plan_for_run(build_config(cfg), read_model_config(llama8), max(len(p) for p in PROMPTS) + 2, "float32",
                         "cpu").ranks  # the byte tokenizer: a token per byte, plus BOS/EOS at most
-    cfg.update(max_memory=[_least(r) for r in free], max_cpu_memory=free[0].layer_bytes[0])
+    cfg.update(max_memory=[least_budget(r) for r in free], max_cpu_memory=free[0].layer_bytes[0])
     records = run_pipeline(cfg, tmp_path, 2)
     assert [p["output_ids"] for p in prompt_records(records)] == reference
     for plan in next(r for r in records if r["type"] == "run")["plan"]["ranks"]:
@@ -96,7 +96,7 @@ def test_every_layer_streamed(llama8, reference, tmp_path):
 def test_a_checkpoint_in_another_dtype_is_converted_as_it_streams(tmp_path_factory, tmp_path):
     """A bfloat16 checkpoint run in float32: the disk tier converts each tensor as it reads it (as a
     bfloat16 checkpoint runs in float16 on a T4), and the tokens still equal generate()'s."""
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     model = make_model(str(tmp_path_factory.mktemp("models") / "llama8-bf16"), seed=4, dtype="bfloat16",
                        **dict(TINY, num_hidden_layers=8))
@@ -164,12 +164,12 @@ def test_cuda_plan_counts_pinned_staging(llama8):
 
 def test_one_budget_for_all_ranks_names_what_the_neediest_needs(llama8):
     """With one max_memory for every rank, the least budget in the refusal holds for every rank."""
-    from pipeinfer.offload import _least
+    from pipeinfer.plan.offload import least_budget
 
     mc = read_model_config(llama8)
     cfg = dict(model_path=llama8, prompts=["x"], max_new_tokens=8, pipeline_size=2)
     ranks = plan_for_run(build_config(cfg), mc, 16, "float32", "cpu").ranks
-    need = max(_least(r) for r in ranks)
+    need = max(least_budget(r) for r in ranks)
     with pytest.raises(ConfigError, match=rf"raise it to at least {need} bytes"):
         plan_for_run(build_config(dict(cfg, max_memory=1000, max_cpu_memory=0)), mc, 16, "float32", "cpu")
     plan = plan_for_run(build_config(dict(cfg, max_memory=need, max_cpu_memory=0)), mc, 16, "float32", "cpu")
@@ -177,7 +177,7 @@ def test_one_budget_for_all_ranks_names_what_the_neediest_needs(llama8):
 
 
 def test_dry_run_shows_the_placement(llama8, tmp_path, capsys):
-    from pipeinfer.dryrun import main
+    from pipeinfer.plan.__main__ import main
 
     cfg = dict(model_path=llama8, prompts=PROMPTS, max_new_tokens=8, pipeline_size=2, device="cpu")
     cfg.update(_budgets(cfg))
@@ -233,7 +233,7 @@ def test_budgets_take_one_value_for_every_rank():
 
 
 def _offloaded_stage(model: str, **budgets):
-    from pipeinfer.stage import load_stage
+    from pipeinfer.load.stage import load_stage
 
     mc = read_model_config(model)
     cfg = build_config(dict(model_path=model, prompts=["x"], max_new_tokens=8, **budgets))
@@ -275,7 +275,7 @@ def test_a_checkpoint_cut_short_mid_run_is_an_offload_error(llama8, tmp_path):
     """The disk tier reads the checkpoint at every step: a file truncated under a running job raises
     OffloadError naming the file and what to do (the runner prints such errors as one line and
     exits 1), not a traceback from deep inside or wrong tokens."""
-    from pipeinfer.offload import OffloadError
+    from pipeinfer.load.streamer import OffloadError
 
     model = str(tmp_path / "copy")
     shutil.copytree(llama8, model)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeinfer.families import family_for
-from pipeinfer.partition import StagePlan, check_complete, split_layers, stage_device_map
+from pipeinfer.models.families import family_for
+from pipeinfer.plan.partition import StagePlan, check_complete, split_layers, stage_device_map
 
 GOLDEN = [
     # (num_layers, pipeline_size) -> layer counts per stage
@@ -87,7 +87,7 @@ def test_check_complete_names_what_is_missing():
 
 def test_stage_loads_only_its_own_weights(tiny_llama, tmp_path):
     """Rank 1 of 3 materialises exactly its layers: no embeddings, no head, nothing on meta."""
-    from pipeinfer.stage import partition_model
+    from pipeinfer.load.stage import partition_model
 
     stage, info = partition_model(tiny_llama, StagePlan(1, 3, range(0)), torch.device("cpu"), torch.float32,
                                   str(tmp_path / "off"))
@@ -104,7 +104,7 @@ def test_stage_loads_only_its_own_weights(tiny_llama, tmp_path):
 
 
 def test_bin_only_checkpoint_is_refused(tmp_path):
-    from pipeinfer.checkpoint import read_headers
+    from pipeinfer.plan.checkpoint import read_headers
     from pipeinfer.config import ConfigError
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
@@ -114,7 +114,7 @@ def test_bin_only_checkpoint_is_refused(tmp_path):
 
 
 def test_dtype_auto():
-    from pipeinfer.runtime import resolve_dtype
+    from pipeinfer.run.runtime import resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu, "bfloat16") == torch.bfloat16  # no conversion: only this stage is read

@@ -30,7 +30,7 @@ MODELS = {  # tied and untied heads, GQA, a nested base (OPT with projections), 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     root = tmp_path_factory.mktemp("plan")
     return {mt: make_model(str(root / mt), seed=5, model_type=mt, **cfg) for mt, cfg in MODELS.items()}
@@ -41,9 +41,9 @@ def models(tmp_path_factory):
 def test_planned_weights_are_the_loaded_parameter_bytes(models, model_type, dtype):
     """Exactly, per rank, at pipeline_size 1..3, in the checkpoint's dtype and converted."""
     from pipeinfer.config import build_config
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
-    from pipeinfer.stage import load_stage
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
+    from pipeinfer.load.stage import load_stage
 
     path = models[model_type]
     mc = read_model_config(path)
@@ -66,9 +66,9 @@ def test_kv_cache_plan_is_what_the_cache_allocates(models):
     """The planned KV bytes of a stage equal the buffers PreallocatedLayer holds after the slots'
     prefills, at the capacity generation.py gives them (padded prompt + max_new_tokens)."""
     from pipeinfer.config import build_config
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
-    from pipeinfer.stage import load_stage
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
+    from pipeinfer.load.stage import load_stage
 
     path = models["llama"]
     mc = read_model_config(path)
@@ -88,8 +88,8 @@ def test_kv_cache_plan_is_what_the_cache_allocates(models):
 
 def test_budget_errors_name_the_fix(models):
     from pipeinfer.config import ConfigError, build_config
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     path = models["llama"]
     mc = read_model_config(path)
@@ -169,8 +169,8 @@ def test_dry_run_on_a_checkpoint_larger_than_memory(tmp_path):
     from transformers import AutoConfig
 
     from pipeinfer.config import build_config
-    from pipeinfer.tiny_models import make_model
-    from pipeinfer.dryrun import dry_run
+    from pipeinfer.models.tiny import make_model
+    from pipeinfer.plan.__main__ import dry_run
 
     path = make_model(str(tmp_path / "big"), seed=0, **TINY)  # for its tokenizer
     os.remove(os.path.join(path, "model.safetensors"))

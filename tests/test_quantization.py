@@ -15,7 +15,7 @@ import torch
 
 from conftest import PROMPTS, base_config, launch, prompt_records, reference_outputs, require, run_pipeline
 from pipeinfer.config import ConfigError, build_config
-from pipeinfer.quantization import Quantization
+from pipeinfer.plan.quantization import Quantization
 
 try:
     import bitsandbytes as bnb
@@ -93,17 +93,18 @@ def test_prequantized_ranks_read_only_their_own_tensors(prequantized, monkeypatc
     """Every tensor a rank reads belongs to its stage, and together the ranks read the checkpoint once."""
     from safetensors import safe_open
 
-    from pipeinfer import stage as stage_mod
-    from pipeinfer.plan import _placement, plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.load import stage as stage_mod, weights
+    from pipeinfer.plan.layout import placement
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     path = prequantized[method]
     cfg = build_config(dict(model_path=path, prompts=["x"], pipeline_size=2, max_new_tokens=4))
     mc = read_model_config(path)
     plan = plan_for_run(cfg, mc, 8, "float32", "cpu")
     read = []
-    real = stage_mod._read
-    monkeypatch.setattr(stage_mod, "_read", lambda file, key, *a: read.append(key) or real(file, key, *a))
+    real = weights.read_tensor
+    monkeypatch.setattr(weights, "read_tensor", lambda file, key, *a: read.append(key) or real(file, key, *a))
     per_rank = []
     for rank in range(2):
         read.clear()
@@ -115,7 +116,7 @@ def test_prequantized_ranks_read_only_their_own_tensors(prequantized, monkeypatc
         for key in read:  # a decoder layer's tensor is one of this rank's layers
             if key.startswith("model.layers."):
                 assert int(key.split(".")[2]) in layers, key
-        assert all(_placement(plan.ranks[rank].device_map, k) == "cpu" for k in read if k in plan.keys.values())
+        assert all(placement(plan.ranks[rank].device_map, k) == "cpu" for k in read if k in plan.keys.values())
     with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
     unread = stored - per_rank[0] - per_rank[1]
@@ -126,10 +127,10 @@ def test_prequantized_ranks_read_only_their_own_tensors(prequantized, monkeypatc
 @pytest.mark.parametrize("method,double_quant", [("int8", False), ("nf4", False), ("nf4", True), ("fp4", False)])
 def test_plan_counts_quantized_bytes(tiny_llama, method, double_quant):
     """The plan's weights per rank equal the bytes the loaded quantized stage holds, scales included."""
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.quantization import held_bytes
-    from pipeinfer.runtime import read_model_config
-    from pipeinfer.stage import load_stage
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.load.quantize import held_bytes
+    from pipeinfer.plan.model import read_model_config
+    from pipeinfer.load.stage import load_stage
 
     options = {"bnb_4bit_use_double_quant": double_quant} if double_quant else None
     cfg = build_config(dict(model_path=tiny_llama, prompts=["x"], pipeline_size=2, max_new_tokens=4,
@@ -148,8 +149,8 @@ def test_plan_counts_quantized_bytes(tiny_llama, method, double_quant):
 
 
 def test_skip_modules_stay_in_full_precision(tiny_llama):
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     cfg = build_config(dict(model_path=tiny_llama, prompts=["x"], quantization="nf4",
                             quantization_options={"llm_int8_skip_modules": ["mlp.down_proj"]}))
@@ -160,8 +161,8 @@ def test_skip_modules_stay_in_full_precision(tiny_llama):
 
 def test_quantization_shrinks_the_plan_until_it_fits(tiny_llama):
     """A budget the float32 stage overflows: the refusal suggests quantizing, and nf4 then fits."""
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     mc = read_model_config(tiny_llama)
     raw = dict(model_path=tiny_llama, prompts=["x"], pipeline_size=1, max_new_tokens=4, max_memory=["300KB"])
@@ -184,8 +185,8 @@ def test_unknown_method_is_a_config_error(tiny_llama):
 def test_missing_library_names_the_package(tiny_llama, monkeypatch):
     import importlib.util
 
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -197,8 +198,8 @@ def test_missing_library_names_the_package(tiny_llama, monkeypatch):
 def test_checkpoint_quantized_otherwise_is_refused(prequantized, tmp_path):
     import shutil
 
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
 
     path = prequantized["nf4"]
     cfg = build_config(dict(model_path=path, prompts=["x"], quantization="int8"))
@@ -227,7 +228,7 @@ def test_bad_quantization_exits_2_with_one_line_on_every_rank(tiny_llama, tmp_pa
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "gpt2"), seed=4, model_type="gpt2", n_embd=64,
                       n_layer=3, n_head=4, n_positions=256)
@@ -237,9 +238,9 @@ def tiny_gpt2(tmp_path_factory):
 def test_gpt2_conv1d_weights_quantize_like_transformers(tiny_gpt2, tmp_path, method):
     """GPT-2's Conv1D stores (in, out): transposed before quantizing, as transformers does; the plan
     counts int8's scales per output feature."""
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
-    from pipeinfer.stage import load_stage
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
+    from pipeinfer.load.stage import load_stage
 
     want = reference_outputs(tiny_gpt2, PROMPTS, 8, quantization_config=_q(method).bnb_config(), device_map="cpu")
     records = run_pipeline(base_config(tiny_gpt2, tmp_path, pipeline_size=2, batch_size=4, max_new_tokens=8,

@@ -26,7 +26,7 @@ RUN = dict(prompts=SLOW_PROMPTS, max_new_tokens=200, ignore_eos=True, batch_size
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
-    from pipeinfer.tiny_models import make_model
+    from pipeinfer.models.tiny import make_model
 
     return make_model(str(tmp_path_factory.mktemp("models") / "slow"), seed=3, hidden_size=128,
                       intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -97,7 +97,7 @@ def test_peer_killed_or_stopped_ends_rank0_within_timeout(slow_model, tmp_path, 
 
 RAISE_MID_RUN = """
 import runpy, sys, time
-import pipeinfer.generation as g
+import pipeinfer.run.generation as g
 real, calls = g._step, []
 def failing(*a, **k):
     calls.append(1)

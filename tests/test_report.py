@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pipeinfer import report
+from pipeinfer.report import cli as report_cli, summary as report, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "report")
@@ -88,7 +88,7 @@ def test_resumed_file_with_torn_tail():
 
 
 def test_table_compares_runs_side_by_side(capsys):
-    assert report.main([SMALL_PP2, SMALL_PP1]) == 0
+    assert report_cli.main([SMALL_PP2, SMALL_PP1]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "small_pp2 pp=2" in lines[0] and "small_pp1 pp=1" in lines[0]
@@ -102,7 +102,7 @@ def test_table_compares_runs_side_by_side(capsys):
 
 
 def test_same_file_twice_gets_two_columns(capsys):
-    assert report.main([SMALL_PP1, SMALL_PP1]) == 0
+    assert report_cli.main([SMALL_PP1, SMALL_PP1]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert "small_pp1 pp=1 #2" in header
 
@@ -171,7 +171,7 @@ def test_bad_input_is_one_line_exit_2(args, names):
 
 
 def test_planned_memory_beside_peak(tmp_path, capsys):
-    """The run record's plan (pipeinfer/plan.py) gives each rank's planned total beside its measured peak."""
+    """The run record's plan (pipeinfer/plan/make.py) gives each rank's planned total beside its measured peak."""
     recs = [{"type": "run", "config": {"pipeline_size": 2},
              "plan": {"ranks": [{"rank": 0, "total": 3 * 2**20}, {"rank": 1, "total": 5 * 2**20}]}},
             {"type": "prompt", "prompt_index": 0, "new_tokens": 2, "latency_s": 1.0, "itl_s": [0.5]},
@@ -180,7 +180,7 @@ def test_planned_memory_beside_peak(tmp_path, capsys):
             {"type": "summary", "new_tokens": 2, "wall_s": 1.0, "tokens_per_s": 2.0}]
     path = tmp_path / "planned.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert report.main([str(path)]) == 0
+    assert report_cli.main([str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line[:34].strip(): line[34:].split() for line in lines[2:]}
     assert rows["rank 0 planned memory"] == ["3.0", "MiB"] and rows["rank 1 planned memory"] == ["5.0", "MiB"]
@@ -205,6 +205,6 @@ def test_perplexity_shown_for_scoring_runs(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     s = report.summarize(report.load_run(str(path)))
     assert s["perplexity"] == pytest.approx(math.exp(8.0 / 4))
-    rows = dict(report.table_rows([s]))
+    rows = dict(tables.table_rows([s]))
     assert rows["prompt perplexity"] == [f"{math.exp(2.0):.3f}"]
-    assert "prompt perplexity" not in dict(report.table_rows([report.summarize(report.load_run(SMALL_PP2))]))
+    assert "prompt perplexity" not in dict(tables.table_rows([report.summarize(report.load_run(SMALL_PP2))]))

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeinfer import report
-from pipeinfer.results import ResultsError, ResultsWriter, keep_backup, prompt_hash, scan_previous
+from pipeinfer.report import summary as report
+from pipeinfer.record.results import ResultsError, ResultsWriter, keep_backup, prompt_hash, scan_previous
 
 CONFIG = {"model_path": "m", "dtype": "auto", "device": "auto"}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeinfer import slurm
-from pipeinfer.results import read_results
+from pipeinfer.record import sacct as slurm
+from pipeinfer.record.results import read_results
 
 DATA = Path(__file__).parent / "data" / "sacct"
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def _run_append(tmp_path, env_extra, *args):
     out.write_text('{"type": "run"}\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHONPATH=str(REPO), **env_extra)
-    done = subprocess.run([sys.executable, "-m", "pipeinfer.slurm", "append-sacct", str(out), *args],
+    done = subprocess.run([sys.executable, "-m", "pipeinfer.record.sacct", "append-sacct", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=60)
     return done, out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeinfer.sampling import SamplingParams, filter_logits, prompt_generator, sample
+from pipeinfer.run.sampling import SamplingParams, filter_logits, prompt_generator, sample
 
 
 def test_greedy_is_argmax():

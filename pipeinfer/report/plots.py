@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from pipeinfer.report import EVENT_COLORS, LATENCY_METRICS, PLOTS, Run, _num, timeline_window
+from pipeinfer.report.summary import EVENT_COLORS, LATENCY_METRICS, PLOTS, Run, num, timeline_window
 
 
 def _ecdf(ax, values, label):
@@ -21,7 +21,7 @@ def plot_latency(plt, runs, summaries, path):
         all_ms = []
         for run, s in zip(runs, summaries):
             vals = ([1000 * x for p in run.prompts for x in (p.get("itl_s") or [])] if key == "itl_s"
-                    else [1000 * p[key] for p in run.prompts if _num(p.get(key)) is not None])
+                    else [1000 * p[key] for p in run.prompts if num(p.get(key)) is not None])
             _ecdf(ax, vals, s["label"])
             all_ms += vals
         positive = [v for v in all_ms if v > 0]
@@ -41,7 +41,7 @@ def plot_tokens_per_s(plt, runs, summaries, path):
     width = 0.8 / len(runs)
     for i, (run, s) in enumerate(zip(runs, summaries)):
         xs = [p.get("prompt_index", j) + (i - (len(runs) - 1) / 2) * width for j, p in enumerate(run.prompts)]
-        bars = ax.bar(xs, [_num(p.get("tokens_per_s")) or 0 for p in run.prompts], width, label=s["label"])
+        bars = ax.bar(xs, [num(p.get("tokens_per_s")) or 0 for p in run.prompts], width, label=s["label"])
         if s["mean_prompt_tokens_per_s"] is not None:
             ax.axhline(s["mean_prompt_tokens_per_s"], color=bars.patches[0].get_facecolor(), ls="--", lw=1)
     ax.set_xticks(sorted({p.get("prompt_index", j) for r in runs for j, p in enumerate(r.prompts)}))

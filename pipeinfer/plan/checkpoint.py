@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 
 from pipeinfer.config import ConfigError, first_line
-from pipeinfer.families import Family
-from pipeinfer.partition import check_complete, missing_weights
+from pipeinfer.models.families import Family
+from pipeinfer.plan.partition import check_complete, missing_weights
 
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
               "F8_E4M3": 1, "F8_E5M2": 1}
@@ -120,8 +120,8 @@ def checkpoint_keys(stored: list[str], top: list[str], family: Family) -> dict[s
 
 def check_checkpoint(path: str, m, keys: dict[str, str], tensors: dict[str, Tensor], ranks, local: str,
                      sizes) -> None:
-    """Every parameter each rank owns has a stored tensor of the model's shape (m: plan._Model,
-    ranks: plan.RankPlan, sizes: plan._Sizes); ConfigError naming the tensor and the fix."""
+    """Every parameter each rank owns has a stored tensor of the model's shape (m: model.ModelShape,
+    ranks: layout.RankPlan, sizes: layout.Sizes); ConfigError naming the tensor and the fix."""
     have = set(keys)
     fam = m.family
     tied_pair = {f"{fam.base}.{fam.embeddings}.weight"} | {f"{h}.weight" for h in fam.heads if h in m.top}

@@ -8,6 +8,7 @@ first), itl_s (inter-token latencies), latency_s (end to end), tokens_per_s.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -16,8 +17,7 @@ import sys
 
 import torch
 
-from pipeinfer.results import prompt_hash
-from pipeinfer.scoring import prompt_scores
+from pipeinfer.record.results import prompt_hash
 
 ENV_PREFIXES = ("NCCL_", "GLOO_", "SLURM_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT",
                 "TORCH_NCCL_")
@@ -222,3 +222,13 @@ def stage_record(rank: int, layers: range, param_bytes: int, device: torch.devic
             "bytes_sent": comm.bytes_sent, "comm_backend": comm.backend,
             "max_prompts_in_flight": max_prompts_in_flight, "links_warmed_at": comm.links_warmed_at,
             "network": network_record(), **memory_record(device), **comm.timeline.record()}
+
+
+def prompt_scores(row: list[float], n: int) -> dict:
+    """One prompt's record fields from its row of prompt_logprobs (padded length T - 1) and its n
+    tokens: a value per prompt token (None for the first, which has no prefix), their sum and
+    count, and the perplexity exp(-sum / count)."""
+    values = [float(v) for v in row[len(row) - (n - 1):]] if n > 1 else []
+    total = sum(values)
+    return {"prompt_logprobs": [None, *values], "prompt_logprob_sum": total, "prompt_logprob_count": len(values),
+            "perplexity": math.exp(-total / len(values)) if values else None}

@@ -3,12 +3,11 @@ position, from the prefill's hidden states, the lm_head applied a chunk of posit
 that the (T, V) logits of a long prompt never exist at once: at most (B, chunk, V) float32.
 
 This is what loglikelihood-style evaluations need (max_new_tokens=0 with prompt_logprobs=true
-only scores); the record's sum, count and perplexity come from these values (prompt_scores).
+only scores); the record's sum, count and perplexity come from these values (record/metrics.py,
+prompt_scores).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -27,13 +26,3 @@ def prompt_logprobs(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torc
         logits = head(hidden[:, c:e]).float()  # (B, e - c, V): the largest tensor here
         out[:, c:e] = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, c + 1:e + 1, None])[..., 0]
     return head(hidden[:, -1, :]).float(), out
-
-
-def prompt_scores(row: list[float], n: int) -> dict:
-    """One prompt's record fields from its row of prompt_logprobs (padded length T - 1) and its n
-    tokens: a value per prompt token (None for the first, which has no prefix), their sum and
-    count, and the perplexity exp(-sum / count)."""
-    values = [float(v) for v in row[len(row) - (n - 1):]] if n > 1 else []
-    total = sum(values)
-    return {"prompt_logprobs": [None, *values], "prompt_logprob_sum": total, "prompt_logprob_count": len(values),
-            "perplexity": math.exp(-total / len(values)) if values else None}

@@ -12,24 +12,20 @@ import copy
 import inspect
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeinfer.families import Family, family_for
-from pipeinfer.partition import StagePlan
-from pipeinfer.quantization import held_bytes, quantize_weight, replace_linears, stats_keys, stored_weight
-from pipeinfer.runtime import saved_dtype
+from pipeinfer.load import LoadError
+from pipeinfer.models.families import Family, family_for
+from pipeinfer.plan.partition import StagePlan
+from pipeinfer.load.quantize import held_bytes
+from pipeinfer.load.streamer import Streamer
+from pipeinfer.load.weights import from_pretrained, from_safetensors
+from pipeinfer.plan.model import read_model_config, saved_dtype
 
 log = logging.getLogger(__name__)
-
-
-class LoadError(RuntimeError):
-    """The checkpoint cannot be loaded as configured; the message says why and how to fix it."""
 
 
 class _Unused(nn.Module):
@@ -79,7 +75,7 @@ class Stage(nn.Module):
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
-        from pipeinfer.kvcache import PreallocatedLayer
+        from pipeinfer.load.kvcache import PreallocatedLayer
 
         cache = DynamicCache(config=self.config)
         cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
@@ -140,8 +136,7 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
     import dataclasses
 
     from pipeinfer.config import ConfigError, ExpConfig
-    from pipeinfer.plan import plan_for_run
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.make import plan_for_run
 
     cfg = cfg or ExpConfig(model_path=model_path, pipeline_size=plan.world_size, prompts=["x"])
     if not longest_prompt:
@@ -183,9 +178,9 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
              mine.weights, mine.kv_cache, json.dumps(plan.layer_split), stage_bytes)
     streamed = set(mine.layers) - set(mine.tier("device"))
     if plan.tensors is None:
-        model = _from_pretrained(plan.model_path, dmap, dtype, offload_folder, trust_remote_code)
+        model = from_pretrained(plan.model_path, dmap, dtype, offload_folder, trust_remote_code)
     else:
-        model = _from_safetensors(plan, dmap, local, config, family, device, dtype, tied, trust_remote_code,
+        model = from_safetensors(plan, dmap, local, config, family, device, dtype, tied, trust_remote_code,
                                   streamed)
     stage = _extract_stage(model, family, stage_plan, config, tied)
     layers = getattr(stage.base, family.layers)
@@ -194,104 +189,18 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
                      stage_plan.layers[int(n.split(".")[2])] in streamed)]
     if left:
         raise LoadError(f"rank {rank} did not load {len(left)} of its weights ({', '.join(left[:3])}): "
-                        f"the family's module layout in pipeinfer/families.py does not match this model")
+                        f"the family's module layout in pipeinfer/models/families.py does not match this model")
     for module in stage.base.modules():  # buffers (rotary inv_freq...) follow; the parameters are there already
         for name, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[name] = buf.to(device)
     if streamed:
-        from pipeinfer.offload import Streamer
         stage.streamer = Streamer.attach(list(layers), mine, plan, device, dtype,
                                          f"{family.base}.{family.layers}.")
     param_bytes = held_bytes(stage)
     log.info("rank %d holds %d bytes of parameters%s", rank, param_bytes,
              f" ({plan.quantization.method}, {plan.quantization.source})" if plan.quantization else "")
     return stage, StageInfo(family.name, plan.num_layers, plan.layer_ranges, dmap, param_bytes, stage_bytes)
-
-
-def _from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Family, device: torch.device,
-                      dtype: torch.dtype, tied: bool, trust: bool, streamed: set[int] = frozenset()) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from pipeinfer.plan import _placement
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # floating buffers made in __init__ as from_pretrained(dtype=...) makes them
-    try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    finally:
-        torch.set_default_dtype(default)
-    model.eval()
-    embedding = f"{family.base}.{family.embeddings}.weight"
-    heads = [f"{h}.weight" for h in family.heads]
-    by_key = plan.keys
-    q = plan.quantization
-    quantized = {n for n in plan.quantized if _placement(dmap, n) == local}
-    if quantized:
-        replace_linears(model, quantized, q)  # bitsandbytes modules, on meta, in eval mode
-    stats = stats_keys(plan.tensors) if q is not None and q.source == "checkpoint" else {}
-    layer_prefix = f"{family.base}.{family.layers}."
-    for name, param in list(model.named_parameters()):
-        if _placement(dmap, name) != local or (tied and name in heads):
-            continue  # another stage's, or a tied head: the embedding, tied below
-        if name.startswith(layer_prefix) and int(name[len(layer_prefix):].split(".")[0]) in streamed:
-            continue  # streamed in when it runs (offload.py)
-        key = by_key.get(name)
-        if key is None and tied and name in (embedding, *heads):  # the other copy of a tied pair
-            key = next(by_key[n] for n in (embedding, *heads) if n in by_key)
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if name in quantized and q.source == "checkpoint":
-            names = [key, *stats.get(key, ())]
-            stored = {k[len(module_name) + 1:]: _read(plan.tensors[k].file, k, device) for k in names}
-            value = stored_weight(module, stored, device)
-        elif name in quantized:
-            value = quantize_weight(module, _read(plan.tensors[key].file, key, device, dtype), device)
-        else:
-            value = nn.Parameter(_read(plan.tensors[key].file, key, device, dtype), requires_grad=False)
-        setattr(module, attr, value)
-    if tied:
-        head = _head(model, family)
-        head.weight = model.get_submodule(f"{family.base}.{family.embeddings}").weight
-    return model
-
-
-def _read(file: str, key: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One tensor on `device` (in `dtype`, if given), a copy: the file's mapped pages go when it closes."""
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        stored = f.get_tensor(key)
-        return stored.to(device=device, dtype=dtype or stored.dtype, copy=True)
-
-
-def _from_pretrained(model_path: str, dmap: dict[str, str], dtype: torch.dtype, offload_folder: str,
-                     trust: bool) -> nn.Module:
-    """A pickle checkpoint: it cannot be read per tensor, so transformers copies the other stages'
-    modules into the offload folder (a scratch directory there, removed once this stage is built)."""
-    from accelerate.hooks import remove_hook_from_module
-    from transformers import AutoModelForCausalLM
-
-    scratch = None
-    if "disk" in dmap.values():
-        try:
-            os.makedirs(offload_folder, exist_ok=True)
-            scratch = tempfile.mkdtemp(prefix="loading-", dir=offload_folder)
-        except OSError as e:
-            raise LoadError(f"offload_folder={os.path.dirname(offload_folder)!r} cannot be used ({e.strerror}): "
-                            f"point offload_folder at a writable directory") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, local_files_only=True, low_cpu_mem_usage=True, use_safetensors=False,
-            dtype=dtype, device_map=dmap, offload_folder=scratch, trust_remote_code=trust)
-        model.eval()
-        remove_hook_from_module(model, recurse=True)  # owned weights are already on `device`; others are dropped
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return model
 
 
 def _head(model: nn.Module, family: Family) -> nn.Module:

@@ -1,6 +1,6 @@
 """Print a run's prompts and the model's answers as a transcript, from its results JSONL.
 
-    python -m pipeinfer.answers results/demo.jsonl          # what `make demo` prints at the end
+    python -m pipeinfer.report.answers results/demo.jsonl          # what `make demo` prints at the end
 
 A chat prompt prints as its messages ("user: ..."), a plain prompt as its text, each followed by
 the generated text, its token count and finish reason. Bad input exits 2 with one line.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeinfer.report import ReportError, read_records
+from pipeinfer.report.summary import ReportError, read_records
 
 
 def transcript(records: list[dict]) -> str:
@@ -34,7 +34,7 @@ def transcript(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeinfer.answers", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeinfer.report.answers", description=__doc__.splitlines()[0])
     ap.add_argument("results", help="a results JSONL a run wrote (its output_path)")
     args = ap.parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 
 Run by submit.sbatch after the srun step has finished (a step's State and MaxRSS are final only then):
 
-    python -m pipeinfer.slurm append-sacct outputs/run.jsonl [--job-id 1234]
+    python -m pipeinfer.record.sacct append-sacct outputs/run.jsonl [--job-id 1234]
 
 Outside Slurm, without sacct, or with accounting disabled it prints one info line and writes nothing.
 """
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from pipeinfer.results import ResultsWriter, read_results
+from pipeinfer.record.results import ResultsWriter, read_results
 
 # The sacct columns, in the order `--format` asks for them and parse_sacct reads them.
 SACCT_FIELDS = (
@@ -174,7 +174,7 @@ def maybe_log_sacct(output_path, job_id=None, retries=10, delay_s=1.0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipeinfer.slurm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeinfer.record.sacct", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     append = commands.add_parser("append-sacct", help="append the job's sacct record to OUTPUT (JSONL)")
     append.add_argument("output", help="the run's output JSONL")

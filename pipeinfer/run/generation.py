@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeinfer.comm import ABORT, STOP, Comm
-from pipeinfer.prompts import Batch, MicroBatches
-from pipeinfer.sampling import SamplingParams, checkpoint_processors, filter_logits, prompt_generator, sample
-from pipeinfer.scoring import prompt_logprobs
-from pipeinfer.stage import Stage
-from pipeinfer.stops import Stopper, finish
+from pipeinfer.run.comm import ABORT, STOP, Comm
+from pipeinfer.run.prompts import Batch, MicroBatches
+from pipeinfer.run.sampling import SamplingParams, checkpoint_processors, filter_logits, prompt_generator, sample
+from pipeinfer.run.scoring import prompt_logprobs
+from pipeinfer.load.stage import Stage
+from pipeinfer.run.stops import Stopper, finish
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,15 @@ in seconds even for a checkpoint larger than the machine's memory. Exit 0: every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from pipeinfer.checkpoint import read_headers
 from pipeinfer.config import ConfigError, ExpConfig, micro_batching, parse_bytes, per_rank
-from pipeinfer.fit import _replace, largest_batch, smallest_pipeline
-from pipeinfer.plan import CUDA_CONTEXT_BYTES, _model, make_plan
+from pipeinfer.plan.checkpoint import read_headers
+from pipeinfer.plan.fit import largest_batch, smallest_pipeline
+from pipeinfer.plan.layout import CUDA_CONTEXT_BYTES
+from pipeinfer.plan.make import make_plan
+from pipeinfer.plan.model import model_shape
 
 
 def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str | None = None,
@@ -25,7 +28,7 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
     The device: device_type, else cfg.device ("auto": cuda, the target the budget usually describes).
     The longest prompt: prompt_tokens, else the configured prompts through the checkpoint's tokenizer.
     """
-    from pipeinfer.runtime import read_model_config
+    from pipeinfer.plan.model import read_model_config
 
     model_config = read_model_config(cfg.model_path, cfg.trust_remote_code)
     device_type = device_type or (cfg.device if cfg.device != "auto" else "cuda")
@@ -34,21 +37,21 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
     elif device_type == "cuda":
         dtype = "bfloat16"  # what "auto" gives on a GPU with bf16 (compute capability 8.0+); set dtype for older
     else:
-        from pipeinfer.runtime import saved_dtype
+        from pipeinfer.plan.model import saved_dtype
         dtype = "bfloat16" if saved_dtype(model_config) == "bfloat16" else "float32"
     if prompt_tokens is None:
-        from pipeinfer.prompts import check_lengths, load_prompts, load_tokenizer, prepare
+        from pipeinfer.run.prompts import check_lengths, load_prompts, load_tokenizer, prepare
         prompts = prepare(load_tokenizer(cfg.model_path, cfg.trust_remote_code), load_prompts(cfg), cfg)
         prompt_tokens = max(check_lengths(prompts, getattr(model_config, "max_position_embeddings", None),
                                           cfg.max_new_tokens))
     budgets = None
     if device_memory is not None:
         budgets = [device_memory] * cfg.pipeline_size
-        cfg = _replace(cfg, max_memory=None)
+        cfg = dataclasses.replace(cfg, max_memory=None)
     elif cfg.max_memory is not None:
         budgets = per_rank(cfg.max_memory, cfg.pipeline_size)
     tensors = read_headers(cfg.model_path, cfg.allow_pickle)
-    m = _model(model_config, cfg.trust_remote_code)
+    m = model_shape(model_config, cfg.trust_remote_code)
     out = {"model_path": cfg.model_path, "pipeline_size": cfg.pipeline_size, "batch_size": cfg.batch_size,
            "max_new_tokens": cfg.max_new_tokens, "budgets": budgets, "offload": cfg.max_cpu_memory is not None}
     try:
@@ -58,7 +61,7 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
         if budgets is None or "cannot hold" not in str(e):
             raise
         # the same numbers without the budget check, to show which rank is over and by how much
-        plan = make_plan(_replace(cfg, max_cpu_memory=None), model_config, tensors, prompt_tokens, dtype, device_type,
+        plan = make_plan(dataclasses.replace(cfg, max_cpu_memory=None), model_config, tensors, prompt_tokens, dtype, device_type,
                          None, model=m)
         rec = plan.record()
         for r, b in zip(rec["ranks"], budgets):
@@ -145,3 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,12 +1,12 @@
 """What would fit: the smallest pipeline_size and the largest batch_size whose every rank fits its
-budget, searched with the plan's own layout (plan._layout). For the refusal's fix and the dry run."""
+budget, searched with the plan's own layout (layout.layout). For the refusal's fix and the dry run."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from pipeinfer.config import ExpConfig, micro_batching
-from pipeinfer.plan import _layout
+from pipeinfer.config import micro_batching
+from pipeinfer.plan.layout import layout
 
 
 def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, local) -> int | None:
@@ -14,8 +14,8 @@ def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, 
     mode = cfg.layer_split if isinstance(cfg.layer_split, str) else "auto"
     for size in range(1, m.num_layers + 1):
         s = slots if cfg.micro_batch_size != "auto" else \
-            micro_batching(_replace(cfg, pipeline_size=size))
-        _, ranks = _layout(m, size, mode, sizes, s, longest, capacity, [budget] * size, reserve, local)
+            micro_batching(dataclasses.replace(cfg, pipeline_size=size))
+        _, ranks = layout(m, size, mode, sizes, s, longest, capacity, [budget] * size, reserve, local)
         if all(r.fits for r in ranks):
             return size
     return None
@@ -24,9 +24,9 @@ def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, 
 def largest_batch(cfg, m, sizes, longest, budgets, reserve, local, limit: int = 4096) -> int:
     """The largest batch_size (<= limit) at which every rank fits, with this pipeline_size and split; 0 if none."""
     def fits(b: int) -> bool:
-        c = _replace(cfg, batch_size=b, micro_batch_size=cfg.micro_batch_size if cfg.micro_batch_size == "auto"
+        c = dataclasses.replace(cfg, batch_size=b, micro_batch_size=cfg.micro_batch_size if cfg.micro_batch_size == "auto"
                      else min(cfg.micro_batch_size, b))
-        _, ranks = _layout(m, cfg.pipeline_size, cfg.layer_split, sizes, micro_batching(c), longest,
+        _, ranks = layout(m, cfg.pipeline_size, cfg.layer_split, sizes, micro_batching(c), longest,
                            longest + cfg.max_new_tokens, budgets, reserve, local)
         return all(r.fits for r in ranks)
     if not fits(1):
@@ -40,6 +40,3 @@ def largest_batch(cfg, m, sizes, longest, budgets, reserve, local, limit: int = 
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
-
-def _replace(cfg: ExpConfig, **over) -> ExpConfig:
-    return dataclasses.replace(cfg, **over)

@@ -21,9 +21,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pipeinfer.comm import Comm, PeerFailure
+from pipeinfer.run.comm import Comm, PeerFailure
 from pipeinfer.config import ConfigError, first_line
-from pipeinfer.timeline import Timeline
+from pipeinfer.record.timeline import Timeline
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from pipeinfer.config import ExpConfig, check_vocab, check_world, load_config, world_from_env
-from pipeinfer.families import family_for
-from pipeinfer.generation import GenParams
-from pipeinfer.plan import Plan, plan_for_run
-from pipeinfer.prompts import Prompt, check_lengths, load_prompts, load_tokenizer, prepare
-from pipeinfer.runtime import pick_device, read_model_config, setup_logging
-from pipeinfer.sampling import SamplingParams, generation_ids, load_generation_config, score_settings
-from pipeinfer.runtime import resolve_dtype, saved_dtype
-from pipeinfer.stops import Stopper
+from pipeinfer.models.families import family_for
+from pipeinfer.run.generation import GenParams
+from pipeinfer.plan.make import Plan, plan_for_run
+from pipeinfer.run.prompts import Prompt, check_lengths, load_prompts, load_tokenizer, prepare
+from pipeinfer.plan.model import read_model_config
+from pipeinfer.run.runtime import pick_device, setup_logging
+from pipeinfer.run.sampling import SamplingParams, generation_ids, load_generation_config, score_settings
+from pipeinfer.plan.model import saved_dtype
+from pipeinfer.run.runtime import resolve_dtype
+from pipeinfer.run.stops import Stopper
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Layers streamed in just before they run: where a stage's layers go when they do not all fit its
-device (offload_ranks, called by plan.make_plan when max_cpu_memory is set), and the streaming of
-those in host memory or on disk, with the next one's weights on the way while one computes.
+"""Layers streamed in just before they run, from host memory or disk, with the next one's weights
+on the way while one computes. Which layers stream, and from where, is the plan's
+(plan/offload.py).
 
     stage.streamer = Streamer.attach(layers, plan.ranks[rank], plan, device, dtype, "model.layers.")  # load_stage
 
@@ -26,7 +26,6 @@ one tensor at a time (bench/offload.py measures the difference).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -35,95 +34,15 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pipeinfer.config import ConfigError, ExpConfig, human_bytes, per_rank
-
-if TYPE_CHECKING:
-    from pipeinfer.plan import RankPlan
+from pipeinfer.load import LoadError
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-# --- where: the plan's placement (plan.make_plan calls offload_ranks) -----------------------------------
-
-
-def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
-                  device_type: str) -> list[RankPlan]:
-    """Each rank over its device budget with its layers placed in host memory and on disk (see
-    plan.py's docstring); ConfigError when even every layer streamed leaves too little room."""
-    if budgets is None:
-        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
-                          "set: set max_memory (the device budget per rank) too")
-    if q is not None:
-        raise ConfigError(f"quantization={q.method!r} with max_cpu_memory: quantized layers cannot be offloaded "
-                          f"yet; quantize (a 4-bit stage is a quarter of 16-bit) or offload, not both")
-    if tensors is None:
-        raise ConfigError(f"max_cpu_memory streams layers from safetensors files, and {cfg.model_path} holds pickle "
-                          f".bin weights: convert them (from_pretrained(dir).save_pretrained(new_dir))")
-    cpu = per_rank(cfg.max_cpu_memory, len(ranks))
-    over = [r for r in ranks if not r.fits]
-    short = [r for r in over if r.budget < _least(r)]
-    if short:
-        r = short[0]
-        lw = r.layer_bytes
-        # one max_memory for every rank: the least must hold for the neediest rank, not only this one
-        least = max(_least(x) for x in (short if not isinstance(cfg.max_memory, list) else [r]))
-        raise ConfigError(f"max_memory[{r.rank}]={r.budget} bytes cannot hold rank {r.rank}'s stage even with all "
-                          f"its layers offloaded (layers {r.layers.start}..{r.layers.stop - 1}: weights outside "
-                          f"the layers {r.weights - sum(lw)} + KV cache {r.kv_cache} + transient {r.transient} + "
-                          f"reserve {r.reserve} + stream buffers {_buffers(lw)} = {_least(r)} bytes): "
-                          f"raise it to at least {least} bytes ({human_bytes(least)}), lower batch_size or "
-                          f"max_new_tokens, or use a larger pipeline_size")
-    return [r if r.fits else _place(r, c, device_type) for r, c in zip(ranks, cpu)]
-
-
-def _least(r: RankPlan) -> int:
-    """The smallest device budget that runs rank r's stage with every layer streamed."""
-    lw = r.layer_bytes
-    return r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve + _buffers(lw)
-
-
-def _buffers(lw) -> int:
-    """Device bytes of the stream buffers when the layers of sizes lw stream: two of the largest (one)."""
-    return min(2, len(lw)) * max(lw)
-
-
-def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
-    """The first layers resident, as many as fit with two stream buffers; then host, then disk."""
-    lw = list(r.layer_bytes)
-    fixed = r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve
-
-    def stream_for(keep: int) -> int:
-        return _buffers(lw[keep:])
-
-    # keeping all but one or two never fits where keeping all did not (their buffers take as much room
-    # as they free), so at least three layers stream
-
-    keep = next(k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget)
-    streamed, stream = lw[keep:], stream_for(keep)
-    # disk reads pass through pinned buffers on CUDA (on CPU they land in the stream buffers directly)
-    staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget else 0
-    if staging > cpu_budget:
-        raise ConfigError(f"max_cpu_memory[{r.rank}]={cpu_budget} bytes cannot hold the pinned buffers that rank "
-                          f"{r.rank}'s disk reads pass through on CUDA ({staging} bytes: two of its largest streamed "
-                          f"layer): raise it to at least {staging} bytes ({human_bytes(staging)})")
-    room, placement = cpu_budget - staging, ["device"] * keep
-    for b in streamed:
-        on_host = placement[-1:] != ["disk"] and b <= room
-        placement.append("host" if on_host else "disk")
-        room -= b if on_host else 0
-    staging = staging if "disk" in placement else 0
-    return dataclasses.replace(r, weights=r.weights - sum(streamed), placement=tuple(placement), stream=stream,
-                               staging=staging, cpu_budget=cpu_budget)
-
-
-# --- how: streaming ------------------------------------------------------------------------------
 
 
 def _pinned(nbytes: int) -> torch.Tensor:
@@ -228,7 +147,6 @@ class Streamer:
                 key = plan.keys[f"{prefix}{index}.{name}"]
                 t = plan.tensors[key]
                 if t.dtype not in _TORCH_DTYPES:
-                    from pipeinfer.stage import LoadError
                     raise LoadError(f"{key} is stored as {t.dtype}, which offloading cannot convert as it streams: "
                                     f"run without max_cpu_memory, or convert the checkpoint to float16/bfloat16")
                 nbytes = p.numel() * dtype.itemsize

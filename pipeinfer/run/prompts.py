@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from pipeinfer.chat import check_messages, encode, read_template, render
+from pipeinfer.run.chat import check_messages, encode, read_template, render
 from pipeinfer.config import ConfigError, ExpConfig, check_value, first_line
-from pipeinfer.stops import Stops
+from pipeinfer.run.stops import Stops
 
 
 @dataclass(frozen=True)
