@@ -318,6 +318,42 @@ def test_prompt_logprobs_beside_generation(tiny_llama, tmp_path):
     assert all(len(r["logprobs"]) == len(r["output_ids"]) for r in records)
 
 
+
+def test_one_token_prompts_with_prompt_logprobs(tiny_llama, tmp_path):
+    """A micro-batch of one-token prompts has no prompt log-probabilities to send (T - 1 = 0): every
+    later message still reads as sent (it was read one off: garbage in a later record, then a hang
+    or a gloo abort), and the scores match one whole-model forward."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import reference_outputs
+
+    prompts = ["Hello", "a", "Hello there", "b", "The quick brown fox"]  # batch_size 2, two stages: one per slot
+    cfg = base_config(tiny_llama, tmp_path, prompts=prompts, pipeline_size=2, max_new_tokens=0, prompt_logprobs=True,
+                      timeout_s=30)
+    records = prompt_records(run_pipeline(cfg, tmp_path, 2, timeout=120))
+    tok = AutoTokenizer.from_pretrained(tiny_llama, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama, local_files_only=True, dtype=torch.float32).eval()
+    assert [r["prompt_tokens"] for r in records] == [len(tok(p)["input_ids"]) for p in prompts]
+    assert records[1]["prompt_tokens"] == records[3]["prompt_tokens"] == 1
+    for rec, p in zip(records, prompts):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            lsm = torch.log_softmax(lm(ids).logits[0].float(), -1)  # (T, V)
+        want = lsm[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        assert rec["prompt_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+        assert rec["prompt_logprob_count"] == len(want)
+        if want:
+            assert rec["prompt_logprob_sum"] == pytest.approx(sum(want), abs=1e-4)
+            assert rec["perplexity"] == pytest.approx(math.exp(-sum(want) / len(want)), rel=1e-5)
+    # one one-token prompt, generating: its tokens arrive (the first rank died reading them one off)
+    cfg = base_config(tiny_llama, tmp_path, prompts=["a"], pipeline_size=2, max_new_tokens=3, prompt_logprobs=True,
+                      timeout_s=30, output_path=str(tmp_path / "gen.jsonl"))
+    (rec,) = prompt_records(run_pipeline(cfg, tmp_path, 2, timeout=120))
+    assert rec["output_ids"] == reference_outputs(tiny_llama, ["a"], 3)[0]
+    assert rec["prompt_logprob_count"] == 0
+
 # -- bad input: one line, exit 2, before any rank waits -------------------------------------------
 
 USER = [{"role": "user", "content": "hi"}]
