@@ -151,3 +151,48 @@ def test_send_to_a_dead_peer_is_a_peer_failure():
         p.join(30)
     assert kind == "PeerFailure", (kind, msg)
     assert msg.startswith("sending step ") and "to rank 1" in msg and "rank 1 is gone" in msg, msg
+
+
+def _float_count_worker(rank: int, port: int, q) -> None:
+    from pipeinfer import comm as pcomm
+    from pipeinfer import procgroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    c = procgroup.init(rank, 2, torch.device("cpu"), timeout_s=20, master_port=port)
+    try:
+        if rank == 1:
+            c.send_tokens(torch.tensor([1, 2]), torch.tensor([0, 0]), False, torch.empty(2, 0))  # (B, T - 1 = 0)
+            c.send_tokens(torch.tensor([3, 4]), torch.tensor([0, 2]), True, torch.tensor([-0.5, -0.25]))
+            c.send_tokens(torch.tensor([5, 6]), torch.tensor([0, 0]), False, torch.zeros(4))  # rank 0 expects 6
+            c.drain_sends()  # the 4 floats are never received: rank 0 leaves at the error
+            q.put(("rank 1", "no error", None))
+        else:
+            first = c.recv_tokens(2, None, "test", n_floats=0)
+            second = c.recv_tokens(2, None, "test", n_floats=2)
+            q.put(("messages", first[0].tolist(), first[3], second[0].tolist(), second[1].tolist(), second[2],
+                   second[3].tolist()))
+            c.recv_tokens(2, None, "waiting for step 0's tokens from the last stage", n_floats=6)
+            q.put(("rank 0", "no error", None))
+    except pcomm.PeerFailure as e:
+        q.put((f"rank {rank}", type(e).__name__, str(e)))
+    finally:
+        procgroup.shutdown(clean=False)
+
+
+def test_float_count_is_checked_and_empty_float_messages_are_not_sent():
+    """The token message says how many floats follow. An empty float message (one-token prompts
+    with prompt_logprobs, no logprobs) is not sent, so the next message is read in its place, not
+    one off; a count other than the receiver's is a one-line PipelineProtocolError on rank 0,
+    before the floats are read, and rank 1's wait on it fails as a PeerFailure."""
+    procs, q = _start_pair(_float_count_worker)
+    got = {m[0]: m[1:] for m in (q.get(timeout=90) for _ in range(3))}
+    for p in procs:
+        p.join(60)
+    assert got["messages"] == ([1, 2], None, [3, 4], [0, 2], True, [-0.5, -0.25])
+    kind, msg = got["rank 0"]
+    assert kind == "PipelineProtocolError", got
+    assert msg == ("waiting for step 0's tokens from the last stage: pipeline protocol error: the last stage sent "
+                   "4 log-probability values, this rank's schedule expects 6: the ranks disagree on the "
+                   "micro-batch's shape or on logprobs/prompt_logprobs (a bug: report it with every rank's log)")
+    kind, msg = got["rank 1"]
+    assert kind == "PeerFailure" and "\n" not in msg and "rank 0" in msg, got

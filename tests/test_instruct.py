@@ -276,6 +276,45 @@ def test_stops_finish_reasons_and_logprobs_match_generate(stop_case, tmp_path, p
     assert stop_str in last_text and not last_text.endswith(stop_str)
 
 
+
+@pytest.mark.parametrize("pipeline_size", [1, 2])
+def test_stop_strings_match_in_the_generated_text_only(chat_weights, tmp_path, pipeline_size):
+    """A stop string that begins in the prompt and ends in the first new token does not stop (vLLM's
+    and OpenAI's stops, whose names the records use), where generate(stop_strings=...) stops at
+    once; a stop inside the new text stops where it is completed. A plain prompt, and a ChatML one
+    whose template ends in "assistant\n". Expected: generate()'s tokens without stops, cut where
+    a stop first appears in their text."""
+    from transformers import AutoTokenizer
+
+    path = with_tokenizer(chat_weights, str(tmp_path / "chatml"), chat_tokenizer("chatml"))
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    messages = CHATS[0]
+    inputs = [tok("Hello")["input_ids"], template_ids(path, messages)]
+    base = generate_from_ids(path, inputs, 12)
+    stops = []
+    for ids, out in zip(inputs, base):
+        first, tail = tok.decode(out[:1]), tok.decode(ids)[-1]
+        assert len(first) == 1 and first.isascii(), f"the model's first token must be one character: {first!r}"
+        p = next(p for p in range(1, 12) if tok.decode(out[p - 1:p + 1]).isprintable())
+        stops.append([tail + first, tok.decode(out[p - 1:p + 1])])  # across the boundary; in the new text
+        straddling = generate_from_ids(path, [ids], 12, stop_strings=stops[-1][:1], tokenizer=tok)[0]
+        assert straddling == out[:1], "generate() matches the prompt's last character with the first token's"
+    want = []
+    for out, st in zip(base, stops):
+        n = next(n for n in range(1, 13) if any(s in tok.decode(out[:n]) for s in st))
+        want.append((out[:n], next(s for s in st if s in tok.decode(out[:n]))))
+    assert stops[1][0].startswith("\n"), "the ChatML template ends in a newline"
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text(json.dumps({"prompt": "Hello", "stop": stops[0]}) + "\n"
+                     + json.dumps({"messages": messages, "stop": stops[1]}) + "\n")
+    cfg = base_config(path, tmp_path, prompts=None, prompts_file=str(pfile), pipeline_size=pipeline_size,
+                      batch_size=2, micro_batch_size=2)
+    records = prompt_records(run_pipeline(cfg, tmp_path, pipeline_size))
+    assert [(r["output_ids"], r["stop_reason"]) for r in records] == want
+    assert [r["finish_reason"] for r in records] == ["stop", "stop"]
+    assert all(len(r["output_ids"]) > 1 for r in records)
+
+
 # -- prompt log-probabilities and the scoring mode ------------------------------------------------
 
 @pytest.mark.parametrize("pipeline_size", [2, 3])
@@ -317,6 +356,42 @@ def test_prompt_logprobs_beside_generation(tiny_llama, tmp_path):
     assert [r["prompt_logprob_count"] for r in records] == [r["prompt_tokens"] - 1 for r in records]
     assert all(len(r["logprobs"]) == len(r["output_ids"]) for r in records)
 
+
+
+def test_one_token_prompts_with_prompt_logprobs(tiny_llama, tmp_path):
+    """A micro-batch of one-token prompts has no prompt log-probabilities to send (T - 1 = 0): every
+    later message still reads as sent (it was read one off: garbage in a later record, then a hang
+    or a gloo abort), and the scores match one whole-model forward."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import reference_outputs
+
+    prompts = ["Hello", "a", "Hello there", "b", "The quick brown fox"]  # batch_size 2, two stages: one per slot
+    cfg = base_config(tiny_llama, tmp_path, prompts=prompts, pipeline_size=2, max_new_tokens=0, prompt_logprobs=True,
+                      timeout_s=30)
+    records = prompt_records(run_pipeline(cfg, tmp_path, 2, timeout=120))
+    tok = AutoTokenizer.from_pretrained(tiny_llama, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama, local_files_only=True, dtype=torch.float32).eval()
+    assert [r["prompt_tokens"] for r in records] == [len(tok(p)["input_ids"]) for p in prompts]
+    assert records[1]["prompt_tokens"] == records[3]["prompt_tokens"] == 1
+    for rec, p in zip(records, prompts):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            lsm = torch.log_softmax(lm(ids).logits[0].float(), -1)  # (T, V)
+        want = lsm[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        assert rec["prompt_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+        assert rec["prompt_logprob_count"] == len(want)
+        if want:
+            assert rec["prompt_logprob_sum"] == pytest.approx(sum(want), abs=1e-4)
+            assert rec["perplexity"] == pytest.approx(math.exp(-sum(want) / len(want)), rel=1e-5)
+    # one one-token prompt, generating: its tokens arrive (the first rank died reading them one off)
+    cfg = base_config(tiny_llama, tmp_path, prompts=["a"], pipeline_size=2, max_new_tokens=3, prompt_logprobs=True,
+                      timeout_s=30, output_path=str(tmp_path / "gen.jsonl"))
+    (rec,) = prompt_records(run_pipeline(cfg, tmp_path, 2, timeout=120))
+    assert rec["output_ids"] == reference_outputs(tiny_llama, ["a"], 3)[0]
+    assert rec["prompt_logprob_count"] == 0
 
 # -- bad input: one line, exit 2, before any rank waits -------------------------------------------
 

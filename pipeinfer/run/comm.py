@@ -4,7 +4,9 @@ Two messages travel, both with shapes the receiver already knows from the schedu
   hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element:
                 CONTINUE (hidden states follow), STOP (the batch is finished) or ABORT (the run
                 was asked to stop by SIGTERM/SIGUSR1: drop this batch and exit)
-  token message last -> first: (B,) sampled token ids plus one trailing stop flag
+  token message last -> first: (B,) sampled token ids, (B,) stop codes, the stop flag and the
+                length of the float message that follows (log-probabilities; 0: none follows),
+                which the receiver checks against its own count (PipelineProtocolError)
 
 The stop decision is made by the last stage (the only one that sees the tokens); it travels with
 the token to the first stage, which sends a STOP frame down the pipe, so every stage ends the
@@ -48,6 +50,12 @@ log = logging.getLogger(__name__)
 
 class PeerFailure(RuntimeError):
     pass
+
+
+class PipelineProtocolError(PeerFailure):
+    """A message is not the length this rank's schedule expects: the ranks disagree on the schedule
+    (a bug, not bad input). Raised before the message is read, so nothing wrong reaches a record; a
+    PeerFailure, so the rank exits with one line and its peers' waits on it fail at once."""
 
 
 @dataclass
@@ -98,12 +106,15 @@ class Comm(Rank):
 
     def send_tokens(self, tokens: torch.Tensor, codes: torch.Tensor, stop: bool,
                     floats: torch.Tensor | None = None) -> tuple | None:
-        """From the last stage: (B,) tokens, (B,) stop codes (stops.py) and the micro-batch's stop
-        flag in one int64 message; then, only when log-probabilities are on, one float64 message
-        whose length both ends know from the schedule (GenParams.floats). Returns the messages when
-        this rank is also the first."""
+        """From the last stage: (B,) tokens, (B,) stop codes (stops.py), the micro-batch's stop flag
+        and the float count n in one int64 message; then, only when n > 0, the n floats (log-
+        probabilities) as one float64 message. The receiver checks n against the length its schedule
+        gives (GenParams.floats) before it reads on; an empty float message is never sent, as no recv
+        is posted for it. Returns the messages when this rank is also the first."""
+        n = 0 if floats is None else floats.numel()
+        floats = floats if n else None
         msg = torch.cat([tokens.to(torch.int64), codes.to(torch.int64),
-                         torch.tensor([int(stop)], device=tokens.device)])  # (2B + 1,)
+                         torch.tensor([int(stop), n], device=tokens.device)])  # (2B + 2,)
         if self.is_first:
             return msg, floats
         self._send(msg, 0, "sending sampled tokens", group=None)
@@ -114,17 +125,20 @@ class Comm(Rank):
     def recv_tokens(self, batch: int, local: tuple | None, doing: str, n_floats: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
         """On the first stage: (B,) tokens, (B,) stop codes, the stop flag and, when n_floats > 0,
-        the float64 message of that length, from the last stage (or `local`)."""
+        the float64 message of that length, from the last stage (or `local`). PipelineProtocolError
+        when the last stage says it sent another number of floats than n_floats."""
         if local is None:
-            msg = torch.empty(2 * batch + 1, dtype=torch.int64)
+            msg = torch.empty(2 * batch + 2, dtype=torch.int64)
             self._recv(msg, self.world_size - 1, doing, group=None)
+            _check_floats(int(msg[-1].item()), n_floats, doing)
             floats = None
             if n_floats:
                 floats = torch.empty(n_floats, dtype=torch.float64)
                 self._recv(floats, self.world_size - 1, doing, group=None)
-            local = msg, floats
-        msg, floats = local
-        return msg[:batch], msg[batch:2 * batch], bool(msg[-1].item()), floats
+        else:
+            msg, floats = local
+            _check_floats(int(msg[-1].item()), n_floats, doing)
+        return msg[:batch], msg[batch:2 * batch], bool(msg[-2].item()), floats
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -217,6 +231,14 @@ def _collective(doing: str, timeout_s: float):
         why = (f"a rank did not join within timeout_s={timeout_s:g}" if waited >= 0.9 * timeout_s
                else f"a rank is gone after {waited:.1f}s")
         raise PeerFailure(f"{doing}: {why} ({said}); see the other ranks' messages") from None
+
+
+def _check_floats(sent: int, expected: int, doing: str) -> None:
+    if sent != expected:
+        raise PipelineProtocolError(f"{doing}: pipeline protocol error: the last stage sent {sent} log-probability "
+                                    f"values, this rank's schedule expects {expected}: the ranks disagree on the "
+                                    f"micro-batch's shape or on logprobs/prompt_logprobs (a bug: report it with "
+                                    f"every rank's log)")
 
 
 def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:

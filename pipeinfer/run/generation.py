@@ -229,8 +229,9 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
             logprobs = logprob_rows(out, tokens, gp) if gp.logprobs else None
             if s.history is not None:
                 s.history = [torch.cat([h, t[None]]) for h, t in zip(s.history, tokens)]
-            if gp.stopper is not None:
-                codes = gp.stopper.codes(tokens, s.finished, s.batch.stops, s.history)
+            if gp.stopper is not None:  # stop strings see the new tokens only, never the prompt (as vLLM)
+                generated = None if s.history is None else [h[-(s.step + 1):] for h in s.history]
+                codes = gp.stopper.codes(tokens, s.finished, s.batch.stops, generated)
             elif gp.ignore_eos:
                 codes = torch.zeros_like(tokens)
             else:

@@ -1,10 +1,13 @@
 """Why a prompt's generation ends: EOS, a stop token id, a stop string, or max_new_tokens.
 
 The last stage decides, right after sampling, with the tokenizer every rank has: a stop string is
-matched by transformers' own StopStringCriteria on the prompt's ids so far (prompt + new tokens),
-so a string spanning tokens or ending inside one stops exactly where generate(stop_strings=...,
-tokenizer=...) stops. The decision travels to the first stage as one code per row beside the token
-(comm.send_tokens): 0 running, 1 EOS, 2 + j the j-th of the prompt's stop token ids then strings.
+matched by transformers' own StopStringCriteria on the prompt's new ids so far, so a string spanning
+tokens or ending inside one stops exactly where generate(stop_strings=..., tokenizer=...) stops.
+The prompt is not searched, as vLLM and OpenAI match stops in the generated text only (the records
+use their names): generate() also matches a stop that begins in the prompt ("Hello world" with
+stop "dy" ends at a first token "y"); this does not. The decision travels to the first stage as
+one code per row beside the token (comm.send_tokens): 0 running, 1 EOS, 2 + j the j-th of the
+prompt's stop token ids then strings.
 """
 
 from __future__ import annotations
@@ -61,15 +64,16 @@ class Stopper:
                                   f"{said}): give stop_token_ids instead") from None
         return self
 
-    def _matches(self, s: str, history: torch.Tensor) -> bool:
+    def _matches(self, s: str, generated: torch.Tensor) -> bool:
         if s not in self._criteria:  # a caller that did not prepare() (tests, benches)
             self.prepare([s])
-        return bool(self._criteria[s](history[None], None)[0])
+        return bool(self._criteria[s](generated[None], None)[0])
 
     def codes(self, tokens: torch.Tensor, finished: torch.Tensor, stops: list[Stops] | None,
-              history: list[torch.Tensor] | None) -> torch.Tensor:
+              generated: list[torch.Tensor] | None) -> torch.Tensor:
         """(B,) codes for (B,) new tokens; rows already finished get RUNNING (their token is padding).
-        history: per row, the prompt's ids with the new token last (needed for stop strings only)."""
+        generated: per row, the new ids so far, this token last, without the prompt (needed for stop
+        strings only)."""
         if self._eos is None:
             self._eos = torch.tensor(self.eos_ids, dtype=tokens.dtype, device=tokens.device)
         codes = torch.isin(tokens, self._eos).long() * EOS  # (B,)
@@ -80,7 +84,7 @@ class Stopper:
             if t in st.token_ids:
                 codes[b] = STOP + st.token_ids.index(t)
                 continue
-            j = next((j for j, s in enumerate(st.strings) if self._matches(s, history[b])), None)
+            j = next((j for j, s in enumerate(st.strings) if self._matches(s, generated[b])), None)
             if j is not None:
                 codes[b] = STOP + len(st.token_ids) + j
         return codes.masked_fill(finished, RUNNING)
