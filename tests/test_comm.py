@@ -154,8 +154,8 @@ def test_send_to_a_dead_peer_is_a_peer_failure():
 
 
 def _float_count_worker(rank: int, port: int, q) -> None:
-    from pipeinfer import comm as pcomm
-    from pipeinfer import procgroup
+    from pipeinfer.run import comm as pcomm
+    from pipeinfer.run import procgroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     c = procgroup.init(rank, 2, torch.device("cpu"), timeout_s=20, master_port=port)
