@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     writer, bar, clean = None, None, False  # clean: every rank reached the same exit point
     try:
         # 3. The writer's checks, then every rank's stage, each agreed by all before going on.
-        previous, problem = (check_previous(cfg.output_path, cfg.to_dict(), [p.text for p in prompts], cfg.resume,
+        previous, problem = (check_previous(cfg.output_path, cfg.to_dict(), prompts, cfg.resume,
                                             inputs.dtype_name, device.type) if comm.is_first else (None, None))
         ok = comm.all_ok(problem is None)
         if ok:

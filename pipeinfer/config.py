@@ -31,6 +31,9 @@ QUANT_OPTIONS = {
                               'a list of module names, e.g. ["mlp.down_proj"]'),
 }
 MAX_TIMEOUT_S = 1e6  # 11.6 days for one wait: far beyond any step, and within what timedelta and gloo hold
+# Below it sampling is greedy in effect (vLLM samples greedily under 1e-5), and float32 logits / temperature
+# can overflow to inf (1e-40: multinomial raises, on CUDA a device-side assert): do_sample=false is greedy.
+MIN_TEMPERATURE = 1e-5
 
 
 class ConfigError(ValueError):
@@ -117,7 +120,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "micro_batch_size": ((int, str), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                          '"auto" or an integer >= 1 (prompts per micro-batch)'),
     "do_sample": (_BOOL, None, "true or false"),
-    "temperature": (_FLOAT, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "temperature": (_FLOAT, lambda v: math.isfinite(v) and v >= MIN_TEMPERATURE,
+                    f"a number >= {MIN_TEMPERATURE:g} (for greedy decoding set do_sample=false)"),
     "top_k": (_INT, lambda v: v >= 0, "an integer >= 0 (0 disables top-k)"),
     "top_p": (_FLOAT, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "seed": (_INT, lambda v: v >= 0, "an integer >= 0"),

@@ -196,3 +196,31 @@ def test_float_count_is_checked_and_empty_float_messages_are_not_sent():
                    "micro-batch's shape or on logprobs/prompt_logprobs (a bug: report it with every rank's log)")
     kind, msg = got["rank 1"]
     assert kind == "PeerFailure" and "\n" not in msg and "rank 0" in msg, got
+
+
+def test_a_post_that_fails_otherwise_names_its_error():
+    """Only gloo's closed-connection error at the post means the peer is gone; any other error
+    raised while posting (an NCCL communicator that cannot be made, CUDA out of memory) is named
+    as it was raised, never blamed on the peer."""
+    from pipeinfer.run import comm as pcomm
+
+    def raising(e):
+        def op(tensor, peer, group=None):
+            raise e
+        return op
+
+    closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:52620. This is "
+                          "typically caused by a remote worker crashing.")
+    nccl = torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1935, unhandled cuda error "
+                                              "(run with NCCL_DEBUG=INFO for details)\nlast error: ...")
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    msgs = {}
+    for name, e in [("closed", closed), ("nccl", nccl), ("oom", oom)]:
+        with pytest.raises(pcomm.PeerFailure) as info:
+            pcomm._post(raising(e), torch.zeros(1), 1, None, "sending hidden states to rank 1")
+        msgs[name] = str(info.value)
+    assert "rank 1 is gone" in msgs["closed"], msgs
+    for name, said in [("nccl", "DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1935, unhandled cuda error"),
+                       ("oom", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")]:
+        assert "gone" not in msgs[name] and said in msgs[name] and "\n" not in msgs[name], msgs[name]
+        assert msgs[name].startswith("sending hidden states to rank 1: "), msgs[name]

@@ -34,6 +34,7 @@ BAD = [
     ("bool is not a number", {"batch_size": True}, "batch_size"),
     ("top_p > 1", {"top_p": 1.5}, "top_p"),
     ("temperature 0", {"temperature": 0}, "temperature"),
+    ("temperature below the floor", {"do_sample": True, "temperature": 1e-40}, "temperature=1e-40 is out of range"),
     ("model_path missing dir", {"model_path": "/nonexistent/model"}, "model_path"),
     ("backend unknown", {"comm_backend": "mpi"}, "comm_backend"),
     ("max_memory infinite", {"max_memory": ["inf"]}, "max_memory"),
@@ -123,6 +124,30 @@ def test_prompts_file_formats(tiny_llama, tmp_path):
         load("surrogate.jsonl")
     with pytest.raises(ConfigError, match="cannot be read"):
         load(".")  # a directory
+
+
+
+def test_prompts_file_kind_by_suffix_any_case_or_content(tiny_llama, tmp_path):
+    """A .JSONL file is JSON lines like a .jsonl one (not each line a prompt); a .json file, or JSON
+    lines under another name, is refused with the fix, at the entry script as one line, exit 2."""
+    from pipeinfer.run.prompts import load_prompts
+
+    def load(name):
+        return load_prompts(build_config({"model_path": "m", "prompts_file": str(tmp_path / name)}))
+
+    line = json.dumps({"prompt": "one", "stop": ["x"]}) + "\n"
+    (tmp_path / "p.JSONL").write_text(line)
+    (tmp_path / "p.json").write_text(line)
+    (tmp_path / "p.ndjson").write_text(line)
+    specs = load("p.JSONL")
+    assert [s.given for s in specs] == ["one"] and specs[0].settings == {"stop": ["x"]}
+    with pytest.raises(ConfigError, match=r"p.json.* is a \.json file: .*one JSON object per line.*\.jsonl"):
+        load("p.json")
+    with pytest.raises(ConfigError, match=r"p.ndjson.* line 1 is a JSON object with a \"prompt\".*\.jsonl"):
+        load("p.ndjson")
+    res = run_entry(base_config(tiny_llama, tmp_path, prompts=None, prompts_file=str(tmp_path / "p.json")), tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and ".json file" in lines[0], res.stderr
 
 
 @pytest.mark.parametrize("path,needle", [("newdir/", "is a directory"), ("/dev/null", "not a regular file")])

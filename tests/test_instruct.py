@@ -121,6 +121,33 @@ def test_prepare_gives_the_template_ids_and_one_bos(chat_weights, tmp_path):
             assert tok.bos_token_id not in prompts[0].ids
 
 
+
+PREFILLED = [[{"role": "user", "content": "Name a fox."}, {"role": "assistant", "content": "The fox is"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "It is "}]]
+
+
+def test_a_final_assistant_message_is_continued(chat_model, tmp_path):
+    """Messages that end with the assistant's (a prefilled answer) are continued, not answered
+    anew: stage 0's ids are apply_chat_template(..., continue_final_message=True)'s, and the
+    outputs generate()'s from them, at pipeline_size 2, beside a chat that ends with the user."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_model, local_files_only=True)
+
+    def continued(messages):
+        out = tok.apply_chat_template(messages, continue_final_message=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    inputs = [continued(m) for m in PREFILLED] + [template_ids(chat_model, CHATS[0])]
+    assert all(tok.decode(ids).rstrip().endswith(m[-1]["content"].rstrip()) for ids, m in zip(inputs, PREFILLED))
+    cfg = base_config(chat_model, tmp_path, prompts=[*PREFILLED, CHATS[0]], pipeline_size=2, batch_size=3,
+                      max_new_tokens=6)
+    records = prompt_records(run_pipeline(cfg, tmp_path, 2))
+    assert [r["prompt_tokens"] for r in records] == [len(ids) for ids in inputs]
+    assert [r["output_ids"] for r in records] == generate_from_ids(chat_model, inputs, 6)
+
+
 @pytest.mark.parametrize("pipeline_size,batch_size", [(1, 1), (1, 3), (2, 1), (2, 3), (3, 1), (3, 3)])
 def test_chat_messages_match_generate(chat_model, tmp_path, pipeline_size, batch_size):
     """Messages in a .jsonl prompts_file (beside a plain string): every record's output is
@@ -313,6 +340,55 @@ def test_stop_strings_match_in_the_generated_text_only(chat_weights, tmp_path, p
     assert [(r["output_ids"], r["stop_reason"]) for r in records] == want
     assert [r["finish_reason"] for r in records] == ["stop", "stop"]
     assert all(len(r["output_ids"]) > 1 for r in records)
+
+
+def test_a_line_replaces_only_the_stops_it_gives(stop_case, tmp_path):
+    """A .jsonl line's "stop" replaces the run's stop strings only, its "stop_token_ids" the run's
+    ids only: a run-level end-of-turn id survives a line that adds stop strings, and the run's stop
+    strings a line that gives ids. Each record is generate()'s with the stops that result."""
+    path, eos, stop_str, stop_id, _, case_ref = stop_case
+    other_id = next(t for t in range(3, 200) if t not in (eos, stop_id, *case_ref[1][0]))  # never emitted there
+    rows = [{"prompt": STOP_PROMPTS[2], "stop": ["QQ"]},            # keeps the run's stop_token_ids
+            {"prompt": STOP_PROMPTS[1], "stop_token_ids": [other_id]}]  # keeps the run's stop strings
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = base_config(path, tmp_path, prompts=None, prompts_file=str(pfile), batch_size=2, stop=[stop_str],
+                      stop_token_ids=[stop_id])
+    records = prompt_records(run_pipeline(cfg, tmp_path, 1))
+    ref = reference_with_stops(path, [STOP_PROMPTS[2], STOP_PROMPTS[1]], 12, eos,
+                               [(("QQ",), (stop_id,)), ((stop_str,), (other_id,))])
+    assert [r["output_ids"] for r in records] == [r[0] for r in ref]
+    assert [(r["finish_reason"], r["stop_reason"]) for r in records] == [("stop", stop_id), ("stop", stop_str)]
+
+
+
+def test_resume_refuses_records_made_under_a_lines_old_settings(stop_case, tmp_path):
+    """A record is made by the rendered prompt and the line's own settings: a rerun after editing
+    only a line's "stop" refuses the resume with one line naming the prompt, the line and what
+    changed (the records made under the old stop are not what the line now asks for); an unchanged
+    file resumes with nothing to do, and resume=false then gives generate()'s outputs under the
+    new stop."""
+    path, eos, stop_str, stop_id, _, _ = stop_case
+    pfile = tmp_path / "p.jsonl"
+
+    def write(stop):
+        rows = [{"prompt": STOP_PROMPTS[0]}, {"prompt": STOP_PROMPTS[1], "stop": stop}]
+        pfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(["zz"])
+    cfg = base_config(path, tmp_path, prompts=None, prompts_file=str(pfile), batch_size=2)
+    first = prompt_records(run_pipeline(cfg, tmp_path, 1))
+    assert len(prompt_records(run_pipeline(cfg, tmp_path, 1))) == 2  # unchanged: resumed, nothing appended
+    write([stop_str])
+    res = launch(cfg, tmp_path, 1)
+    lines = res[0].stderr.strip().splitlines()
+    assert res[0].returncode == 2 and lines[-1].startswith("error: "), res[0].stderr
+    assert "prompt_index=1" in lines[-1] and "line 2" in lines[-1] and stop_str in lines[-1], lines[-1]
+    assert "resume=false" in lines[-1], lines[-1]
+    again = prompt_records(run_pipeline(dict(cfg, resume=False), tmp_path, 1))
+    ref = reference_with_stops(path, STOP_PROMPTS[:2], 12, eos, [((), ()), ((stop_str,), ())])
+    assert [r["output_ids"] for r in again] == [r[0] for r in ref]
+    assert again[1]["output_ids"] != first[1]["output_ids"]  # the old record was not what the line asks now
 
 
 # -- prompt log-probabilities and the scoring mode ------------------------------------------------

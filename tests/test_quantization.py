@@ -226,6 +226,19 @@ def test_bad_quantization_exits_2_with_one_line_on_every_rank(tiny_llama, tmp_pa
         assert len(lines) == 1 and "quantization_options" in lines[0] and "llm_int8_threshold" in lines[0], lines
 
 
+
+def test_skip_module_that_is_no_regular_expression_exits_2_on_every_rank(tiny_llama, tmp_path):
+    """llm_int8_skip_modules entries are matched as regular expressions (as transformers matches
+    them): one that does not compile is one line naming it, exit 2 on every rank, not re.error."""
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=2, quantization="nf4",
+                      quantization_options={"llm_int8_skip_modules": ["mlp.down_proj", "mlp.("]})
+    for res in launch(cfg, tmp_path, 2, timeout=120):
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert len(lines) == 1 and "llm_int8_skip_modules" in lines[0] and "'mlp.('" in lines[0], lines
+    assert not os.path.exists(cfg["output_path"])
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     from pipeinfer.models.tiny import make_model

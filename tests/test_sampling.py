@@ -44,3 +44,21 @@ def test_top_k_one_is_greedy():
     logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(2))
     gens = [prompt_generator(0, i, torch.device("cpu")) for i in range(5)]
     assert torch.equal(sample(logits, SamplingParams(True, 1.0, 1, 1.0), gens), logits.argmax(-1))
+
+
+def test_temperature_floor_keeps_the_scaled_logits_finite():
+    """Below MIN_TEMPERATURE logits / temperature overflow float32 (1e-40: inf, and multinomial
+    raises; on CUDA the device-side assert): the config refuses it. At the floor, float32 logits far
+    larger than any model's stay finite, and sampling is greedy in effect."""
+    import pytest
+
+    from pipeinfer.config import MIN_TEMPERATURE, ConfigError, build_config
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3)) * 1e4  # (B, V) float32
+    assert not torch.isfinite(filter_logits(logits, SamplingParams(True, 1e-40))).all()
+    assert torch.isfinite(filter_logits(logits, SamplingParams(True, MIN_TEMPERATURE))).all()
+    gens = [prompt_generator(0, i, torch.device("cpu")) for i in range(3)]
+    assert torch.equal(sample(logits, SamplingParams(True, MIN_TEMPERATURE), gens), logits.argmax(-1))
+    assert build_config({"model_path": "m", "prompts": ["a"], "temperature": MIN_TEMPERATURE}).temperature == 1e-5
+    with pytest.raises(ConfigError, match=r"temperature=1e-40 is out of range: expected a number >= 1e-05"):
+        build_config({"model_path": "m", "prompts": ["a"], "do_sample": True, "temperature": 1e-40})

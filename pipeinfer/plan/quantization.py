@@ -90,8 +90,23 @@ def resolve(method: str, options: dict, model_config, device_type: str, dtype: s
         q = Quantization(method, "load", threshold=float(options.get("llm_int8_threshold", 6.0)),
                          double_quant=bool(options.get("bnb_4bit_use_double_quant", False)),
                          skip=tuple(options.get("llm_int8_skip_modules", ())), compute_dtype=dtype)
+    _check_skip(q, "the checkpoint's quantization_config" if stored is not None else "quantization_options")
     _check_runs(q, device_type)
     return q
+
+
+def _check_skip(q: Quantization, where: str) -> None:
+    """Each skip entry is a regular expression (select() matches it as transformers does): one that
+    does not compile is bad input here, on every rank, not a re.error in the plan."""
+    for k in q.skip:
+        try:
+            re.compile(k)  # alone first: the error's position is then one in the entry as written
+            re.compile(_skip_pattern(k))
+        except re.error as e:
+            raise ConfigError(f"{where}: llm_int8_skip_modules entry {k!r} is not a valid regular expression ({e}): "
+                              f"entries are matched as regular expressions, as transformers matches them: give "
+                              f"module names such as \"mlp.down_proj\", with a backslash before a literal ( ) [ ] * + ?"
+                              ) from None
 
 
 def _from_checkpoint(stored: dict, method: str, dtype: str) -> Quantization:
@@ -152,11 +167,15 @@ def select(linears, q: Quantization | None) -> set[str]:
     matches llm_int8_skip_modules: a dotted prefix, a regex up to a module boundary, or a suffix)."""
     if q is None:
         return set()
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
 
     def skipped(module: str) -> bool:
-        return any(re.match(rf"(?:{k}){boundary}", module) or module.endswith(k) for k in q.skip)
+        return any(re.match(_skip_pattern(k), module) or module.endswith(k) for k in q.skip)
     return {w for w in linears if not skipped(w.removesuffix(".weight"))}
+
+
+def _skip_pattern(k: str) -> str:
+    """An llm_int8_skip_modules entry as the regular expression select() matches: up to a module boundary."""
+    return rf"(?:{k})(?:(?<=\.)|(?=\.|$))"
 
 
 def out_in(module: nn.Module) -> tuple[int, int]:

@@ -202,6 +202,7 @@ def batch_records(batch, result, prompts: list, tokenizer) -> list[dict]:
                                                batch.prompt_tokens)):
         rec = prompt_record(i, prompts[i].given, tokenizer.decode(ids, skip_special_tokens=True), ids, n, times,
                             result.start_s, prompts[i].text, batch.indices)
+        rec["settings"] = prompts[i].settings  # its .jsonl line's own (stop, ...), which resume compares
         rec["finish_reason"], rec["stop_reason"] = result.finish[b]
         if result.logprobs is not None:
             rec["logprobs"] = logprob_entries(ids, result.logprobs[b], lambda t: tokenizer.decode([t]))

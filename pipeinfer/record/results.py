@@ -1,10 +1,12 @@
 """The results file: append-only JSONL that a rerun of the same config resumes.
 
 Each prompt's record is one complete line, flushed and fsynced before the prompt counts as done.
-A rerun reads the file back (scan_previous): prompts already recorded, matched by prompt_index and
-a hash of the prompt text, are skipped. A torn last line (the writer died mid-write) is cut off
-with a warning; a corrupt line before the end, or records from a different config, refuse the
-start with a one-line ResultsError, so nothing recorded is ever silently mixed or overwritten.
+A rerun reads the file back (scan_previous): prompts already recorded, matched by prompt_index, a
+hash of the rendered prompt text and the prompt's own settings (a .jsonl line's stop, ...), are
+skipped. A torn last line (the writer died mid-write) is cut off with a warning; a corrupt line
+before the end, records from a different config, or a record made under other settings than its
+line now gives, refuse the start with a one-line ResultsError, so nothing recorded is ever
+silently mixed or overwritten.
 With resume=false a new file is started once every rank has loaded its stage; the old one is kept
 as <output_path>.bak, or .bak.1, .bak.2, ... when older backups exist (none is ever replaced).
 
@@ -102,9 +104,12 @@ def read_results(path: str) -> list:
     return records
 
 
-def scan_previous(path: str, config: dict, prompts: list[str], resume: bool, dtype: str | None = None,
+def scan_previous(path: str, config: dict, prompts: list, resume: bool, dtype: str | None = None,
                   device_type: str | None = None) -> Previous:
     """Validate an existing results file for resuming; repair a torn tail. Runs on the writer only.
+
+    prompts: the run's prompts.Prompt (its text, its own settings and where the input gives it), or
+    plain texts (prompts with no settings of their own).
 
     dtype and device_type ("cpu", "cuda") are what this run resolved "auto" to: an earlier run
     that computed in another dtype or on another kind of device refuses the resume, since its
@@ -134,13 +139,32 @@ def scan_previous(path: str, config: dict, prompts: list[str], resume: bool, dty
                                    f"explicitly), or use another output_path, or set resume=false")
         elif kind == "prompt":
             i = rec.get("prompt_index")
-            if not isinstance(i, int) or not 0 <= i < len(prompts) or rec.get("prompt_sha256") != prompt_hash(prompts[i]):
+            known = isinstance(i, int) and 0 <= i < len(prompts)
+            if not known or rec.get("prompt_sha256") != prompt_hash(getattr(prompts[i], "text", prompts[i])):
                 raise ResultsError(f"{path} records prompt_index={i} for a prompt that is not in this run's input "
                                    f"(the prompts changed): use another output_path, or set resume=false")
+            _check_settings(path, i, rec.get("settings") or {}, prompts[i])
             if i in prev.done:
                 raise ResultsError(f"{path} records prompt_index={i} twice: move the file away or set resume=false")
             prev.done.add(i)
     return prev
+
+
+def _check_settings(path: str, i: int, recorded: dict, prompt) -> None:
+    """A prompt's own settings (prompts.LINE_SETTINGS) make its record as much as its text does: a
+    record made under others is not what the input now asks for. Every key is compared, whatever it
+    is; a record without "settings" (an older file) was made with none of its own."""
+    settings, where = getattr(prompt, "settings", {}), getattr(prompt, "where", "") or f"prompt {i}"
+    if recorded == settings:
+        return
+    changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+
+    def said(s: dict) -> str:
+        told = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(s.items()))
+        return told or "the run's settings"
+    raise ResultsError(f"{path} records prompt_index={i} made with {said(recorded)}, but {where} now gives "
+                       f"{said(settings)} ({', '.join(changed)} changed): set resume=false to start over (the old file "
+                       f"is kept as a backup), or use another output_path")
 
 
 class ResultsWriter:
@@ -197,7 +221,7 @@ def check_writable(path: str) -> str | None:
 
 # -- the writer's side of a run's start, in two steps around the ranks' loading -------------------
 
-def check_previous(path: str, config: dict, texts: list[str], resume: bool, dtype: str,
+def check_previous(path: str, config: dict, prompts: list, resume: bool, dtype: str,
                    device_type: str) -> tuple[Previous | None, str | None]:
     """Before loading, on the writer (rank 0): (what output_path already holds, None), or (None, the
     one-line problem) when it cannot be written or resumed. Nothing changes on disk here, but a
@@ -206,7 +230,7 @@ def check_previous(path: str, config: dict, texts: list[str], resume: bool, dtyp
         problem = check_writable(path)
         if problem is not None:
             return None, problem
-        return scan_previous(path, config, texts, resume, dtype, device_type), None
+        return scan_previous(path, config, prompts, resume, dtype, device_type), None
     except (ResultsError, OSError) as e:
         return None, str(e)
 

@@ -2,8 +2,10 @@
 
 A prompt is a plain string (raw text) or a list of {"role": ..., "content": ...} messages. Messages
 are rendered with the checkpoint's chat template (or chat_template, a Jinja file) and
-add_generation_prompt=True, then tokenized with add_special_tokens=False: the template writes its
-own BOS and headers, as apply_chat_template(..., tokenize=True) does. A plain string is tokenized
+add_generation_prompt=True, or, when the last message is the assistant's (a prefilled answer),
+continue_final_message=True, which ends the text inside that message so the model continues it;
+then tokenized with add_special_tokens=False: the template writes its own BOS and headers, as
+apply_chat_template(..., tokenize=True) does. A plain string is tokenized
 as the tokenizer intends (with its BOS, where it adds one), except when the text already starts with
 the BOS token's text, as a prompt rendered by hand from a template does: then the tokenizer adds
 nothing, so that stage 0 never sees two BOS tokens.
@@ -47,15 +49,19 @@ def read_template(path: str) -> str:
 
 
 def render(tokenizer, messages: list[dict], template: str | None, system_prompt: str | None, where: str) -> str:
-    """The text of `messages` as the template renders it, ending with the assistant's header."""
+    """The text of `messages` as the template renders it, ending with the assistant's header, or inside
+    the assistant's own last message, which the model then continues."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{where} is a list of messages but the checkpoint's tokenizer has no chat template: set "
                           f"chat_template to a Jinja template file, or give the prompt as a plain string")
     if system_prompt is not None and messages[0]["role"] != "system":  # a prompt's own system message wins
         messages = [{"role": "system", "content": system_prompt}, *messages]
+    # A new assistant header after the assistant's own message would have the model answer anew,
+    # not go on with the answer it was given (transformers refuses the two flags together).
+    go_on = messages[-1]["role"] == "assistant"
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=not go_on,
+                                             continue_final_message=go_on, tokenize=False)
     except Exception as e:  # Jinja's TemplateError, or whatever the template's own code raises
         said = first_line(e, 160)
         source = "chat_template file" if template is not None else "checkpoint's chat template"

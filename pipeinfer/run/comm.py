@@ -58,6 +58,16 @@ class PipelineProtocolError(PeerFailure):
     PeerFailure, so the rank exits with one line and its peers' waits on it fail at once."""
 
 
+class PostFailure(PeerFailure):
+    """Posting a send or receive raised something other than a closed connection (NCCL could not
+    make the pair's communicator, CUDA out of memory, ...): the message names what, not the peer."""
+
+
+# What gloo says at a post once a peer's connection is gone ("Connection closed by peer [addr]:port",
+# or the socket's own "Connection reset by peer" / "Broken pipe" in a read or write error).
+_CLOSED = ("connection closed", "connection reset", "broken pipe")
+
+
 @dataclass
 class Comm(Rank):
     """This rank's end of the stage-to-stage messages (its rank facts from partition.Rank)."""
@@ -247,12 +257,15 @@ def _frame(hidden: torch.Tensor, control: float) -> torch.Tensor:
 
 def _post(op, tensor: torch.Tensor, peer: int, group, doing: str):
     """dist.isend / dist.irecv. gloo raises at the post itself, not only in the wait, once it has seen
-    the peer's connection close: that too is a PeerFailure, never a traceback."""
+    the peer's connection close: that too is a PeerFailure, never a traceback. Anything else raised
+    there is a PostFailure that names it: the peer is not to blame for this rank's NCCL or memory."""
     try:
         return op(tensor, peer, group=group)
-    except RuntimeError:
-        raise PeerFailure(f"{doing}: rank {peer} is gone (connection closed: it exited, crashed or was killed; "
-                          f"see its log)") from None
+    except RuntimeError as e:
+        if any(s in str(e).lower() for s in _CLOSED):
+            raise PeerFailure(f"{doing}: rank {peer} is gone (connection closed: it exited, crashed or was killed; "
+                              f"see its log)") from None
+        raise PostFailure(f"{doing}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _wait(work, timeout_s: float, doing: str, peer: int) -> None:

@@ -1,12 +1,13 @@
 """Prompts in, padded batches out. Every rank renders and tokenizes the same prompts the same way,
 so every stage knows each batch's shape (B, T) without being told. A prompt is a string or a list of
-chat messages (chat.py renders those), with the run's stops or its own."""
+chat messages (chat.py renders those), with the run's stops or, key by key, its own."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -16,11 +17,18 @@ from pipeinfer.config import ConfigError, ExpConfig, check_value, first_line
 from pipeinfer.run.stops import Stops
 
 
+# What a .jsonl line may set for its own prompt, each key replacing the run's key of that name alone.
+# A record depends on these as much as on the rendered text: each prompt record stores them
+# ("settings") and resume compares them (results.scan_previous), so a key added here is covered there.
+LINE_SETTINGS = ("stop", "stop_token_ids")
+
+
 @dataclass(frozen=True)
 class PromptSpec:
-    """One prompt as the input gives it: a string, or chat messages, with its own stops if any."""
+    """One prompt as the input gives it: a string, or chat messages, with its own settings if any."""
     given: str | list[dict]
-    stops: Stops | None = None  # None: the run's stop / stop_token_ids
+    settings: dict = field(default_factory=dict)  # the line's own LINE_SETTINGS; the run's for the others
+    where: str = ""  # where the input gives it ("prompts[2]", "prompts_file='p.jsonl' line 3"), named in errors
 
 
 @dataclass(frozen=True)
@@ -30,11 +38,13 @@ class Prompt:
     text: str                # what was tokenized: the string, or the rendered messages (hashed for resume)
     ids: list[int]           # stage 0's input, with exactly the special tokens intended (chat.encode)
     stops: Stops
+    settings: dict = field(default_factory=dict)  # its own LINE_SETTINGS: recorded, and compared on resume
+    where: str = ""
 
 
 def load_prompts(cfg: ExpConfig) -> list[PromptSpec]:
     if cfg.prompts is not None:
-        specs = [PromptSpec(p if isinstance(p, str) else check_messages(f"prompts[{i}]", p))
+        specs = [PromptSpec(p if isinstance(p, str) else check_messages(f"prompts[{i}]", p), where=f"prompts[{i}]")
                  for i, p in enumerate(cfg.prompts)]
     else:
         specs = _read_prompts_file(cfg.prompts_file, cfg.messages_field)
@@ -51,7 +61,6 @@ def load_prompts(cfg: ExpConfig) -> list[PromptSpec]:
 def prepare(tokenizer, specs: list[PromptSpec], cfg: ExpConfig) -> list[Prompt]:
     """Render and tokenize every prompt, on every rank alike. ConfigError for a template that fails."""
     template = read_template(cfg.chat_template) if cfg.chat_template is not None else None
-    run_stops = Stops(tuple(cfg.stop or ()), tuple(cfg.stop_token_ids or ()))
     vocab = len(tokenizer)
     out = []
     for i, spec in enumerate(specs):
@@ -60,12 +69,15 @@ def prepare(tokenizer, specs: list[PromptSpec], cfg: ExpConfig) -> list[Prompt]:
         else:
             text = render(tokenizer, spec.given, template, cfg.system_prompt, f"prompt {i}")
             ids = encode(tokenizer, text, rendered=True)
-        stops = spec.stops if spec.stops is not None else run_stops
+        # each key the line sets replaces the run's alone: a run's end-of-turn id survives a line's stop strings
+        own = spec.settings
+        stops = Stops(tuple(own.get("stop", cfg.stop) or ()),
+                      tuple(own.get("stop_token_ids", cfg.stop_token_ids) or ()))
         bad = [t for t in stops.token_ids if t >= vocab]
         if bad:
             raise ConfigError(f"prompt {i}: stop_token_ids {bad} are not among the tokenizer's {vocab} ids: give ids "
                               f"below {vocab}")
-        out.append(Prompt(spec.given, text, ids, stops))
+        out.append(Prompt(spec.given, text, ids, stops, spec.settings, spec.where))
     return out
 
 
@@ -89,18 +101,40 @@ def _read_prompts_file(path: str, messages_field: str = "messages") -> list[Prom
     # Lines end at \n, \r\n or \r only: str.splitlines() would also cut at form feeds, U+2028 and the
     # like, which may sit inside a prompt (and raw inside a JSON string).
     lines = text.split("\n")
-    if path.endswith(".jsonl"):
+    suffix = os.path.splitext(path)[1].lower()  # "P.JSONL" is JSON lines too
+    if suffix == ".json":
+        raise ConfigError(f"prompts_file={path!r} is a .json file: write one JSON object per line "
+                          f"({{\"prompt\": ...}} or {{\"{messages_field}\": [...]}}) in a .jsonl file, or give the "
+                          f"list as the config's prompts")
+    if suffix == ".jsonl":
         prompts = [_jsonl_prompt(path, n, line, messages_field) for n, line in enumerate(lines, 1) if line.strip()]
     else:
-        prompts = [PromptSpec(line) for line in lines if line.strip()]
+        _refuse_json_lines(path, lines, messages_field)
+        prompts = [PromptSpec(line, where=f"prompts_file={path!r} line {n}")
+                   for n, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise ConfigError(f"prompts_file={path!r} holds no prompts: one per line (.txt) or {{\"prompt\": ...}} (.jsonl)")
     return prompts
 
 
+def _refuse_json_lines(path: str, lines: list[str], messages_field: str) -> None:
+    """A text file whose first prompt is a JSON object with a "prompt" or messages field is JSON lines
+    under another name (.ndjson, .txt): read as text, each whole line would become a prompt."""
+    n, first = next(((n, ln) for n, ln in enumerate(lines, 1) if ln.strip()), (0, ""))
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return
+    key = next((k for k in ("prompt", messages_field) if isinstance(row, dict) and k in row), None)
+    if key is not None:
+        raise ConfigError(f"prompts_file={path!r} line {n} is a JSON object with a \"{key}\" field, but only a .jsonl "
+                          f"file is read as JSON lines (this one would give each whole line as a prompt): rename it "
+                          f"to .jsonl")
+
+
 def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSpec:
-    """One .jsonl line: {"prompt": str} or {messages_field: [...]}, with optional "stop" and "stop_token_ids"
-    that replace the run's for this prompt."""
+    """One .jsonl line: {"prompt": str} or {messages_field: [...]}, with optional LINE_SETTINGS ("stop",
+    "stop_token_ids"), each replacing the run's key of that name for this prompt (null or []: none)."""
     where = f"prompts_file={path!r} line {n}"
     try:
         row = json.loads(line)
@@ -115,12 +149,13 @@ def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSp
             raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
     else:
         given = check_messages(f"{where} \"{messages_field}\"", row[messages_field])
-    if "stop" not in row and "stop_token_ids" not in row:
-        return PromptSpec(given)
-    for key in ("stop", "stop_token_ids"):
-        if row.get(key) is not None:
-            check_value(key, row[key], where)
-    return PromptSpec(given, Stops(tuple(row.get("stop") or ()), tuple(row.get("stop_token_ids") or ())))
+    settings = {}
+    for key in LINE_SETTINGS:
+        if key in row:
+            if row[key] is not None:
+                check_value(key, row[key], where)
+            settings[key] = list(row[key] or ())
+    return PromptSpec(given, settings, where)
 
 
 @dataclass(frozen=True)
