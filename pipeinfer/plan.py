@@ -23,6 +23,8 @@ What each number counts (bytes, in the run's dtype):
              stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
   stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
              the next layer's weights move while one computes; one when a single layer streams)
+  scratch    offload only, in max_cpu_memory: the host buffer a streamed tensor stored in another
+             dtype is read into before conversion (the largest such tensor; 0 when none is)
 
 Offload (max_cpu_memory set; offload.offload_ranks): a stage that does not fit max_memory keeps its
 first layers resident, as many as fit beside everything else and the stream buffers; the layers
@@ -61,6 +63,7 @@ class RankPlan:
     placement: tuple[str, ...] = ()    # each layer's: "device" (resident), "host" or "disk" (streamed)
     stream: int = 0                    # device bytes of the buffers streamed layers arrive in
     staging: int = 0                   # pinned host bytes disk reads pass through on CUDA
+    scratch: int = 0                   # host bytes a tensor stored in another dtype is read into, then converted
     cpu_budget: int | None = None      # max_cpu_memory: host bytes for offloaded layers (+ staging)
 
     @property
@@ -83,7 +86,8 @@ class RankPlan:
                "kv_cache": self.kv_cache, "transient": self.transient, "reserve": self.reserve, "total": self.total,
                "budget": self.budget, "fits": self.fits}
         if self.offloaded:
-            rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "cpu_budget": self.cpu_budget,
+            rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "scratch": self.scratch,
+                              "cpu_budget": self.cpu_budget,
                               **{tier: {"layers": self.tier(tier), "bytes": self.tier_bytes(tier)}
                                  for tier in ("device", "host", "disk")},
                               "layer_bytes": dict(zip(map(str, self.layers), self.layer_bytes))}
@@ -305,7 +309,8 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
 
     if cfg.max_cpu_memory is not None:
         from pipeinfer.offload import offload_ranks
-        ranks = offload_ranks(cfg, ranks, budgets, q, tensors, device_type)
+        ranks = offload_ranks(cfg, ranks, budgets, q, tensors, device_type, keys, dtype,
+                              f"{m.family.base}.{m.family.layers}.")
     plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
                 longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes)
     bad = [r for r in ranks if not r.fits]
