@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if ok:
             try:
                 stage, info = load_stage(inputs.plan, rank, inputs.model_config, device, inputs.dtype,
-                                         f"{cfg.offload_folder}/rank{rank}", cfg.trust_remote_code)
+                                         f"{cfg.offload_folder}/rank{rank}", cfg.trust_remote_code, cfg.timeout_s)
             except LoadError as e:
                 problem = str(e)
             ok = comm.all_ok(problem is None, f"agreeing that every rank loaded its stage (a rank that loads for longer "

@@ -14,8 +14,13 @@ layers; the plan keeps the first layers resident and streams the rest.
 
   resident      the runner, pipeline_size 1, no budget: every layer resident (the upper bound)
   offload_disk  the runner, that max_memory and max_cpu_memory 0: streamed layers read in place
-                from the checkpoint's safetensors file (the page cache's copy: the file is read at
-                every step, so after the first step that is where it comes from)
+                from the checkpoint's safetensors file, warm: from the page cache (the file is read
+                at every step, so after the first that is where it comes from): host-memory speed
+  offload_disk_cold  the same, cold: the file's pages dropped from the page cache before the cell
+                (posix_fadvise DONTNEED, no root needed for clean pages), and again before each
+                layer the streamer reads (the rank's reader patched, see cold_rank): every step's
+                reads come from the storage device, as on a node whose page cache cannot keep the
+                streamed layers; mincore checks that the pages went
   offload_host  the same max_memory, max_cpu_memory for all: streamed layers copied from host
                 memory (pinned on CUDA; on CPU a copy within the process, a stand-in)
   pp2_resident  (CPU) the runner at pipeline_size 2, every layer resident, the two ranks sharing the
@@ -28,9 +33,12 @@ layers; the plan keeps the first layers resident and streams the rest.
 Streaming rate: bytes the streamer moved / the reader's busy time (reads and copies; on CUDA the
 side stream's copy time from its events), against the limit measured here the same way without
 the model: the streamed layers' byte ranges read from the file with os.preadv into two alternating
-layer-sized buffers, as the streamer reads (disk), or a layer-sized copy from host memory into a
-device buffer (host: pinned host-to-device on CUDA). Targets (issue 14): offload_disk at least 1.5x accelerate; the streaming rate at least 70%
-of its limit. Every cell's output_ids must equal every other's (else exit 1).
+layer-sized buffers, as the streamer reads (disk: warm from the page cache, and cold with the
+file's pages dropped before each layer), or a layer-sized copy from host memory into a device
+buffer (host: pinned host-to-device on CUDA). accelerate's cell reads from the page cache (warm).
+Targets (issue 14): offload_disk at least 1.5x accelerate; the streaming rate at least 70% of its
+limit (warm: issue 14 set them on page-cache numbers; the cold cell's rate is shown against the
+cold limit, no target). Every cell's output_ids must equal every other's (else exit 1).
 """
 
 from __future__ import annotations
@@ -58,14 +66,24 @@ GPU_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
 
 
 def runner_cell(name: str, model: str, prompts: list[str], tokens: int, device: str, dtype: str, work: str,
-                cores: str, pipeline_size: int = 1, **budgets) -> dict:
+                cores: str, pipeline_size: int = 1, cold: bool = False, **budgets) -> dict:
+    """One run of the runner; cold: the checkpoint's pages dropped first and by the reader before
+    every layer it reads (cold_rank), with the fraction of them cached before the run and the
+    largest of a layer's as its read began (both ~0 when dropping works here)."""
     cfg = dict(model_path=model, prompts=prompts, max_new_tokens=tokens, ignore_eos=True, dtype=dtype, device=device,
                batch_size=1, output_path=os.path.join(work, f"{name}.jsonl"), timeout_s=120, progress=False,
                nvtx=False, offload_folder=os.path.join(work, "offload"), pipeline_size=pipeline_size, **budgets)
     path = os.path.join(work, f"{name}.config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
-    codes = launch([ENTRY, "--config", path], pipeline_size, os.path.join(work, name), 900, cores=cores)
+    cache = {}
+    if cold:
+        files = checkpoint_files(model)
+        drop_pages(files)
+        cache["cached_before"] = cached_fraction([(f, 0, os.path.getsize(f)) for f in files])
+    stats = os.path.join(work, f"{name}.cold.json")
+    argv = [os.path.abspath(__file__), "--cold-rank", stats] if cold else [ENTRY]
+    codes = launch([*argv, "--config", path], pipeline_size, os.path.join(work, name), 900, cores=cores)
     if any(codes):
         return {"error": " | ".join(tail(os.path.join(work, f"{name}.rank{r}.log")) for r, c in enumerate(codes) if c)}
     with open(cfg["output_path"], encoding="utf-8") as f:
@@ -73,8 +91,12 @@ def runner_cell(name: str, model: str, prompts: list[str], tokens: int, device: 
     summary = next(r for r in records if r["type"] == "summary")
     stage = next(r for r in records if r["type"] == "stage")
     plan = next(r for r in records if r["type"] == "run")["plan"]["ranks"][0]
+    if cold:
+        with open(stats) as f:
+            cache.update(json.load(f))
     return {"tokens_per_s": summary["new_tokens"] / summary["wall_s"], "wall_s": summary["wall_s"],
             "offload": stage.get("offload"), "plan": plan, "peak_memory_bytes": stage.get("peak_memory_bytes"),
+            **({"page_cache": cache} if cold else {}),
             "output_ids": [r["output_ids"] for r in sorted((r for r in records if r["type"] == "prompt"),
                                                            key=lambda r: r["prompt_index"])]}
 
@@ -143,35 +165,138 @@ def accelerate_cell(model: str, prompts: list[str], tokens: int, device: str, dt
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def disk_limit(model: str, layers: list[int], repeats: int = 3) -> float:
-    """Bytes/s: the streamed layers' tensors read from the checkpoint with os.preadv, the way the
-    streamer reads them: each layer's tensors packed into one of two layer-sized buffers, taken in
-    turn (a destination the size of a layer is not held in the CPU's caches, as the stream buffers
-    are not); best of `repeats`."""
+def layer_ranges(model: str, layers: list[int]) -> list[list[tuple[str, int, int]]]:
+    """Per layer: (file, offset, nbytes) of each of its tensors in the checkpoint."""
     from pipeinfer.plan.checkpoint import read_headers
 
     tensors = read_headers(model)
-    per_layer = [[(t.file, t.offset, t.nbytes) for k, t in sorted(tensors.items()) if f".layers.{i}." in k]
-                 for i in layers]
+    return [[(t.file, t.offset, t.nbytes) for k, t in sorted(tensors.items()) if f".layers.{i}." in k]
+            for i in layers]
+
+
+def checkpoint_files(model: str) -> list[str]:
+    from pipeinfer.plan.checkpoint import read_headers
+
+    return sorted({t.file for t in read_headers(model).values()})
+
+
+def drop_pages(files) -> None:
+    """The files' pages out of the page cache (POSIX_FADV_DONTNEED: no root needed, but it drops clean
+    pages only, so a model just written is flushed first)."""
+    for f in set(files):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_fraction(ranges: list[tuple[str, int, int]]) -> float:
+    """The fraction of the pages of these (file, offset, nbytes) ranges that are in the page cache,
+    by mincore(2) on a read-only mapping (which reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page, cached, total = mmap.PAGESIZE, 0, 0
+    for f, off, n in ranges:
+        begin, end = off // page * page, -(-(off + n) // page) * page
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, end - begin, mmap.PROT_READ, mmap.MAP_SHARED, fd, begin)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {f} failed")
+            vec = ctypes.create_string_buffer((end - begin) // page)
+            try:
+                if libc.mincore(addr, end - begin, vec) != 0:
+                    raise OSError(ctypes.get_errno(), "mincore failed")
+            finally:
+                libc.munmap(addr, end - begin)
+        finally:
+            os.close(fd)
+        cached += sum(b & 1 for b in vec.raw)
+        total += len(vec.raw)
+    return cached / total if total else 0.0
+
+
+def drop_before_read(fds, ranges: list[tuple[str, int, int]], tries: int = 100) -> float:
+    """The open files' pages out of the page cache before ranges are read, again until mincore finds
+    none of ranges cached (pages still being read ahead are locked, and stay, for a moment); returns
+    the fraction of ranges' pages still cached (0.0 unless tries ran out)."""
+    for _ in range(tries):
+        for fd in fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cached = cached_fraction(ranges)
+        if cached == 0.0:
+            break
+        time.sleep(0.001)
+    return cached
+
+
+def cold_rank(stats_path: str, argv: list[str]) -> None:
+    """The runner as one rank whose streamer drops the checkpoint's pages from the page cache before
+    it reads each layer: every byte of every load comes from the device. (Dropping only the ranges
+    just read leaves pages behind: the page cache holds a file in folios of up to the readahead
+    window, 8 MiB here, and DONTNEED drops only the folios wholly inside a range.) At the end the
+    largest fraction of a layer's pages found cached as its read began (mincore) goes to stats_path."""
+    import runpy
+
+    from pipeinfer.load.streamer import Streamer
+
+    read, record, worst = Streamer._read, Streamer.record, [0.0, 0]
+
+    def read_cold(self, layer, dest: torch.Tensor) -> None:
+        ranges = [(s.file, s.offset, s.nbytes // layer.dtype.itemsize * s.stored.itemsize) for s in layer.sources]
+        worst[0] = max(worst[0], drop_before_read([self._fd(f) for f in {f for f, _, _ in ranges}], ranges))
+        worst[1] += 1
+        read(self, layer, dest)
+
+    def record_and_stats(self) -> dict:
+        rec = record(self)
+        with open(stats_path, "w") as f:
+            json.dump({"cold_layer_reads": worst[1], "cached_at_read_start_max": worst[0]}, f)
+        return rec
+
+    Streamer._read, Streamer.record = read_cold, record_and_stats
+    sys.argv = [ENTRY, *argv]
+    runpy.run_path(ENTRY, run_name="__main__")  # exits (os._exit) with the runner's status
+
+
+def disk_limit(model: str, layers: list[int], repeats: int = 3, cold: bool = False) -> tuple[float, float]:
+    """Bytes/s: the streamed layers' tensors read from the checkpoint with os.preadv, the way the
+    streamer reads them: each layer's tensors packed into one of two layer-sized buffers, taken in
+    turn (a destination the size of a layer is not held in the CPU's caches, as the stream buffers
+    are not); best of `repeats`. cold: the file's pages dropped before each layer (untimed), as
+    cold_rank does (so every byte comes from the device), else read from the page cache. Also
+    returns the largest fraction of a layer's pages cached as its read began (mincore: 0 cold)."""
+    per_layer = layer_ranges(model, layers)
     size = max(sum(n for _, _, n in ranges) for ranges in per_layer)
     bufs = [memoryview(bytearray(size)) for _ in range(2)]
     fds = {f: os.open(f, os.O_RDONLY) for ranges in per_layer for f, _, _ in ranges}
-    best = float("inf")
+    best, cached = float("inf"), 0.0
     try:
         for _ in range(repeats):
-            t = time.perf_counter()
+            spent = 0.0
             for k, ranges in enumerate(per_layer):
+                cached = max(cached, drop_before_read(fds.values(), ranges) if cold else cached_fraction(ranges))
+                t = time.perf_counter()
                 buf, begin = bufs[k % 2], 0
                 for f, off, n in ranges:
                     done = 0
                     while done < n:
                         done += os.preadv(fds[f], [buf[begin + done:begin + n]], off + done)
                     begin += n
-            best = min(best, time.perf_counter() - t)
+                spent += time.perf_counter() - t
+            best = min(best, spent)
     finally:
         for fd in fds.values():
             os.close(fd)
-    return sum(n for ranges in per_layer for _, _, n in ranges) / best
+    return sum(n for ranges in per_layer for _, _, n in ranges) / best, cached
 
 
 def host_limit(device: torch.device, nbytes: int, repeats: int = 5) -> float:
@@ -191,6 +316,8 @@ def host_limit(device: torch.device, nbytes: int, repeats: int = 5) -> float:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--cold-rank"]:  # a rank of the offload_disk_cold cell: a path, then the runner's arguments
+        cold_rank(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="2 prompts x 16 tokens (default 4 x 48), one round")
@@ -231,6 +358,8 @@ def main() -> int:
         "resident": lambda tag: runner_cell(tag, model, prompts, tokens, args.device, dtype, work, cores),
         "offload_disk": lambda tag: runner_cell(tag, model, prompts, tokens, args.device, dtype, work, cores,
                                                 max_memory=budget, max_cpu_memory=0),
+        "offload_disk_cold": lambda tag: runner_cell(tag, model, prompts, tokens, args.device, dtype, work, cores,
+                                                     cold=True, max_memory=budget, max_cpu_memory=0),
         "offload_host": lambda tag: runner_cell(tag, model, prompts, tokens, args.device, dtype, work, cores,
                                                 max_memory=budget, max_cpu_memory=all_layers),
         # the other way to fit: a second node (here a second process on the other core), all resident
@@ -252,7 +381,11 @@ def main() -> int:
     plan = cells["offload_disk"].get("plan") or {}
     dev = torch.device(args.device)
     streamed = plan.get("offload", {}).get("disk", {}).get("layers", [])
-    limits = {"disk": disk_limit(model, streamed), "host": host_limit(dev, layer_bytes)}
+    (warm, warm_cached), (cold, cold_cached) = disk_limit(model, streamed), disk_limit(model, streamed, cold=True)
+    limits = {"disk": warm, "disk_cold": cold, "host": host_limit(dev, layer_bytes)}
+    # mincore's check that the cold numbers are the device's: ~0 of the bytes cached when a read began
+    page_cache = {"limit_cold_cached_max": cold_cached, "limit_warm_cached_max": warm_cached,
+                  **cells.get("offload_disk_cold", {}).get("page_cache", {})}
 
     failed = [n for n, c in cells.items() if "error" in c]
     for n in failed:
@@ -263,9 +396,11 @@ def main() -> int:
     print(f"model {model}: {shape['num_hidden_layers']} layers of {layer_bytes / mib:.1f} MiB ({dtype}), "
           f"{len(prompts)} prompts x {tokens} new tokens, batch 1, {args.device}; max_memory {budget / mib:.1f} MiB "
           f"(all resident: {free['total'] / mib:.1f} MiB)")
-    print("| cell | tokens/s | vs accelerate | vs resident | resident layers | streamed layers | waiting for "
-          "weights s | streamed GiB | streaming rate GB/s | limit GB/s | rate / limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| cell | reads from | tokens/s | vs accelerate | vs resident | resident layers | streamed layers | "
+          "waiting for weights s | streamed GiB | streaming rate GB/s | limit GB/s | rate / limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    source = {"offload_disk": "page cache (warm)", "offload_disk_cold": "disk, pages dropped (cold)",
+              "offload_host": "host memory", "accelerate": "page cache (warm)" if not cuda else "host memory"}
     acc = cells["accelerate"].get("tokens_per_s")
     res = cells["resident"].get("tokens_per_s")
     rows = {}
@@ -277,7 +412,7 @@ def main() -> int:
         row = {"tokens_per_s": tps, "vs_accelerate": tps / acc if acc else None,
                "vs_resident": tps / res if res else None, "rounds": c.get("rounds")}
         if o:
-            tier = "disk" if o["disk_layers"] else "host"
+            tier = ("disk_cold" if name == "offload_disk_cold" else "disk") if o["disk_layers"] else "host"
             rate = o["weights_moved_bytes"] / o["weights_load_s"] if o["weights_load_s"] else None
             row.update(resident=o["device_layers"], streamed=o["disk_layers"] + o["host_layers"], tier=tier,
                        wait_s=o["weights_wait_s"], moved=o["weights_moved_bytes"], rate=rate, limit=limits[tier],
@@ -289,7 +424,8 @@ def main() -> int:
 
         def num(v, f):
             return "-" if v is None else format(v, f)
-        print(f"| {name} | {tps:.2f} | {num(row['vs_accelerate'], '.2f')} | {num(row['vs_resident'], '.2f')} | "
+        print(f"| {name} | {source.get(name, '-')} | {tps:.2f} | {num(row['vs_accelerate'], '.2f')} | "
+              f"{num(row['vs_resident'], '.2f')} | "
               f"{len(row.get('resident', range(shape['num_hidden_layers'])))} | {len(row.get('streamed', []))} | "
               f"{num(row.get('wait_s'), '.2f')} | {num(row.get('moved') and row['moved'] / 2**30, '.2f')} | "
               f"{num(row.get('rate') and row['rate'] / 1e9, '.2f')} | "
@@ -298,6 +434,11 @@ def main() -> int:
         print(f"accelerate: max_memory {cells['accelerate']['max_memory']}, offloaded layers "
               f"{cells['accelerate']['offloaded_layers']}")
     print("outputs: " + ("MISMATCH between cells" if mismatch else f"identical in all {len(ok)} cells"))
+    if "cold_layer_reads" in page_cache:
+        print(f"page cache (mincore): offload_disk_cold: {page_cache['cached_before']:.3f} of the checkpoint cached "
+              f"after the drop before the cell, at most {page_cache['cached_at_read_start_max']:.3f} of a layer as "
+              f"each of its {page_cache['cold_layer_reads']} layer reads began; disk limit: at most "
+              f"{cold_cached:.3f} cold, {warm_cached:.3f} warm")
     targets = {"offload_disk_vs_accelerate >= 1.5": rows.get("offload_disk", {}).get("vs_accelerate"),
                "offload_disk rate / limit >= 0.7": rows.get("offload_disk", {}).get("rate_over_limit"),
                "offload_host rate / limit >= 0.7": rows.get("offload_host", {}).get("rate_over_limit")}
@@ -307,7 +448,8 @@ def main() -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(dev), "rows": rows, "limits": limits, "budget": budget, "targets": targets,
+            json.dump({"machine": machine(dev), "rows": rows, "limits": limits, "page_cache": page_cache,
+                       "budget": budget, "targets": targets,
                        "cells": {n: {k: v for k, v in c.items() if k != "output_ids"} for n, c in cells.items()}},
                       f, indent=1)
     return 1 if failed or mismatch else 0

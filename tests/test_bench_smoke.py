@@ -37,3 +37,48 @@ def test_decode_scaling_runs_with_right_tokens(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["windows"]) == 3 and result["decode_steps"] == 48 - 1
     assert result["output_matches_generate"] is True
+
+
+def _filesystem(path: str) -> str:
+    """The type of the filesystem holding path (/proc/mounts: the longest mount point above it)."""
+    path, best = os.path.realpath(path), ("", "?")
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount, kind = line.split()[:3]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+                best = (mount, kind)
+    return best[1]
+
+
+def test_offload_bench_reads_the_cold_disk_cell_with_the_pages_dropped(tmp_path):
+    """bench/offload.py's cold disk cell and cold limit: the checkpoint's pages are out of the page
+    cache (mincore) as each streamed layer's read begins, the warm limit's are in; and the cold
+    cell's tokens equal generate()'s."""
+    from conftest import TINY, reference_outputs, require
+    from pipeinfer.config import build_config
+    from pipeinfer.plan.make import plan_for_run
+    from pipeinfer.plan.model import read_model_config
+    from pipeinfer.models.tiny import make_model
+
+    kind = _filesystem(str(tmp_path))
+    require(None if kind not in ("tmpfs", "ramfs", "overlay") else
+            f"the temporary directory is on {kind}, whose pages are its storage (DONTNEED cannot drop them): "
+            f"set TMPDIR to a disk-backed directory")
+    sys.path.insert(0, BENCH)
+    import offload as bench
+
+    model = make_model(str(tmp_path / "llama"), seed=1, **TINY)
+    prompts, tokens = ["Hello", "a"], 6
+    free = plan_for_run(build_config(dict(model_path=model, prompts=prompts, max_new_tokens=tokens)),
+                        read_model_config(model), 16, "float32", "cpu").ranks[0]
+    cell = bench.runner_cell("cold", model, prompts, tokens, "cpu", "float32", str(tmp_path), "0", cold=True,
+                             max_memory=free.total - 2 * free.layer_bytes[0], max_cpu_memory=0)  # 3 or 4 of 5 streamed
+    assert "error" not in cell, cell.get("error")
+    disk = cell["offload"]["disk_layers"]
+    assert len(disk) >= 3, cell["offload"]
+    cache = cell["page_cache"]
+    assert cache["cached_before"] == 0.0 and cache["cached_at_read_start_max"] == 0.0, cache
+    assert cache["cold_layer_reads"] >= tokens * len(disk), cache  # every step's loads, warm-up included
+    assert cell["output_ids"] == reference_outputs(model, prompts, tokens, ignore_eos=True)
+    (_, cold), (_, warm) = bench.disk_limit(model, disk, repeats=2, cold=True), bench.disk_limit(model, disk, 2)
+    assert cold == 0.0 and warm == 1.0, (cold, warm)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeinfer.config import ExpConfig
 from pipeinfer.load import LoadError
 from pipeinfer.models.families import Family, family_for
 from pipeinfer.plan.partition import StagePlan
@@ -146,11 +147,12 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
         the_plan = plan_for_run(cfg, config, longest_prompt, str(dtype).removeprefix("torch."), device.type)
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    return load_stage(the_plan, plan.rank, config, device, dtype, offload_folder, cfg.trust_remote_code)
+    return load_stage(the_plan, plan.rank, config, device, dtype, offload_folder, cfg.trust_remote_code,
+                      cfg.timeout_s)
 
 
 def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch.dtype, offload_folder: str,
-               trust_remote_code: bool = False) -> tuple[Stage, StageInfo]:
+               trust_remote_code: bool = False, timeout_s: float = ExpConfig.timeout_s) -> tuple[Stage, StageInfo]:
     """Build rank `rank`'s Stage as `plan` (a plan.Plan) says, reading only its own tensors.
 
     From safetensors: the model's skeleton on the meta device (buffers real, built as from_pretrained
@@ -158,6 +160,7 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
     and converted to `dtype` as it goes; the file is opened per tensor, so its mapped pages are let
     go before the next one: bytes read and peak memory follow the stage, not the checkpoint. A
     pickle checkpoint (allow_pickle) goes through from_pretrained with the plan's device_map.
+    timeout_s (the run's) bounds an offloaded stage's every wait for its weights (load/streamer.py).
     """
     config = model_config
     family = family_for(config.model_type)
@@ -195,8 +198,8 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
             if buf is not None:
                 module._buffers[name] = buf.to(device)
     if streamed:
-        stage.streamer = Streamer.attach(list(layers), mine, plan, device, dtype,
-                                         f"{family.base}.{family.layers}.")
+        stage.streamer = Streamer.attach(list(layers), mine, plan, device, dtype, f"{family.base}.{family.layers}.",
+                                         timeout_s)
     param_bytes = held_bytes(stage)
     log.info("rank %d holds %d bytes of parameters%s", rank, param_bytes,
              f" ({plan.quantization.method}, {plan.quantization.source})" if plan.quantization else "")

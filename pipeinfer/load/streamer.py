@@ -12,7 +12,8 @@ copies let go of the GIL) reads a disk layer's tensors in place from the checkpo
 files, never a copy of them, and on CUDA copies host bytes to the device on a side stream, ordered
 by events (the buffer's last user has finished before it is overwritten; the layer runs only after
 its copy). The order is the stage's: after the last streamed layer comes the first again, for the
-next step, so it loads while the resident layers compute. Resident layers never move.
+next step, so it loads while the resident layers compute. Resident layers never move. Every wait
+for the reader is bounded by the run's timeout_s (OffloadError, one line from the runner).
 
 On CPU the "device" is the process itself and the host tier is copied into the buffer all the same:
 a stand-in for the host-to-device copy, so that every path but the CUDA stream runs in the tests.
@@ -22,10 +23,14 @@ mean holding the pipe back, which the round-robin schedule (generation.py) does 
 
 Not accelerate's hooks: its offload hooks move each weight when the module is called, synchronously,
 one tensor at a time (bench/offload.py measures the difference).
+
+Over 300 lines on purpose: one class whose hooks, reader thread and bounded waits share the same
+buffer state (free, pending, active slots); split, that state would pass between files.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeinfer.config import ExpConfig
 from pipeinfer.load import LoadError
 
 log = logging.getLogger(__name__)
@@ -87,17 +93,25 @@ class _Layer:
         self.nbytes = sum(s.nbytes for s in sources)
         self.host: torch.Tensor | None = None  # the host tier's packed bytes
 
+    def converted(self) -> int:
+        """Bytes of the largest tensor stored in another dtype than the run's (0: none)."""
+        return max((s.nbytes // self.dtype.itemsize * s.stored.itemsize for s in self.sources
+                    if s.stored != self.dtype), default=0)
+
 
 class _Job:
-    def __init__(self, layer: _Layer, slot: int):
-        self.layer, self.slot, self.done, self.error = layer, slot, threading.Event(), None
+    """What the reader thread does for one layer (run), and when it is done."""
+
+    def __init__(self, layer: _Layer, slot: int | None, run):
+        self.layer, self.slot, self.run, self.done, self.error = layer, slot, run, threading.Event(), None
 
 
 class Streamer:
     """Brings a stage's streamed layers in, in order, one ahead; see the module docstring."""
 
-    def __init__(self, layers: list[_Layer], device: torch.device, stage_layers: range, resident: list[int]):
-        self.layers, self.device = layers, device
+    def __init__(self, layers: list[_Layer], device: torch.device, stage_layers: range, resident: list[int],
+                 timeout_s: float = ExpConfig.timeout_s):
+        self.layers, self.device, self.timeout_s = layers, device, timeout_s
         self.cuda = device.type == "cuda"
         self.stage_layers, self.resident = stage_layers, resident
         self.size = max(layer.nbytes for layer in layers)
@@ -119,7 +133,9 @@ class Streamer:
         self.order = {layer.index: k for k, layer in enumerate(layers)}
         self.free, self.pending, self.active, self.cursor = deque(range(nslots)), {}, {}, 0
         self.fds: dict[str, int] = {}
-        self.scratch = torch.empty(0, dtype=torch.uint8)  # stored bytes awaiting a dtype conversion, reused
+        self.reading: str | None = None  # the file the reader is in a read of, for the message if it never returns
+        # stored bytes awaiting a dtype conversion: host memory, sized once as the plan sizes it (RankPlan.scratch)
+        self.scratch = torch.empty(max(layer.converted() for layer in layers), dtype=torch.uint8)
         self.reset_stats()
         self.jobs: queue.Queue = queue.Queue()
         threading.Thread(target=self._worker, name="pipeinfer-offload", daemon=True).start()
@@ -135,9 +151,10 @@ class Streamer:
 
     @classmethod
     def attach(cls, layers: list[nn.Module], rank_plan, plan, device: torch.device, dtype: torch.dtype,
-               prefix: str) -> "Streamer | None":
+               prefix: str, timeout_s: float = ExpConfig.timeout_s) -> "Streamer | None":
         """Stream the stage's host and disk layers (rank_plan.placement), their parameters on meta;
-        the host tier is read into (pinned, on CUDA) memory here. prefix: "model.layers."."""
+        the host tier is read into (pinned, on CUDA) memory here. prefix: "model.layers.".
+        timeout_s bounds every wait for the reader (the run's timeout_s)."""
         streamed = []
         for local, (index, tier) in enumerate(zip(rank_plan.layers, rank_plan.placement)):
             if tier == "device":
@@ -155,11 +172,15 @@ class Streamer:
             streamed.append(_Layer(index, module, tier, sources, dtype))
         if not streamed:
             return None
-        self = cls(streamed, device, rank_plan.layers, rank_plan.tier("device"))
+        self = cls(streamed, device, rank_plan.layers, rank_plan.tier("device"), timeout_s)
         for layer in streamed:
             if layer.tier == "host":
                 layer.host = _pinned(layer.nbytes) if self.cuda else torch.empty(layer.nbytes, dtype=torch.uint8)
-                self._read(layer, layer.host)
+                job = _Job(layer, None, functools.partial(self._read, layer, layer.host))
+                self.jobs.put(job)  # by the reader, so that a read that never returns ends in timeout_s too
+                self._wait(job)
+                if job.error is not None:
+                    raise job.error
         self._fill()  # the first layers' loads start now, while the stage warms up
         log.info("rank %d streams %d of its %d layers: %s", rank_plan.rank, len(streamed), len(rank_plan.layers),
                  ", ".join(f"{tier} {rank_plan.tier(tier)} ({rank_plan.tier_bytes(tier)} bytes)"
@@ -173,14 +194,27 @@ class Streamer:
         self.copies: list = []  # CUDA: (begin, end) events of each copy to the device
         self.stalls: list = []  # CUDA: (begin, end) events around the compute stream's wait for a copy
 
+    def _wait(self, job: _Job) -> None:
+        """Until the reader has done job, at most timeout_s: a read that never returns (a stuck network
+        filesystem) ends the rank with one line, as a silent peer does (comm.py), instead of holding it
+        while its peers give up (SIGTERM only sets a flag, read between steps)."""
+        if not job.done.wait(self.timeout_s):
+            stuck = f"a read of {self.reading} has not returned" if self.reading else "the reader has not finished"
+            raise OffloadError(f"layer {job.layer.index}'s weights did not arrive within timeout_s={self.timeout_s:g} "
+                               f"({stuck}): check the filesystem that holds the checkpoint (a stuck network "
+                               f"mount?), or raise timeout_s if reads there are this slow")
+
     def _drain(self) -> None:
         for job in list(self.pending.values()):
-            job.done.wait()
+            self._wait(job)
 
     def close(self) -> None:
         """Stop the reader (after the loads in flight) and close the checkpoint files; the buffers go
         with the streamer. For processes that load more than one stage (tests, benchmarks)."""
-        self._drain()
+        try:
+            self._drain()
+        except OffloadError:  # a read that never returns: its (daemon) thread is left to it
+            pass
         self.jobs.put(None)
         for fd in self.fds.values():
             os.close(fd)
@@ -208,7 +242,7 @@ class Streamer:
         return {"device_layers": self.resident, "host_layers": tiers["host"], "disk_layers": tiers["disk"],
                 "host_bytes": sum(x.nbytes for x in self.layers if x.tier == "host"),
                 "disk_bytes": sum(x.nbytes for x in self.layers if x.tier == "disk"),
-                "stream_buffer_bytes": self.size * len(self.slots),
+                "stream_buffer_bytes": self.size * len(self.slots), "scratch_bytes": self.scratch.nbytes,
                 "weights_wait_s": self.wait_s, "weights_load_s": self.load_s, "weights_moved_bytes": self.moved,
                 "weights_read_bytes": self.read, "layer_loads": self.loads}
 
@@ -216,9 +250,14 @@ class Streamer:
 
     def _before(self, module: nn.Module, args) -> None:
         layer = self.by_module[id(module)]
+        # layers run one at a time: a layer still bound is one whose forward raised (its forward hook
+        # never ran); its buffer goes back to the prefetch, or the stage would stream with one from now on
+        for index in list(self.active):
+            self._release(self.layers[self.order[index]])
         job = self.pending.pop(layer.index, None) or self._resync(layer)
+        self._fill()
         t0 = time.perf_counter()
-        job.done.wait()
+        self._wait(job)
         self.wait_s += time.perf_counter() - t0
         if job.error is not None:
             self.free.append(job.slot)
@@ -256,17 +295,16 @@ class Streamer:
         while self.free:
             layer = self.layers[self.cursor]
             self.cursor = (self.cursor + 1) % len(self.layers)
-            job = _Job(layer, self.free.popleft())
+            slot = self.free.popleft()
+            job = _Job(layer, slot, functools.partial(self._load, layer, slot))
             self.pending[layer.index] = job
             self.jobs.put(job)
 
     def _resync(self, layer: _Layer) -> _Job:
         """A layer called out of order (a forward that raised half-way, a layer skipped): drop what is
         in flight and start again from this layer."""
-        for index in list(self.active):
-            self._release(self.layers[self.order[index]])
         for job in self.pending.values():
-            job.done.wait()
+            self._wait(job)
             self.free.append(job.slot)
         self.pending.clear()
         self.cursor = self.order[layer.index]
@@ -281,7 +319,7 @@ class Streamer:
             if job is None:
                 return
             try:
-                self._load(job.layer, job.slot)
+                job.run()
             except BaseException as e:  # handed to the compute side, which raises it
                 job.error = e if isinstance(e, OffloadError) else OffloadError(f"layer {job.layer.index}: {e}")
             finally:
@@ -331,8 +369,6 @@ class Streamer:
             if src.stored == layer.dtype:
                 self._pread(src.file, out, src.offset)
             else:  # e.g. a bfloat16 checkpoint run in float16 on a T4: read, then convert into place
-                if self.scratch.numel() < stored:
-                    self.scratch = torch.empty(stored, dtype=torch.uint8)
                 raw = self.scratch[:stored]
                 self._pread(src.file, raw, src.offset)
                 out.view(layer.dtype).copy_(raw.view(src.stored))
@@ -351,10 +387,14 @@ class Streamer:
     def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
         fd = self._fd(file)
         view, done = memoryview(out.numpy()).cast("B"), 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise OffloadError(f"{file} ended {len(view) - done} bytes early while streaming an offloaded layer: "
-                                   f"the checkpoint changed during the run; copy it again and rerun")
-            done += got
+        self.reading = file
+        try:
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
+                    raise OffloadError(f"{file} ended {len(view) - done} bytes early while streaming an offloaded "
+                                       f"layer: the checkpoint changed during the run; copy it again and rerun")
+                done += got
+        finally:
+            self.reading = None
 

@@ -103,7 +103,8 @@ def format_table(out: dict) -> str:
                 f"{tier} {_spans(o[tier]['layers'])} ({o[tier]['bytes'] / mib:.1f} MiB)"
                 for tier in ("device", "host", "disk") if o[tier]["layers"])
                 + f"; stream buffers {o['stream_buffers'] / mib:.1f} MiB (counted in total)"
-                + (f", pinned staging {o['staging'] / mib:.1f} MiB" if o["staging"] else ""))
+                + (f", pinned staging {o['staging'] / mib:.1f} MiB" if o["staging"] else "")
+                + (f", dtype-conversion buffer {o['scratch'] / mib:.1f} MiB (host)" if o.get("scratch") else ""))
     if out["budgets"] is None:
         lines.append("no budget: pass --device-memory 16GiB (or set max_memory) to check the fit")
     else:

@@ -33,6 +33,7 @@ class RankPlan:
     placement: tuple[str, ...] = ()    # each layer's: "device" (resident), "host" or "disk" (streamed)
     stream: int = 0                    # device bytes of the buffers streamed layers arrive in
     staging: int = 0                   # pinned host bytes disk reads pass through on CUDA
+    scratch: int = 0                   # host bytes a tensor stored in another dtype is read into, then converted
     cpu_budget: int | None = None      # max_cpu_memory: host bytes for offloaded layers (+ staging)
 
     @property
@@ -55,7 +56,8 @@ class RankPlan:
                "kv_cache": self.kv_cache, "transient": self.transient, "reserve": self.reserve, "total": self.total,
                "budget": self.budget, "fits": self.fits}
         if self.offloaded:
-            rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "cpu_budget": self.cpu_budget,
+            rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "scratch": self.scratch,
+                              "cpu_budget": self.cpu_budget,
                               **{tier: {"layers": self.tier(tier), "bytes": self.tier_bytes(tier)}
                                  for tier in ("device", "host", "disk")},
                               "layer_bytes": dict(zip(map(str, self.layers), self.layer_bytes))}

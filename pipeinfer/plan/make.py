@@ -23,6 +23,8 @@ What each number counts (bytes, in the run's dtype):
              stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
   stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
              the next layer's weights move while one computes; one when a single layer streams)
+  scratch    offload only, in max_cpu_memory: the host buffer a streamed tensor stored in another
+             dtype is read into before conversion (the largest such tensor; 0 when none is)
 
 Offload (max_cpu_memory set; offload.offload_ranks): a stage that does not fit max_memory keeps its
 first layers resident, as many as fit beside everything else and the stream buffers; the layers
@@ -84,7 +86,8 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
             raise ConfigError(str(e)) from None
 
     if cfg.max_cpu_memory is not None:
-        ranks = offload_ranks(cfg, ranks, budgets, q, tensors, device_type)
+        ranks = offload_ranks(cfg, ranks, budgets, q, tensors, device_type, keys, dtype,
+                              f"{m.family.base}.{m.family.layers}.")
     plan = Plan(cfg.model_path, m.family.name, m.num_layers, dtype, device_type, cfg.layer_split, tuple(slots),
                 longest_prompt, capacity, tuple(ranks), keys, tensors, q, sizes)
     bad = [r for r in ranks if not r.fits]

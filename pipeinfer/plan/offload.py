@@ -11,11 +11,16 @@ import dataclasses
 from pipeinfer.config import ConfigError, ExpConfig, human_bytes, per_rank
 from pipeinfer.plan.layout import RankPlan
 
+# the run's dtype as safetensors names it in a header
+_STORED = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
 
 def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
-                  device_type: str) -> list[RankPlan]:
+                  device_type: str, keys: dict[str, str] | None, dtype: str, prefix: str) -> list[RankPlan]:
     """Each rank over its device budget with its layers placed in host memory and on disk (see
-    make.py's docstring); ConfigError when even every layer streamed leaves too little room."""
+    make.py's docstring); ConfigError when even every layer streamed leaves too little room.
+    keys: parameter name -> checkpoint tensor name; dtype: the run's; prefix: the layers' names
+    ("model.layers."): which layers' tensors the streamer converts as it reads them."""
     if budgets is None:
         raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
                           "set: set max_memory (the device budget per rank) too")
@@ -39,7 +44,21 @@ def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | No
                           f"reserve {r.reserve} + stream buffers {_buffers(lw)} = {least_budget(r)} bytes): "
                           f"raise it to at least {least} bytes ({human_bytes(least)}), lower batch_size or "
                           f"max_new_tokens, or use a larger pipeline_size")
-    return [r if r.fits else _place(r, c, device_type) for r, c in zip(ranks, cpu)]
+    return [r if r.fits else _place(r, c, device_type, _converted(r, keys, tensors, dtype, prefix))
+            for r, c in zip(ranks, cpu)]
+
+
+def _converted(r: RankPlan, keys: dict[str, str], tensors, dtype: str, prefix: str) -> tuple[int, ...]:
+    """Per layer of rank r's stage: bytes of its largest tensor stored in another dtype than the
+    run's (0: none), which the streamer reads into its scratch buffer and converts from there."""
+    run = _STORED[dtype]
+    largest = dict.fromkeys(r.layers, 0)
+    for name, key in keys.items():
+        if name.startswith(prefix) and tensors[key].dtype != run:
+            i = int(name[len(prefix):].split(".")[0])
+            if i in largest:
+                largest[i] = max(largest[i], tensors[key].nbytes)
+    return tuple(largest.values())
 
 
 def least_budget(r: RankPlan) -> int:
@@ -53,8 +72,10 @@ def _buffers(lw) -> int:
     return min(2, len(lw)) * max(lw)
 
 
-def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
-    """The first layers resident, as many as fit with two stream buffers; then host, then disk."""
+def _place(r: RankPlan, cpu_budget: int, device_type: str, converted: tuple[int, ...]) -> RankPlan:
+    """The first layers resident, as many as fit with two stream buffers; then host, then disk.
+    Host memory holds, before the host tier, the buffers the reader passes bytes through: the CUDA
+    staging and the scratch a tensor stored in another dtype is read into (converted: per layer)."""
     lw = list(r.layer_bytes)
     fixed = r.weights - sum(lw) + r.kv_cache + r.transient + r.reserve
 
@@ -66,17 +87,24 @@ def _place(r: RankPlan, cpu_budget: int, device_type: str) -> RankPlan:
 
     keep = next(k for k in range(len(lw) - 1, -1, -1) if fixed + sum(lw[:k]) + stream_for(k) <= r.budget)
     streamed, stream = lw[keep:], stream_for(keep)
+    # host memory on CUDA as on CPU (allocated once, held for the run; see Streamer._read)
+    scratch = max(converted[keep:])
     # disk reads pass through pinned buffers on CUDA (on CPU they land in the stream buffers directly)
-    staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget else 0
-    if staging > cpu_budget:
-        raise ConfigError(f"max_cpu_memory[{r.rank}]={cpu_budget} bytes cannot hold the pinned buffers that rank "
-                          f"{r.rank}'s disk reads pass through on CUDA ({staging} bytes: two of its largest streamed "
-                          f"layer): raise it to at least {staging} bytes ({human_bytes(staging)})")
-    room, placement = cpu_budget - staging, ["device"] * keep
+    staging = stream if device_type == "cuda" and sum(streamed) > cpu_budget - scratch else 0
+    if staging + scratch > cpu_budget:
+        held = ([f"the pinned buffers that rank {r.rank}'s disk reads pass through on CUDA ({staging} bytes: two of "
+                 f"its largest streamed layer)"] if staging else []) + \
+               ([f"the buffer that a tensor stored in another dtype is read into before it is converted to the "
+                 f"run's ({scratch} bytes: rank {r.rank}'s largest streamed such tensor; run in the checkpoint's "
+                 f"dtype to need none)"] if scratch else [])
+        need = staging + scratch
+        raise ConfigError(f"max_cpu_memory[{r.rank}]={cpu_budget} bytes cannot hold {' and '.join(held)}: raise it "
+                          f"to at least {need} bytes ({human_bytes(need)})")
+    room, placement = cpu_budget - staging - scratch, ["device"] * keep
     for b in streamed:
         on_host = placement[-1:] != ["disk"] and b <= room
         placement.append("host" if on_host else "disk")
         room -= b if on_host else 0
     staging = staging if "disk" in placement else 0
     return dataclasses.replace(r, weights=r.weights - sum(streamed), placement=tuple(placement), stream=stream,
-                               staging=staging, cpu_budget=cpu_budget)
+                               staging=staging, scratch=scratch, cpu_budget=cpu_budget)
