@@ -414,3 +414,41 @@ def test_replicas_job_array_kill_one_task_resubmit_and_merge(tmp_path, model_dir
     assert [r["output_ids"] for r in merged] == reference.result()
     # replica 1 ran twice (cancelled, then resumed): two run records in its file, no prompt twice
     assert [r["replica"] for r in records if r["type"] == "run"].count(1) == 2
+
+
+def test_sweep_submits_one_array_per_node_count_and_resubmits_nothing(tmp_path, model_dir, reference):
+    """A 2 x 2 x 2 sweep through Slurm: the cell that cannot fit is listed and not submitted, the
+    others run as one job array per node count, and a rerun of the sweep submits nothing new."""
+    base = {"model_path": str(model_dir), "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "device": "cpu",
+            "dtype": "float32", "timeout_s": 60}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    spec = {"base": str(tmp_path / "base.json"), "out": str(tmp_path / "sweep"), "device_memory": "2.5MiB",
+            "axes": {"pipeline_size": [1, 2], "batch_size": [1, 4], "quantization": ["none", "int8"]}}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    env = job_env(CONTAINER_IMAGE="none")
+
+    def run_sweep():
+        res = subprocess.run([sys.executable, "-m", "pipeinfer.sweep", str(tmp_path / "sweep.json"), "--submit"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    out = run_sweep()
+    jobs = json.loads((tmp_path / "sweep" / "jobs.json").read_text())
+    meta = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    dropped = [c["name"] for c in meta["cells"] if not c["fits"]]
+    assert dropped and set(jobs) == {c["name"] for c in meta["cells"] if c["fits"]}, out
+    assert all(f"dropped {name}: " in out for name in dropped)
+    assert len({job.split("_")[0] for job in jobs.values()}) == len({c["nodes"] for c in meta["cells"] if c["fits"]})
+    try:
+        for name, job in jobs.items():
+            assert job_state(job, timeout_s=JOB_TIMEOUT_S) == "COMPLETED", \
+                [p.read_text()[-2000:] for p in (tmp_path / "sweep" / "logs").iterdir()]
+    finally:
+        slurm("scancel", *{job.split("_")[0] for job in jobs.values()})
+    for cell in meta["cells"]:
+        if cell["fits"] and cell["values"]["quantization"] == "none":
+            prompts = [r for r in read_jsonl(cell["results"]) if r["type"] == "prompt"]
+            assert {r["prompt_index"]: r["output_ids"] for r in prompts} == reference, cell["name"]
+    again = run_sweep()
+    assert "nothing to submit" in again and json.loads((tmp_path / "sweep" / "jobs.json").read_text()) == jobs, again
