@@ -452,3 +452,21 @@ def test_sweep_submits_one_array_per_node_count_and_resubmits_nothing(tmp_path, 
             assert {r["prompt_index"]: r["output_ids"] for r in prompts} == reference, cell["name"]
     again = run_sweep()
     assert "nothing to submit" in again and json.loads((tmp_path / "sweep" / "jobs.json").read_text()) == jobs, again
+
+
+def test_replicas_of_two_nodes_each_merge_equal_to_generate(tmp_path, model_dir, reference):
+    """Replicas of pipeline_size 2: each array task takes both nodes, one after the other."""
+    output = tmp_path / "out" / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output, pipeline_size=2, replicas=2)
+    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config), LOG_DIR=str(tmp_path / "logs"))
+    array, merge = submit_replicas(env)
+    try:
+        assert job_state(merge, timeout_s=JOB_TIMEOUT_S) == "COMPLETED", \
+            [p.read_text()[-2000:] for p in (tmp_path / "logs").iterdir()]
+    finally:
+        slurm("scancel", array, merge)
+    records = read_jsonl(output)
+    merged = [r for r in records if r["type"] == "prompt"]
+    assert [r["prompt_index"] for r in merged] == list(range(len(PROMPTS))) and [r["replica"] for r in merged] == [0, 1, 0]
+    assert {r["prompt_index"]: r["output_ids"] for r in merged} == reference
+    assert [len(r["layers_per_rank"]) for r in records if r["type"] == "run"] == [2, 2]

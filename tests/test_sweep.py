@@ -16,6 +16,7 @@ from conftest import PROMPTS, ROOT, reference_outputs
 from pipeinfer.plan.__main__ import dry_run
 from pipeinfer.config import build_config
 from pipeinfer.report.summary import load_run, percentile, summarize
+from pipeinfer.sweep.__main__ import main as sweep_main
 
 MAX_NEW_TOKENS = 4
 
@@ -41,13 +42,18 @@ def write_sweep(tmp_path, model, axes, **extra):
     ({"batch_size": [1], "micro_batch_size": [2]}, {}, "micro_batch_size=2 > batch_size=1"),
     ({"output_path": ["a.jsonl"]}, {}, "output_path is set by the sweep for each cell: remove it"),
     ({"batch_size": [1]}, {"nodes": 3}, "unknown sweep key 'nodes'"),
+    ({"batch_size": [1, 1]}, {}, "axis 'batch_size' repeats a value"),
+    ({"pipeline_size": [1, 2]}, {"set": {"layer_split": [2, 3]}}, "cell 00-pp1 (pipeline_size=1): layer_split=[2, 3] has 2 "
+                                                                   "entries but pipeline_size=1"),
+    ({"batch_size": [1]}, {"reference": {"batch_size": 8}}, "no cell has reference"),
+    ({"batch_size": [1]}, {"device_memory": "lots"}, "device_memory=\"lots\" is not a byte count"),
 ])
-def test_bad_sweep_file_is_one_line_before_anything_runs(tiny_llama, tmp_path, axes, extra, message):
+def test_bad_sweep_file_is_one_line_before_anything_runs(tiny_llama, tmp_path, capsys, axes, extra, message):
     path, _ = write_sweep(tmp_path, tiny_llama, axes, **extra)
-    res = sweep(path, "--local")
-    assert res.returncode == 2 and res.stdout == "", res
-    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
-    assert not (tmp_path / "sweep").exists()
+    assert sweep_main([str(path), "--submit"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+    assert err.startswith("sweep: error: ") and not (tmp_path / "sweep").exists()
 
 
 def test_local_sweep_drops_what_cannot_fit_resumes_and_reports(tiny_llama, tmp_path):

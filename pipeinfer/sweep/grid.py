@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from pipeinfer.config import ConfigError, ExpConfig, build_config, check_value
+from pipeinfer.config import ConfigError, ExpConfig, build_config, check_value, parse_bytes
 
 KEYS = ("base", "set", "axes", "out", "device_memory", "reference")
 OWNED = ("output_path", "offload_folder", "resume", "replica", "replicas")  # per cell, set by the sweep
@@ -152,9 +152,13 @@ def load_sweep(path: str) -> Sweep:
     device_memory = raw.get("device_memory")
     if device_memory is not None:
         try:
-            check_value("max_memory", device_memory, f"{path} device_memory")
-        except ConfigError as e:
-            raise SweepError(str(e)) from None
+            ok = isinstance(device_memory, (int, str)) and not isinstance(device_memory, bool) and \
+                parse_bytes(device_memory) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SweepError(f"{path}: device_memory={json.dumps(device_memory)} is not a byte count: write the budget "
+                             f"of one rank's device, e.g. \"15GiB\"")
     given = raw.get("reference")
     if given is not None:
         if not isinstance(given, dict):

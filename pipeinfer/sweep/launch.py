@@ -129,13 +129,22 @@ def run_local(sweep: Sweep, plan: CellPlan, timeout_s: float | None = None) -> i
     return max(codes, key=lambda c: (c != 0, c))
 
 
+def _slurm(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError(f"{command[0]} not found: submit from a Slurm login node, or run the cells here with "
+                          f"--local") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{command[0]} did not answer in 60 s: is the Slurm controller up? (sinfo)") from None
+
+
 def queued_jobs(jobs: dict[str, str]) -> set[str]:
     """The cells whose Slurm array task ("123_4") is still pending or running."""
     if not jobs:
         return set()
     ids = sorted({j.split("_")[0] for j in jobs.values()})
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True,
-                         timeout=60)
+    out = _slurm(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(ids)])
     live = set(out.stdout.split()) if out.returncode == 0 else set()
     return {cell for cell, job in jobs.items() if job in live}
 
@@ -161,8 +170,7 @@ def submit(sweep: Sweep, plans: list[CellPlan], sbatch_args: list[str]) -> dict[
                    f"--job-name=sweep-{os.path.basename(os.path.abspath(sweep.out))}",
                    f"--output={logs}/%x-%A_%a.out", *sbatch_args, "submit.sbatch"]
         print("+ EXP_CONFIG_LIST=" + listing + " " + " ".join(command), flush=True)
-        res = subprocess.run(command, cwd=ROOT, env=dict(os.environ, EXP_CONFIG_LIST=listing), capture_output=True,
-                             text=True, timeout=60)
+        res = _slurm(command, env=dict(os.environ, EXP_CONFIG_LIST=listing))
         if res.returncode != 0:
             raise ConfigError(f"sbatch refused the {nodes}-node array: {res.stderr.strip()[:300]}")
         array = res.stdout.strip().split(";")[0]
