@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, base_config, launch, reference_outputs
 
 from pipeinfer.record.replicas import share
+from pipeinfer.report.summary import load_run, summarize
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Pipeline parallel inference, token for token.", "Yo"]
 
@@ -59,6 +60,11 @@ def test_two_replicas_merge_in_prompt_order_equal_to_generate(tiny_llama, tmp_pa
     assert [p["output_ids"] for p in prompts] == reference_outputs(tiny_llama, PROMPTS, 6)
     assert records[0]["type"] == "merge" and records[0]["replicas"] == 2
     assert [r["replica"] for r in records if r["type"] == "summary"] == [0, 1]
+    # the report reads the merged file as replicas side by side: tokens/s summed, not one run's attempts
+    s = summarize(load_run(str(out)))
+    shares = [r for r in records if r["type"] == "summary"]
+    assert s["tokens_per_s"] == pytest.approx(sum(r["new_tokens"] / r["wall_s"] for r in shares))
+    assert s["prompts"] == 5 and [st["rank"] for st in s["stages"]] == [0] and "merged from 2 replicas" in s["notes"][0]
     # each replica's own file holds its share only
     assert [r["prompt_index"] for r in read(tmp_path / "run.replica1.jsonl") if r["type"] == "prompt"] == [1, 3]
 
