@@ -5,6 +5,7 @@ cells, and reported: the report's numbers are the cells' own summaries.
     pytest tests/test_sweep.py
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,29 +57,37 @@ def test_bad_sweep_file_is_one_line_before_anything_runs(tiny_llama, tmp_path, c
     assert err.startswith("sweep: error: ") and not (tmp_path / "sweep").exists()
 
 
+# the third axis: quantization, or where bitsandbytes is missing, offload (every layer resident, or streamed)
+THIRD = (("quantization", ["none", "int8"], "q") if importlib.util.find_spec("bitsandbytes") else
+         ("max_cpu_memory", [None, 0], "cpu"))
+
+
 def test_local_sweep_drops_what_cannot_fit_resumes_and_reports(tiny_llama, tmp_path):
-    axes = {"pipeline_size": [1, 2], "batch_size": [1, 4], "quantization": ["none", "int8"]}
+    key, values, short = THIRD
+    axes = {"pipeline_size": [1, 2], "batch_size": [1, 4], key: values}
     path, base = write_sweep(tmp_path, tiny_llama, axes)
-    # a budget between the two largest cells' planned peaks: exactly the largest cannot fit
+    # a budget (max_memory, which offloading needs set) between the two largest planned peaks with every
+    # layer resident: exactly the largest cell cannot fit
+    resident = values if key == "quantization" else [None]
     totals = sorted(max(r["total"] for r in dry_run(build_config(dict(base, pipeline_size=pp, batch_size=bs,
-                                                                      quantization=q)))["ranks"])
-                    for pp in (1, 2) for bs in (1, 4) for q in ("none", "int8"))
-    spec = json.loads(path.read_text())
-    spec["device_memory"] = (totals[-1] + totals[-2]) // 2
-    path.write_text(json.dumps(spec))
+                                                                      **{key: v})))["ranks"])
+                    for pp in (1, 2) for bs in (1, 4) for v in resident)
+    base["max_memory"] = (totals[-1] + totals[-2]) // 2
+    (tmp_path / "base.json").write_text(json.dumps(base))
     res = sweep(path, "--local")
     assert res.returncode == 0, res.stdout + res.stderr
     meta = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(meta["cells"]) == 8
     dropped = [c for c in meta["cells"] if not c["fits"]]
-    assert [c["name"] for c in dropped] == ["02-pp1-bs4-qnone"] and "cannot hold rank 0's stage" in dropped[0]["dropped"]
-    assert f"dropped 02-pp1-bs4-qnone: " in res.stdout and not os.path.exists(dropped[0]["results"])
+    name = f"02-pp1-bs4-{short}{json.dumps(values[0]).strip(chr(34))}"  # 02-pp1-bs4-qnone
+    assert [c["name"] for c in dropped] == [name] and "cannot hold rank 0's stage" in dropped[0]["dropped"]
+    assert f"dropped {name}: " in res.stdout and not os.path.exists(dropped[0]["results"])
     reference = reference_outputs(tiny_llama, PROMPTS[:3], MAX_NEW_TOKENS)
     ran = [c for c in meta["cells"] if c["fits"]]
     for c in ran:
         outs = [r["output_ids"] for r in map(json.loads, open(c["results"])) if r["type"] == "prompt"]
         assert len(outs) == 3
-        if c["values"]["quantization"] == "none":
+        if c["values"].get("quantization") != "int8":
             assert outs == reference, c["name"]
     # rerun: nothing runs again
     mtimes = {c["name"]: os.path.getmtime(c["results"]) for c in ran}
@@ -92,8 +101,8 @@ def test_local_sweep_drops_what_cannot_fit_resumes_and_reports(tiny_llama, tmp_p
     out = json.loads((tmp_path / "sweep" / "report" / "sweep.json").read_text())
     assert os.path.getsize(tmp_path / "sweep" / "report" / "sweep.png") > 10_000
     rows = {r["name"]: r for r in out["cells"]}
-    assert rows["02-pp1-bs4-qnone"]["state"].startswith("dropped")
-    assert meta["reference"] == out["reference"] == "00-pp1-bs1-qnone"  # unquantized, resident, model's dtype
+    assert rows[name]["state"].startswith("dropped")
+    assert meta["reference"] == out["reference"] == f"00-pp1-bs1-{name[11:]}"  # unquantized, resident, model's dtype
     ref = summarize(load_run(next(c["results"] for c in ran if c["name"] == meta["reference"])))
     for c in ran:
         run = load_run(c["results"])
