@@ -132,6 +132,7 @@ def load_sweep(path: str) -> Sweep:
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
             raise SweepError(f"{path}: axis {key!r} repeats a value: list each once")
     out = str(raw.get("out") or os.path.join("sweeps", os.path.splitext(os.path.basename(path))[0]))
+    device_memory = _device_memory(path, raw.get("device_memory"))
     cells = []
     for n, point in enumerate(itertools.product(*axes.values())):
         values = dict(zip(axes, point))
@@ -142,6 +143,8 @@ def load_sweep(path: str) -> Sweep:
                 config[key] = os.path.abspath(config[key])
         cell_dir = os.path.abspath(os.path.join(out, "cells", name))
         config.update(output_path=os.path.join(cell_dir, "results.jsonl"), offload_folder=os.path.join(cell_dir, "offload"))
+        if device_memory is not None and config.get("max_memory") is None:
+            config["max_memory"] = device_memory  # the run checks it too, and offloading (max_cpu_memory) needs it
         config.pop("replica", None)
         config.pop("replicas", None)
         try:
@@ -149,7 +152,16 @@ def load_sweep(path: str) -> Sweep:
         except ConfigError as e:
             raise SweepError(f"cell {name} ({', '.join(f'{k}={json.dumps(v)}' for k, v in values.items())}): {e}") from None
         cells.append(Cell(name, values, config, cfg))
-    device_memory = raw.get("device_memory")
+    given = raw.get("reference")
+    if given is not None:
+        if not isinstance(given, dict):
+            raise SweepError(f"{path}: \"reference\" must be an object of axis values, e.g. {{\"quantization\": \"none\"}}")
+        if not any(all(c.values.get(k, c.config.get(k)) == v for k, v in given.items()) for c in cells):
+            raise SweepError(f"{path}: no cell has reference {json.dumps(given)}: give values the axes take")
+    return Sweep(path, out, axes, cells, device_memory, given)
+
+
+def _device_memory(path: str, device_memory):
     if device_memory is not None:
         try:
             ok = isinstance(device_memory, (int, str)) and not isinstance(device_memory, bool) and \
@@ -159,10 +171,4 @@ def load_sweep(path: str) -> Sweep:
         if not ok:
             raise SweepError(f"{path}: device_memory={json.dumps(device_memory)} is not a byte count: write the budget "
                              f"of one rank's device, e.g. \"15GiB\"")
-    given = raw.get("reference")
-    if given is not None:
-        if not isinstance(given, dict):
-            raise SweepError(f"{path}: \"reference\" must be an object of axis values, e.g. {{\"quantization\": \"none\"}}")
-        if not any(all(c.values.get(k, c.config.get(k)) == v for k, v in given.items()) for c in cells):
-            raise SweepError(f"{path}: no cell has reference {json.dumps(given)}: give values the axes take")
-    return Sweep(path, out, axes, cells, device_memory, given)
+    return device_memory
