@@ -91,3 +91,13 @@ def test_replica_out_of_range_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pipeinfer.config", str(cfg)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: replica=2 but replicas=2: replicas are numbered 0..1"
+
+
+def test_submit_replicas_needs_two_replicas_one_line(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model_path": "m", "prompts": ["a"]}))
+    res = subprocess.run(["bash", "submit_replicas.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "EXP_CONFIG": str(cfg), "HOST_PYTHON": sys.executable})
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"submit_replicas.sh: error: replicas=1 in {cfg}: set replicas >= 2 (--set replicas=4), or submit "
+        f"submit.sbatch alone"), res.stderr
