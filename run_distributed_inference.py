@@ -19,14 +19,15 @@ import time
 
 from pipeinfer.run import procgroup
 from pipeinfer.run.comm import PeerFailure
-from pipeinfer.config import ConfigError, micro_batching
+from pipeinfer.config import ConfigError, micro_batching, results_path
 from pipeinfer.run.generation import Aborted, NonFiniteLogits, generate
 from pipeinfer.run.inputs import read_inputs
 from pipeinfer.load.streamer import OffloadError
 from pipeinfer.record.metrics import batch_records, reset_peak_memory, run_record, stage_record, summary_record
 from pipeinfer.run.runtime import steady_host_memory
 from pipeinfer.run.prompts import micro_batches
-from pipeinfer.record.results import ResultsError, check_previous, start_results
+from pipeinfer.record.replicas import replica_record, share
+from pipeinfer.record.results import ResultsError, check_previous, prompt_hash, start_results
 from pipeinfer.run.runtime import EXIT_REQUEUE, StopRequest, progress_bar
 from pipeinfer.load.stage import LoadError, load_stage
 from pipeinfer.record.timeline import Timeline
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, prompts, device, rank = inputs.cfg, inputs.prompts, inputs.device, inputs.rank
+    output_path = results_path(cfg)  # output_path, or this replica's own file beside it
+    mine = share(len(prompts), cfg.replicas, cfg.replica)  # every prompt, or this replica's share
     if device.type == "cpu":
         steady_host_memory()  # so that a CPU rank's peak follows the plan (see runtime.steady_host_memory)
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     writer, bar, clean = None, None, False  # clean: every rank reached the same exit point
     try:
         # 3. The writer's checks, then every rank's stage, each agreed by all before going on.
-        previous, problem = (check_previous(cfg.output_path, cfg.to_dict(), prompts, cfg.resume,
+        previous, problem = (check_previous(output_path, cfg.to_dict(), prompts, cfg.resume,
                                             inputs.dtype_name, device.type) if comm.is_first else (None, None))
         ok = comm.all_ok(problem is None)
         if ok:
@@ -84,19 +87,22 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             clean = True
             return 2
-        todo = comm.broadcast(previous.todo(len(prompts)) if comm.is_first else None)
+        todo = comm.broadcast(previous.todo(mine) if comm.is_first else None)
 
         # 4. Generate; rank 0 writes each prompt's record as soon as its micro-batch is done.
         if comm.is_first and inputs.score_changes:
             log.info("applying %s from the checkpoint's generation_config.json, as generate() does",
                      ", ".join(f"{k}={v}" for k, v in inputs.score_changes.items()))
         if comm.is_first and todo:
-            writer = start_results(cfg.output_path, previous, len(prompts))
-            writer.write(run_record(cfg.to_dict(), inputs.world_size, info.layer_ranges, device, inputs.dtype,
-                                    info.family, inputs.plan.record()))
-            bar = progress_bar(len(prompts), len(prompts) - len(todo), cfg.progress)
+            writer = start_results(output_path, previous, len(mine))
+            run = run_record(cfg.to_dict(), inputs.world_size, info.layer_ranges, device, inputs.dtype, info.family,
+                             inputs.plan.record())
+            if cfg.replicas > 1:
+                run["replica"] = replica_record(cfg, [prompt_hash(p.text) for p in prompts])
+            writer.write(run)
+            bar = progress_bar(len(mine), len(mine) - len(todo), cfg.progress)
         if cfg.profile_steps:
-            timeline.trace(cfg.profile_steps, f"{cfg.output_path}.rank{rank}.trace.json")
+            timeline.trace(cfg.profile_steps, f"{output_path}.rank{rank}.trace.json")
         work = micro_batches(prompts, todo, micro_batching(cfg), inputs.tokenizer.pad_token_id)
         stage.warm_up(inputs.model_config.hidden_size, inputs.dtype, device)
         comm.warm_up_links(inputs.dtype)  # NCCL builds a pair's communicator at its first message: not on the clock
@@ -120,21 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         # 5. Every rank's stage record gathered on rank 0, then the summary.
         gathered = comm.gather(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
                                             work.max_in_flight, stage.streamer and stage.streamer.record()))
-        done = len(prompts) - len(todo) + len(records)
+        done = len(mine) - len(todo) + len(records)
         if writer is not None:
             for rec in gathered:
                 writer.write(rec)
             summary = summary_record(records, wall_s, done, interrupted)
             writer.write(summary)
             log.info("%d prompts, %d new tokens in %.2fs (%.1f tokens/s) -> %s", summary["prompts"],
-                     summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, cfg.output_path)
+                     summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, output_path)
         elif comm.is_first:
-            log.info("all %d prompts are already in %s: nothing to do", len(prompts), cfg.output_path)
+            log.info("all %d prompts are already in %s: nothing to do", len(mine), output_path)
         clean = True
         if interrupted:
             if comm.is_first:
                 log.warning("stopped by %s: %d of %d prompts saved; rerun the same config to resume (exit %d)",
-                            stop.signal or "a stop request", done, len(prompts), EXIT_REQUEUE)
+                            stop.signal or "a stop request", done, len(mine), EXIT_REQUEUE)
             return EXIT_REQUEUE
         return 0
     except (PeerFailure, ResultsError, NonFiniteLogits, OffloadError) as e:  # ResultsError: output_path not writable

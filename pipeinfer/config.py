@@ -88,6 +88,8 @@ class ExpConfig:
     trust_remote_code: bool = False
     quantization: str = "none"
     quantization_options: dict | None = None
+    replicas: int = 1
+    replica: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,6 +154,9 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
                      f"one of {', '.join(QUANTIZATION)} (bitsandbytes, each rank quantizing its own layers)"),
     "quantization_options": ((dict,), lambda v: all(k in QUANT_OPTIONS and QUANT_OPTIONS[k][0](x) for k, x in v.items()),
                              "an object with " + ", ".join(f"{k} ({t})" for k, (_, t) in QUANT_OPTIONS.items())),
+    "replicas": (_INT, lambda v: v >= 1, "an integer >= 1: independent pipelines, each on its own share of the prompts"),
+    "replica": (_INT, lambda v: v >= 0, "an integer >= 0: which share this pipeline runs (submit.sbatch sets it from "
+                                        "SLURM_ARRAY_TASK_ID)"),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
 
@@ -267,6 +272,8 @@ def build_config(raw: dict) -> ExpConfig:
     if cfg.max_new_tokens == 0 and not cfg.prompt_logprobs:
         raise ConfigError("max_new_tokens=0 generates nothing: set prompt_logprobs=true to score the prompts, or "
                           "max_new_tokens >= 1")
+    if cfg.replica >= cfg.replicas:
+        raise ConfigError(f"replica={cfg.replica} but replicas={cfg.replicas}: replicas are numbered 0..{cfg.replicas - 1}")
     if isinstance(cfg.micro_batch_size, int) and cfg.micro_batch_size > cfg.batch_size:
         raise ConfigError(f"micro_batch_size={cfg.micro_batch_size} > batch_size={cfg.batch_size}: a micro-batch is "
                           f"part of the batch in flight; lower it or raise batch_size")
@@ -288,6 +295,18 @@ def micro_batching(cfg: ExpConfig) -> list[int]:
     slots = min(cfg.pipeline_size, cfg.batch_size) if size == "auto" else -(-cfg.batch_size // size)
     base, extra = divmod(cfg.batch_size, slots)
     return [base + 1] * extra + [base] * (slots - extra)
+
+
+def results_path(cfg: ExpConfig) -> str:
+    """Where this pipeline writes: output_path itself, or with replicas > 1 the replica's own file
+    beside it (results/run.jsonl -> results/run.replica1.jsonl), which the merge reads back
+    (python -m pipeinfer.record.replicas)."""
+    return replica_path(cfg.output_path, cfg.replica) if cfg.replicas > 1 else cfg.output_path
+
+
+def replica_path(output_path: str, replica: int) -> str:
+    root, ext = os.path.splitext(output_path)
+    return f"{root}.replica{replica}{ext or '.jsonl'}"
 
 
 def check_world(cfg: ExpConfig, world_size: int) -> None:
@@ -348,6 +367,9 @@ if __name__ == "__main__":
     if not args.fields:
         print(json.dumps(resolved, indent=2))
     for key in args.fields or ():
+        if key == "results_path":  # derived: the file this replica writes
+            print(os.path.abspath(results_path(load_config(args.config, args.set))))
+            continue
         if key not in resolved:
             print(f"error: --fields {key}: not a config key", file=sys.stderr)
             sys.exit(2)

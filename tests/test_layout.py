@@ -21,6 +21,7 @@ TIERS = {
     "pipeinfer.record": 3,
     "pipeinfer.run": 4,
     "pipeinfer.report": 5,               # entry points: read results files back
+    "pipeinfer.sweep": 5,                # entry point: expands, plans and runs a grid of configs
     "run_distributed_inference": 5,      # the batch runner
 }
 ENTRY = 5          # any __main__ module is an entry point too (python -m pipeinfer.plan: the dry run)

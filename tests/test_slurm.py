@@ -365,3 +365,108 @@ def test_scancel_stops_the_job_without_requeueing_it(tmp_path, model_dir):
         slurm("scancel", job)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert records[-1]["type"] == "summary" and records[-1]["interrupted"] is True
+
+
+def submit_replicas(env, *args):
+    """Run submit_replicas.sh; returns (array job id, merge job id)."""
+    out = subprocess.run(["bash", "submit_replicas.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]  # replicas: array job A (tasks ...), merge job M
+    return last.split("array job ")[1].split()[0], last.split("merge job ")[1].split()[0]
+
+
+def test_replicas_job_array_kill_one_task_resubmit_and_merge(tmp_path, model_dir):
+    """Two replicas at pipeline_size 1 as a job array, the merge after it. One task is cancelled
+    mid-run: the merge names its share and prints the command that reruns only that task, which
+    (with resume) completes the set: every prompt once, in order, equal to generate()."""
+    prompts = [f"replica prompt {i}: " + "y" * i for i in range(6)]
+    output = tmp_path / "out" / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output, prompts=prompts, pipeline_size=1, replicas=2,
+                          batch_size=1, max_new_tokens=150, ignore_eos=True)
+    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config), LOG_DIR=str(tmp_path / "logs"))
+    array, merge = submit_replicas(env)
+    share1 = tmp_path / "out" / "run.replica1.jsonl"
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (share1.exists() and '"type": "prompt"' in share1.read_text()):
+            time.sleep(0.2)
+        slurm("scancel", f"{array}_1", check=True)
+        reference = pool.submit(reference_outputs, str(model_dir), prompts, 150, ignore_eos=True)
+        assert job_state(merge, timeout_s=180) == "FAILED"  # exit 75: a share is incomplete
+        text = (tmp_path / "logs" / f"pipeinfer-merge-{merge}.out").read_text()
+        assert "shares of replicas 1 are incomplete" in text and not output.exists(), text
+        command = text.strip().splitlines()[-1]
+        assert command.startswith("ARRAY=1 "), text
+        rerun = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert rerun.returncode == 0, rerun.stderr
+        merge2 = rerun.stdout.strip().splitlines()[-1].split("merge job ")[1].split()[0]
+        assert job_state(merge2, timeout_s=JOB_TIMEOUT_S) == "COMPLETED", \
+            (tmp_path / "logs" / f"pipeinfer-merge-{merge2}.out").read_text()
+    finally:
+        slurm("scancel", array, merge)
+        pool.shutdown(wait=True)
+    records = read_jsonl(output)
+    merged = [r for r in records if r["type"] == "prompt"]
+    assert [r["prompt_index"] for r in merged] == list(range(len(prompts)))  # each once, in order
+    assert [r["replica"] for r in merged] == [0, 1] * 3
+    assert [r["output_ids"] for r in merged] == reference.result()
+    # replica 1 ran twice (cancelled, then resumed): two run records in its file, no prompt twice
+    assert [r["replica"] for r in records if r["type"] == "run"].count(1) == 2
+
+
+def test_sweep_submits_one_array_per_node_count_and_resubmits_nothing(tmp_path, model_dir, reference):
+    """A 2 x 2 x 2 sweep through Slurm: the cell that cannot fit is listed and not submitted, the
+    others run as one job array per node count, and a rerun of the sweep submits nothing new."""
+    base = {"model_path": str(model_dir), "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "device": "cpu",
+            "dtype": "float32", "timeout_s": 60}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    spec = {"base": str(tmp_path / "base.json"), "out": str(tmp_path / "sweep"), "device_memory": "2.5MiB",
+            "axes": {"pipeline_size": [1, 2], "batch_size": [1, 4], "quantization": ["none", "int8"]}}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    env = job_env(CONTAINER_IMAGE="none")
+
+    def run_sweep():
+        res = subprocess.run([sys.executable, "-m", "pipeinfer.sweep", str(tmp_path / "sweep.json"), "--submit"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    out = run_sweep()
+    jobs = json.loads((tmp_path / "sweep" / "jobs.json").read_text())
+    meta = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    dropped = [c["name"] for c in meta["cells"] if not c["fits"]]
+    assert dropped and set(jobs) == {c["name"] for c in meta["cells"] if c["fits"]}, out
+    assert all(f"dropped {name}: " in out for name in dropped)
+    assert len({job.split("_")[0] for job in jobs.values()}) == len({c["nodes"] for c in meta["cells"] if c["fits"]})
+    try:
+        for name, job in jobs.items():
+            assert job_state(job, timeout_s=JOB_TIMEOUT_S) == "COMPLETED", \
+                [p.read_text()[-2000:] for p in (tmp_path / "sweep" / "logs").iterdir()]
+    finally:
+        slurm("scancel", *{job.split("_")[0] for job in jobs.values()})
+    for cell in meta["cells"]:
+        if cell["fits"] and cell["values"]["quantization"] == "none":
+            prompts = [r for r in read_jsonl(cell["results"]) if r["type"] == "prompt"]
+            assert {r["prompt_index"]: r["output_ids"] for r in prompts} == reference, cell["name"]
+    again = run_sweep()
+    assert "nothing to submit" in again and json.loads((tmp_path / "sweep" / "jobs.json").read_text()) == jobs, again
+
+
+def test_replicas_of_two_nodes_each_merge_equal_to_generate(tmp_path, model_dir, reference):
+    """Replicas of pipeline_size 2: each array task takes both nodes, one after the other."""
+    output = tmp_path / "out" / "run.jsonl"
+    config = write_config(tmp_path / "config.json", model_dir, output, pipeline_size=2, replicas=2)
+    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config), LOG_DIR=str(tmp_path / "logs"))
+    array, merge = submit_replicas(env)
+    try:
+        assert job_state(merge, timeout_s=JOB_TIMEOUT_S) == "COMPLETED", \
+            [p.read_text()[-2000:] for p in (tmp_path / "logs").iterdir()]
+    finally:
+        slurm("scancel", array, merge)
+    records = read_jsonl(output)
+    merged = [r for r in records if r["type"] == "prompt"]
+    assert [r["prompt_index"] for r in merged] == list(range(len(PROMPTS))) and [r["replica"] for r in merged] == [0, 1, 0]
+    assert {r["prompt_index"]: r["output_ids"] for r in merged} == reference
+    assert [len(r["layers_per_rank"]) for r in records if r["type"] == "run"] == [2, 2]

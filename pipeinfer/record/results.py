@@ -35,6 +35,8 @@ GEOMETRY = ("pipeline_size", "batch_size", "micro_batch_size")
 RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "master_port", "comm_backend", "resume",
                                "layer_split", "max_memory", "max_cpu_memory", "nvtx", "profile_steps", "progress",
                                *GEOMETRY})
+# Config keys added after results files were first written, with their defaults.
+NEWER_KEYS = {"replicas": 1, "replica": 0}
 
 
 class ResultsError(ValueError):
@@ -51,9 +53,9 @@ class Previous:
     start_over: bool = False  # resume=false and a file exists: keep_backup() once the run is certain to start
     geometry: list[str] = field(default_factory=list)  # "batch_size 4 -> 2": what this attempt regroups
 
-    def todo(self, total: int) -> list[int]:
-        """The prompt indices still to run, in order."""
-        return [i for i in range(total) if i not in self.done]
+    def todo(self, indices: list[int]) -> list[int]:
+        """The prompt indices (of this pipeline's share) still to run, in order."""
+        return [i for i in indices if i not in self.done]
 
 
 def keep_backup(path: str) -> str:
@@ -119,11 +121,12 @@ def scan_previous(path: str, config: dict, prompts: list, resume: bool, dtype: s
     if not resume:
         return Previous(start_over=True)  # moved away only once every rank has loaded (keep_backup)
     records = read_results(path)
+    config = {**NEWER_KEYS, **config}
     prev = Previous()
     for rec in records:
         kind = rec.get("type") if isinstance(rec, dict) else None
         if kind == "run":
-            old = rec.get("config", {})
+            old = {**NEWER_KEYS, **rec.get("config", {})}  # a file from before these keys existed: their defaults
             prev.geometry = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(config.get(k))}" for k in GEOMETRY
                              if old.get(k) != config.get(k)]  # against the latest attempt
             changed = sorted(k for k in set(config) | set(old)

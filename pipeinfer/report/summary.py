@@ -118,7 +118,9 @@ def load_run(path: str) -> Run:
         tokens, wall = (sum(num(s.get(k)) or 0 for s in summaries) for k in ("new_tokens", "wall_s"))
         summary = {"new_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None}
     notes = []
-    if len(_of(records, "run")) > 1:
+    if _of(records, "merge"):  # python -m pipeinfer.record.replicas: replicas side by side, not attempts
+        stages, summary, notes = _merged(records)
+    elif len(_of(records, "run")) > 1:
         notes.append(f"{len(_of(records, 'run'))} attempts (resumed): prompts from all, throughput over "
                      f"{len(summaries)} summaries, stages and timeline from the last attempt")
     if any(s.get("interrupted") for s in summaries):
@@ -128,6 +130,23 @@ def load_run(path: str) -> Run:
     sacct = [row for rec in _of(records, "sacct") for row in rec.get("rows", [])]
     return Run(path, run_label(path, run, stages), run, [prompts[k] for k in sorted(prompts, key=_index_order)],
                stages, summary, sacct, notes)
+
+
+def _merged(records: list[dict]) -> tuple[list[dict], dict, list[str]]:
+    """A merged replicas file: the replicas ran side by side, so throughput is the sum of each
+    replica's tokens/s (its tokens over its wall time, attempts summed) and wall time the longest
+    replica's; the stage records shown are replica 0's (every replica's are in the file)."""
+    per: dict = {}
+    for s in _of(records, "summary"):
+        tokens, wall = per.get(s.get("replica"), (0, 0.0))
+        per[s.get("replica")] = (tokens + (num(s.get("new_tokens")) or 0), wall + (num(s.get("wall_s")) or 0))
+    first = min((r for r in per if isinstance(r, int)), default=None)
+    stages = sorted((s for s in _of(records, "stage") if s.get("replica") == first), key=lambda s: s.get("rank", 0))
+    summary = {"new_tokens": sum(t for t, _ in per.values()), "wall_s": max((w for _, w in per.values()), default=0.0),
+               "tokens_per_s": sum(t / w for t, w in per.values() if w > 0) or None}
+    merge = _of(records, "merge")[0]
+    return stages, summary, [f"merged from {merge.get('replicas')} replicas: throughput is the sum of the replicas' "
+                             f"tokens/s (side by side), wall the longest replica's; stages are replica {first}'s"]
 
 
 def run_label(path: str, run: dict | None, stages: list[dict]) -> str:
