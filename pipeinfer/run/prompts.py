@@ -16,11 +16,36 @@ from pipeinfer.config import ConfigError, ExpConfig, check_value, first_line
 from pipeinfer.run.stops import Stops
 
 
+# The keys a prompt may set for itself (a .jsonl line, an engine request), checked as the run's are.
+LIMIT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A prompt's own generation limits; None: the run's value. With its own seed a prompt's sampled
+    tokens depend on that seed alone (not on its place in the input)."""
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    @classmethod
+    def read(cls, row: dict, where: str) -> "Limits":
+        """The LIMIT_KEYS of a dict, each checked by the config's own rule (ConfigError naming `where`)."""
+        return cls(**{k: check_value(k, row[k], where) for k in LIMIT_KEYS if row.get(k) is not None})
+
+
+NO_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     """One prompt as the input gives it: a string, or chat messages, with its own stops if any."""
     given: str | list[dict]
     stops: Stops | None = None  # None: the run's stop / stop_token_ids
+    limits: Limits = NO_LIMITS
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,10 @@ class Prompt:
     text: str                # what was tokenized: the string, or the rendered messages (hashed for resume)
     ids: list[int]           # stage 0's input, with exactly the special tokens intended (chat.encode)
     stops: Stops
+    limits: Limits = NO_LIMITS
+
+    def max_new_tokens(self, run_default: int) -> int:
+        return run_default if self.limits.max_new_tokens is None else self.limits.max_new_tokens
 
 
 def load_prompts(cfg: ExpConfig) -> list[PromptSpec]:
@@ -65,8 +94,21 @@ def prepare(tokenizer, specs: list[PromptSpec], cfg: ExpConfig) -> list[Prompt]:
         if bad:
             raise ConfigError(f"prompt {i}: stop_token_ids {bad} are not among the tokenizer's {vocab} ids: give ids "
                               f"below {vocab}")
-        out.append(Prompt(spec.given, text, ids, stops))
+        check_limits(spec.limits, cfg, f"prompt {i}")
+        out.append(Prompt(spec.given, text, ids, stops, spec.limits))
     return out
+
+
+def check_limits(limits: Limits, cfg: ExpConfig, where: str) -> None:
+    """What a prompt's own limits cannot be beside the run's config (ConfigError)."""
+    if not cfg.do_sample:
+        given = [k for k in SAMPLING_KEYS if getattr(limits, k) is not None]
+        if given:
+            raise ConfigError(f"{where} sets {', '.join(given)} but do_sample=false (greedy ignores them): set "
+                              f"do_sample=true, or remove them")
+    if limits.max_new_tokens == 0 and not cfg.prompt_logprobs:
+        raise ConfigError(f"{where}: max_new_tokens=0 generates nothing: set prompt_logprobs=true to score the "
+                          f"prompt, or max_new_tokens >= 1")
 
 
 def text_prompts(tokenizer, texts: list[str]) -> list[Prompt]:
@@ -100,7 +142,8 @@ def _read_prompts_file(path: str, messages_field: str = "messages") -> list[Prom
 
 def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSpec:
     """One .jsonl line: {"prompt": str} or {messages_field: [...]}, with optional "stop" and "stop_token_ids"
-    that replace the run's for this prompt."""
+    that replace the run's for this prompt, and optional LIMIT_KEYS (max_new_tokens, temperature,
+    top_p, top_k, seed) that replace the run's values for it."""
     where = f"prompts_file={path!r} line {n}"
     try:
         row = json.loads(line)
@@ -115,12 +158,13 @@ def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSp
             raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
     else:
         given = check_messages(f"{where} \"{messages_field}\"", row[messages_field])
+    limits = Limits.read(row, where)
     if "stop" not in row and "stop_token_ids" not in row:
-        return PromptSpec(given)
+        return PromptSpec(given, None, limits)
     for key in ("stop", "stop_token_ids"):
         if row.get(key) is not None:
             check_value(key, row[key], where)
-    return PromptSpec(given, Stops(tuple(row.get("stop") or ()), tuple(row.get("stop_token_ids") or ())))
+    return PromptSpec(given, Stops(tuple(row.get("stop") or ()), tuple(row.get("stop_token_ids") or ())), limits)
 
 
 @dataclass(frozen=True)
@@ -130,6 +174,7 @@ class Batch:
     attention_mask: torch.Tensor   # (B, T), 0 on padding
     prompt_tokens: list[int]
     stops: list[Stops] | None = None  # per prompt; None when none of them has any
+    limits: list[Limits] | None = None  # per prompt; None when none of them has its own
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -146,9 +191,10 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def check_lengths(prompts: list[Prompt], max_positions: int | None, max_new_tokens: int) -> list[int]:
-    """Every prompt must tokenize to something and leave room for max_new_tokens. Returns the lengths."""
+def check_lengths(prompts: list[Prompt], max_positions: int | None, run_max_new_tokens: int) -> list[int]:
+    """Every prompt must tokenize to something and leave room for its max_new_tokens. Returns the lengths."""
     for i, p in enumerate(prompts):
+        max_new_tokens = p.max_new_tokens(run_max_new_tokens)
         if not p.ids:
             raise ConfigError(f"prompt {i} tokenizes to nothing: give it some text")
         if max_positions is not None and len(p.ids) + max_new_tokens > max_positions:
@@ -168,8 +214,10 @@ def make_batch(prompts: list[Prompt], indices: list[int], pad_id: int) -> Batch:
         input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[b, T - len(r):] = 1
     stops = [prompts[i].stops for i in indices]
+    limits = [prompts[i].limits for i in indices]
     return Batch(list(indices), input_ids, mask, [len(r) for r in rows],
-                 stops if any(st.strings or st.token_ids for st in stops) else None)
+                 stops if any(st.strings or st.token_ids for st in stops) else None,
+                 limits if any(lim != NO_LIMITS for lim in limits) else None)
 
 
 def make_batches(prompts: list[Prompt], indices: list[int], batch_size: int, pad_id: int) -> list[Batch]:
