@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         timeline.close()
 
         # 5. Every rank's stage record gathered on rank 0, then the summary.
-        gathered = comm.gather(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
-                                            engine.max_in_flight, stage.streamer and stage.streamer.record()))
+        gathered = comm.gather(dict(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
+                                                 engine.max_in_flight, stage.streamer and stage.streamer.record()),
+                                    schedule="rows" if engine.rows else "micro_batches",
+                                    rows_computed=engine.rows_computed))
         done = len(prompts) - len(todo) + len(records)
         if writer is not None:
             for rec in gathered:

@@ -19,27 +19,35 @@ Only the first rank knows the requests. Each micro-batch a slot takes is announc
 in a small header (comm.send_bytes: the prompts' ids, stops and limits, as JSON), just before its
 prefill frame, and every stage forwards it on; so is the start of each round of the schedule and
 the end of the work. Every rank thus takes the same micro-batches in the same order, as
-generation.generate() requires, without ever being told a tensor's shape per step.
+generation.generate() requires, without ever being told a tensor's shape per step. With
+schedule "rows" (the default) run/rows.py runs the rounds instead, with a header per visit.
+
+Over 300 lines: the API, its two schedules' rounds and the announced work queue belong together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 from pipeinfer.config import micro_batching
+from pipeinfer.load.kvcache import plain_rows
 from pipeinfer.load.stage import LoadError, load_stage
 from pipeinfer.record.metrics import batch_records, reset_peak_memory
 from pipeinfer.run import procgroup
 from pipeinfer.run.comm import Comm, PipelineProtocolError
 from pipeinfer.run.generation import Aborted, BatchResult, generate
 from pipeinfer.run.inputs import Inputs, read_inputs
+from pipeinfer.run.rows import RowSchedule
 from pipeinfer.run.prompts import Batch, Limits, MicroBatches, Prompt, PromptSpec, check_lengths, make_batch, prepare
 from pipeinfer.run.stops import Stops
+
+log = logging.getLogger(__name__)
 
 
 class StartError(RuntimeError):
@@ -56,6 +64,12 @@ class Engine:
         self.max_in_flight = 0                # the most prompts in flight at once
         self._queue: deque = deque()          # first rank: indices not yet taken
         self._wake = threading.Condition()
+        self.rows_computed = 0                # positions run through this stage (rows schedule)
+        cfg = inputs.cfg
+        self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
+        if cfg.schedule == "rows" and not self.rows:
+            log.warning("schedule=\"rows\": the %s family's KV cache has sliding-window or other special layers: "
+                        "using the micro_batches schedule", inputs.model_config.model_type)
         self._next = 0
         self._closed = self._ended = self._waiting = False
 
@@ -198,6 +212,9 @@ class Engine:
                 pass
 
     def _round(self) -> Iterator[tuple[Batch, BatchResult]]:
+        if self.rows:
+            yield from self._row_round()
+            return
         work = _AnnouncedWork(self._queue, list(self.sizes), self._make, engine=self)
         try:
             yield from generate(self.stage, self.comm, work, self.inputs.gen, self.inputs.model_config.hidden_size,
@@ -207,6 +224,28 @@ class Engine:
             raise
         finally:
             self.max_in_flight = max(self.max_in_flight, work.max_in_flight)
+            self.rows_computed += work.rows_computed
+
+    def _row_round(self) -> Iterator[tuple[Batch, BatchResult]]:
+        inputs = self.inputs
+        sched = RowSchedule(self.stage, self.comm, list(self.sizes), inputs.gen, inputs.model_config.hidden_size,
+                            inputs.dtype, inputs.plan.capacity, inputs.tokenizer.pad_token_id)
+        queue = self._queue
+
+        def take():
+            return (i := queue.popleft(), self.prompts[i]) if queue else None
+
+        try:
+            if self.is_first:
+                yield from sched.run(take, self._make, self.abort_requested)
+            else:
+                sched.serve()
+        except Aborted:
+            self._ended = True
+            raise
+        finally:
+            self.max_in_flight = max(self.max_in_flight, sched.max_in_flight)
+            self.rows_computed += sched.rows_computed
 
     def _make(self, indices: list[int]) -> Batch:
         return make_batch(self.prompts, indices, self.inputs.tokenizer.pad_token_id)

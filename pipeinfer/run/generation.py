@@ -205,6 +205,7 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
                         comm.send_control(ABORT, s.frame_shape(hidden_size), dtype)
                         raise Aborted()
                 _step(stage, comm, s, x, gp, eos, dtype)
+                work.rows_computed += x.shape[0] * x.shape[1]
                 s.advance()
                 comm.timeline.step()
     except Aborted:

@@ -238,6 +238,7 @@ class MicroBatches:
     make: Callable[[list[int]], Batch]
     in_flight: int = 0       # prompts taken and not yet done
     max_in_flight: int = 0   # the most there ever were
+    rows_computed: int = 0   # positions run through the stage (B * T per prefill, B per decode step)
 
     def take(self, slot: int) -> Batch | None:
         """The next micro-batch for `slot`, or None when every prompt has been taken."""
