@@ -64,6 +64,8 @@ def run_cell(model: str, work: str, prompts: list[str], max_new: list[int], sche
     cfg = dict(model_path=model, pipeline_size=pp, prompts_file=pfile, max_new_tokens=max(max_new), batch_size=batch,
                schedule=schedule, ignore_eos=True, device=device, output_path=os.path.join(work, f"{tag}.out.jsonl"),
                offload_folder=os.path.join(work, "offload"), timeout_s=600, progress=False)
+    if os.path.exists(cfg["output_path"]):  # a fresh run, never a resume of an earlier one in this workdir
+        os.remove(cfg["output_path"])
     path = os.path.join(work, f"{tag}.config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
