@@ -99,7 +99,7 @@ DISAGREE = textwrap.dedent('''
 @pytest.mark.parametrize("pipeline_size", [2, 3])
 def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pipeline_size):
     cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
-                      pipeline_size=pipeline_size, batch_size=3, schedule="rows", timeout_s=30)
+                      pipeline_size=pipeline_size, batch_size=3, schedule="rows", timeout_s=90)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     (tmp_path / "wrong.py").write_text(DISAGREE)
     port = free_port()

@@ -111,6 +111,7 @@ class RowSchedule:
                 while inflight:  # the tokens of visits on their way; their prompts rerun on resume
                     for _ in self._receive(*inflight.popleft(), make):
                         pass
+                self.comm.drain_sends()
                 raise Aborted()
             s = self.slots[k]
             while s.busy:  # token messages come back in visit order
@@ -123,6 +124,7 @@ class RowSchedule:
             if not decode and not joins:
                 if not inflight and all(all(row is None for row in t.firsts) for t in self.slots):
                     self._announce({"kind": "done"})
+                    self.comm.drain_sends()
                     return
                 k = (k + 1) % K
                 continue
@@ -204,10 +206,15 @@ class RowSchedule:
             payload = self.comm.recv_bytes("waiting for the first stage's next visit")
             self.comm.send_bytes(payload, "passing the visit header on")
             head = json.loads(payload)
-            if head["kind"] == "done":
+            if head["kind"] in ("done", "abort"):
+                self.comm.drain_sends()  # not in a `finally`: after a PeerFailure it would only wait longer
+                if head["kind"] == "abort":
+                    raise Aborted()
                 return
-            if head["kind"] == "abort":
-                raise Aborted()
+            if head["kind"] != "visit" or not 0 <= head.get("slot", -1) < len(self.slots):
+                raise PipelineProtocolError(f"pipeline protocol error: a {head['kind']!r} header where this rank's "
+                                            f"schedule expects a visit of one of its {len(self.slots)} slots (a bug: "
+                                            f"report it with every rank's log)")
             s = self.slots[head["slot"]]
             self._check(s, head)
             R, J = s.size, len(head["join"])
