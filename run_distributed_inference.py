@@ -17,20 +17,18 @@ import os
 import sys
 import time
 
-from pipeinfer.run import procgroup
-from pipeinfer.run.comm import PeerFailure
-from pipeinfer.config import ConfigError, micro_batching, results_path
-from pipeinfer.run.generation import Aborted, NonFiniteLogits, generate
-from pipeinfer.run.inputs import read_inputs
+from pipeinfer.config import ConfigError, results_path
+from pipeinfer.engine import Engine, StartError
 from pipeinfer.load.streamer import OffloadError
-from pipeinfer.record.metrics import batch_records, reset_peak_memory, run_record, stage_record, summary_record
-from pipeinfer.run.runtime import steady_host_memory
-from pipeinfer.run.prompts import micro_batches
+from pipeinfer.record.metrics import batch_records, run_record, stage_record, summary_record
 from pipeinfer.record.replicas import replica_record, share
 from pipeinfer.record.results import ResultsError, check_previous, prompt_hash, start_results
-from pipeinfer.run.runtime import EXIT_REQUEUE, StopRequest, progress_bar
-from pipeinfer.load.stage import LoadError, load_stage
 from pipeinfer.record.timeline import Timeline
+from pipeinfer.run import procgroup
+from pipeinfer.run.comm import PeerFailure
+from pipeinfer.run.generation import Aborted, NonFiniteLogits
+from pipeinfer.run.inputs import read_inputs
+from pipeinfer.run.runtime import EXIT_REQUEUE, StopRequest, progress_bar, steady_host_memory
 
 log = logging.getLogger("pipeinfer")
 
@@ -70,26 +68,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     writer, bar, clean = None, None, False  # clean: every rank reached the same exit point
     try:
-        # 3. The writer's checks, then every rank's stage, each agreed by all before going on.
+        # 3. The writer's checks, then every rank's stage (the engine), each agreed by all before going on.
         previous, problem = (check_previous(output_path, cfg.to_dict(), prompts, cfg.resume,
                                             inputs.dtype_name, device.type) if comm.is_first else (None, None))
-        ok = comm.all_ok(problem is None)
-        if ok:
-            try:
-                stage, info = load_stage(inputs.plan, rank, inputs.model_config, device, inputs.dtype,
-                                         f"{cfg.offload_folder}/rank{rank}", cfg.trust_remote_code, cfg.timeout_s)
-            except LoadError as e:
-                problem = str(e)
-            ok = comm.all_ok(problem is None, f"agreeing that every rank loaded its stage (a rank that loads for longer "
-                                              f"than timeout_s={cfg.timeout_s:g} also ends here: raise timeout_s)")
-        if not ok:
-            print(f"error: {problem}" if problem else "error: another rank failed its checks (see its message)",
-                  file=sys.stderr)
+        try:
+            engine = Engine.load(inputs, comm, problem, abort_requested=stop)
+        except StartError as e:
+            print(f"error: {e}", file=sys.stderr)
             clean = True
             return 2
+        info, stage = engine.info, engine.stage
         todo = comm.broadcast(previous.todo(mine) if comm.is_first else None)
 
-        # 4. Generate; rank 0 writes each prompt's record as soon as its micro-batch is done.
+        # 4. Generate: rank 0 submits the prompts still to do and writes each record as its micro-batch
+        # finishes; the other ranks serve their stage until rank 0 ends the work.
         if comm.is_first and inputs.score_changes:
             log.info("applying %s from the checkpoint's generation_config.json, as generate() does",
                      ", ".join(f"{k}={v}" for k, v in inputs.score_changes.items()))
@@ -103,29 +95,33 @@ def main(argv: list[str] | None = None) -> int:
             bar = progress_bar(len(mine), len(mine) - len(todo), cfg.progress)
         if cfg.profile_steps:
             timeline.trace(cfg.profile_steps, f"{output_path}.rank{rank}.trace.json")
-        work = micro_batches(prompts, todo, micro_batching(cfg), inputs.tokenizer.pad_token_id)
-        stage.warm_up(inputs.model_config.hidden_size, inputs.dtype, device)
-        comm.warm_up_links(inputs.dtype)  # NCCL builds a pair's communicator at its first message: not on the clock
-        reset_peak_memory(device)
+        engine.warm_up()
         records, new_tokens, interrupted, t0 = [], 0, False, time.perf_counter()
         try:
-            for batch, result in generate(stage, comm, work, inputs.gen, inputs.model_config.hidden_size,
-                                          inputs.dtype, stop):
-                for rec in batch_records(batch, result, prompts, inputs.tokenizer):
-                    records.append(rec)
-                    new_tokens += rec["new_tokens"]
-                    with timeline.span("write"):  # fsynced: on a slow filesystem this is rank 0's time
-                        writer.write(rec)
-                bar.update(len(batch.indices))
-                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):.1f} tok/s")
+            if comm.is_first:
+                for i in todo:
+                    engine.submit(prompts[i], index=i)
+                for batch, result in engine.results():
+                    for rec in batch_records(batch, result, prompts, inputs.tokenizer):
+                        records.append(rec)
+                        new_tokens += rec["new_tokens"]
+                        with timeline.span("write"):  # fsynced: on a slow filesystem this is rank 0's time
+                            writer.write(rec)
+                    bar.update(len(batch.indices))
+                    bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):.1f} tok/s")
+                engine.close()
+            else:
+                engine.serve()
         except Aborted:
             interrupted = True
         wall_s = time.perf_counter() - t0
         timeline.close()
 
         # 5. Every rank's stage record gathered on rank 0, then the summary.
-        gathered = comm.gather(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
-                                            work.max_in_flight, stage.streamer and stage.streamer.record()))
+        gathered = comm.gather(dict(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
+                                                 engine.max_in_flight, stage.streamer and stage.streamer.record()),
+                                    schedule="rows" if engine.rows else "micro_batches",
+                                    rows_computed=engine.rows_computed))
         done = len(mine) - len(todo) + len(records)
         if writer is not None:
             for rec in gathered:

@@ -67,6 +67,7 @@ class ExpConfig:
     device: str = "auto"
     batch_size: int = 1
     micro_batch_size: int | str = "auto"
+    schedule: str = "rows"  # or "micro_batches": a slot refills when its whole micro-batch ends (generation.py)
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -119,6 +120,9 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "dtype": (_STR, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "device": (_STR, lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     "batch_size": (_INT, lambda v: v >= 1, "an integer >= 1"),
+    "schedule": (_STR, lambda v: v in ("micro_batches", "rows"),
+                 '"micro_batches" (a slot refills when its whole micro-batch ends) or "rows" (a row refills as its '
+                 'prompt ends)'),
     "micro_batch_size": ((int, str), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                          '"auto" or an integer >= 1 (prompts per micro-batch)'),
     "do_sample": (_BOOL, None, "true or false"),

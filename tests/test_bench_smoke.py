@@ -82,3 +82,20 @@ def test_offload_bench_reads_the_cold_disk_cell_with_the_pages_dropped(tmp_path)
     assert cell["output_ids"] == reference_outputs(model, prompts, tokens, ignore_eos=True)
     (_, cold), (_, warm) = bench.disk_limit(model, disk, repeats=2, cold=True), bench.disk_limit(model, disk, 2)
     assert cold == 0.0 and warm == 1.0, (cold, warm)
+
+
+def test_continuous_smoke_runs_and_rows_waste_less(tmp_path):
+    """bench/continuous.py --smoke: every cell runs, both schedules give the same greedy tokens (the
+    script exits 1 otherwise), and the rows schedule computes fewer extra rows per useful token on
+    the long-tailed workload than the micro_batches schedule. Its timings are not asserted."""
+    out = tmp_path / "continuous.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "continuous.py"), "--smoke", "--json", str(out),
+                          "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(c["pipeline_size"], c["batch_size"]) for c in result["cells"]] == [(1, 4), (2, 4)]
+    for c in result["cells"]:
+        assert c["rows_varied"]["new_tokens"] == c["rows_equal"]["new_tokens"] == result["total_new_tokens"]
+        assert c["rows_varied"]["extra_rows_per_useful_token"] < c["micro_varied"]["extra_rows_per_useful_token"]
+        assert c["rows_varied"]["max_prompts_in_flight"] <= 4

@@ -102,6 +102,9 @@ def test_sampling_same_tokens_at_any_pipeline_size(tiny_llama, tmp_path):
     two = prompt_records(run_pipeline(base_config(tiny_llama, tmp_path / "2", pipeline_size=2, batch_size=3,
                                                   **over), tmp_path, 2))
     assert [p["output_ids"] for p in one] == [p["output_ids"] for p in two]
+    whole = prompt_records(run_pipeline(base_config(tiny_llama, tmp_path / "4", pipeline_size=2, batch_size=4,
+                                                    schedule="micro_batches", **over), tmp_path, 2))
+    assert [p["output_ids"] for p in whole] == [p["output_ids"] for p in one], "the same under either schedule"
     greedy = reference_outputs(tiny_llama, PROMPTS, 16)
     assert [p["output_ids"] for p in one] != greedy, "sampling should not reduce to greedy here"
     other_seed = prompt_records(run_pipeline(base_config(tiny_llama, tmp_path / "3", **dict(over, seed=99)),
@@ -136,7 +139,7 @@ def test_torchrun_launch_and_set_overrides(tiny_llama, tmp_path):
 def test_scheduled_micro_batches_match_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size,
                                                 micro_batch_size, micro_batches):
     cfg = base_config(tiny_llama, tmp_path, pipeline_size=pipeline_size, batch_size=batch_size,
-                      micro_batch_size=micro_batch_size)
+                      micro_batch_size=micro_batch_size, schedule="micro_batches")
     records = run_pipeline(cfg, tmp_path, pipeline_size)
     assert [p["output_ids"] for p in prompt_records(records)] == reference
     stages = [r for r in records if r["type"] == "stage"]
@@ -144,11 +147,13 @@ def test_scheduled_micro_batches_match_generate(tiny_llama, reference, tmp_path,
     assert all(s["max_prompts_in_flight"] == min(batch_size, len(PROMPTS)) for s in stages)
 
 
-@pytest.mark.parametrize("micro_batch_size", [1, 2])
-def test_eos_with_refill_matches_generate(llama_with_eos, tmp_path, micro_batch_size):
-    """Micro-batches end at different steps (EOS); the queue refills their slots."""
+@pytest.mark.parametrize("micro_batch_size,schedule", [(1, "micro_batches"), (2, "micro_batches"), (1, "rows"),
+                                                      (2, "rows")])
+def test_eos_with_refill_matches_generate(llama_with_eos, tmp_path, micro_batch_size, schedule):
+    """Micro-batches (rows) end at different steps (EOS); the queue refills their slots (rows)."""
     ref = reference_outputs(llama_with_eos, PROMPTS, 12)
-    cfg = base_config(llama_with_eos, tmp_path, pipeline_size=3, batch_size=2, micro_batch_size=micro_batch_size)
+    cfg = base_config(llama_with_eos, tmp_path, pipeline_size=3, batch_size=2, micro_batch_size=micro_batch_size,
+                      schedule=schedule)
     assert [p["output_ids"] for p in prompt_records(run_pipeline(cfg, tmp_path, 3))] == ref
 
 

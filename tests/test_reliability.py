@@ -98,14 +98,17 @@ def test_peer_killed_or_stopped_ends_rank0_within_timeout(slow_model, tmp_path, 
 RAISE_MID_RUN = """
 import runpy, sys, time
 import pipeinfer.run.generation as g
-real, calls = g._step, []
-def failing(*a, **k):
-    calls.append(1)
-    if len(calls) == 300:
-        print(f"injected failure at {time.time()!r}", file=sys.stderr, flush=True)
-        raise RuntimeError("injected failure on rank 1")
-    return real(*a, **k)
-g._step = failing
+import pipeinfer.run.rows as rows
+real, calls = (g._step, rows.RowSchedule._visit), []
+def failing(i):
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 300:
+            print(f"injected failure at {time.time()!r}", file=sys.stderr, flush=True)
+            raise RuntimeError("injected failure on rank 1")
+        return real[i](*a, **k)
+    return step
+g._step, rows.RowSchedule._visit = failing(0), failing(1)
 runpy.run_path(%r, run_name="__main__")
 """ % ENTRY
 
@@ -129,8 +132,9 @@ def exits(procs, timeout: float) -> list[tuple[int, str, float]]:
     return out
 
 
-def test_exception_on_one_rank_ends_the_job_within_seconds(slow_model, tmp_path):
-    cfg = base_config(slow_model, tmp_path, pipeline_size=3, timeout_s=300, **RUN)
+@pytest.mark.parametrize("schedule", ["rows", "micro_batches"])
+def test_exception_on_one_rank_ends_the_job_within_seconds(slow_model, tmp_path, schedule):
+    cfg = base_config(slow_model, tmp_path, pipeline_size=3, timeout_s=300, schedule=schedule, **RUN)
     procs = start(cfg, tmp_path, 3, wrap_rank={1: RAISE_MID_RUN})
     try:
         codes = exits(procs, 240)
@@ -226,7 +230,7 @@ def test_resume_refuses_records_of_another_config(tiny_llama, tmp_path):
 
 
 def test_resume_with_another_batch_geometry_says_so_and_records_micro_batches(tiny_llama, tmp_path):
-    cfg = base_config(tiny_llama, tmp_path, batch_size=2)
+    cfg = base_config(tiny_llama, tmp_path, batch_size=2, schedule="micro_batches")
     first = run_pipeline(cfg, tmp_path, 1)
     assert [p["micro_batch"] for p in prompt_records(first)] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     kept = [r for r in first if r["type"] == "run"] + prompt_records(first)[:2]  # as if stopped after 2 prompts

@@ -61,3 +61,48 @@ class PreallocatedLayer(DynamicLayer):
                   and keys.shape[:2] == self._k.shape[:2]):
             self._k = self._v = None  # not a prefix of the buffer (rows reordered, moved...): copied at _grow
             self._grow(keys.shape[-2], keys.shape[-2], keys, self.values)
+
+
+# -- row-level refill (run/rows.py): a slot's cache has a fixed number of rows, each its own prompt --
+
+def plain_rows(model_config) -> bool:
+    """Whether every layer of the model's cache (as generate() types it) is a plain append-only
+    layer, whose rows the row schedule may edit (sliding-window and other special layers keep
+    their own bookkeeping). The same answer on every rank: it reads the whole model's config."""
+    from transformers import DynamicCache
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model_config).layers)
+
+
+def _set(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Hand a layer new keys/values (PreallocatedLayer copies them into room at its next update)."""
+    layer.keys, layer.values = keys, values
+    layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+
+
+def grow_left(cache, rows: int, n: int, like) -> None:
+    """n empty (masked) positions before every row's; `like`: a filled cache whose layers give
+    heads, head_dim, dtype and device where this one is still empty."""
+    for layer, src in zip(cache.layers, like.layers):
+        k = layer.keys if layer.is_initialized and layer.keys is not None and layer.keys.numel() else \
+            src.keys.new_zeros(rows, src.keys.shape[1], 0, src.keys.shape[-1])
+        v = layer.values if k is layer.keys else src.values.new_zeros(rows, src.values.shape[1], 0,
+                                                                      src.values.shape[-1])
+        _set(layer, torch.cat([k.new_zeros(*k.shape[:2], n, k.shape[-1]), k], dim=2),
+             torch.cat([v.new_zeros(*v.shape[:2], n, v.shape[-1]), v], dim=2))
+
+
+def drop_left(cache, n: int) -> None:
+    """Drop the first n positions of every row (positions no live row attends to)."""
+    for layer in cache.layers:
+        _set(layer, layer.keys[:, :, n:].contiguous(), layer.values[:, :, n:].contiguous())
+
+
+def splice_rows(cache, src, rows: list[int], lengths: list[int]) -> None:
+    """Row rows[j] of `cache` takes the last lengths[j] positions of `src`'s row j (a left-padded
+    prefill), placed at the end of the cache's positions (which must be at least as many)."""
+    for layer, s in zip(cache.layers, src.layers):
+        L, T = layer.keys.shape[2], s.keys.shape[2]
+        for j, (r, n) in enumerate(zip(rows, lengths)):
+            layer.keys[r, :, L - n:] = s.keys[j, :, T - n:]
+            layer.values[r, :, L - n:] = s.values[j, :, T - n:]

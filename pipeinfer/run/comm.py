@@ -150,6 +150,24 @@ class Comm(Rank):
             _check_floats(int(msg[-1].item()), n_floats, doing)
         return msg[:batch], msg[batch:2 * batch], bool(msg[-2].item()), floats
 
+    # -- headers, stage i -> i+1: what a stage cannot know by itself (engine requests) --------
+
+    def send_bytes(self, payload: bytes, doing: str) -> None:
+        """A small header for the next stage (no-op on the last): its length, then its bytes, over gloo."""
+        if not self.is_last:
+            self._send(torch.tensor([len(payload)], dtype=torch.int64), self.next, doing, group=None)
+            if payload:
+                self._send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), self.next, doing, group=None)
+
+    def recv_bytes(self, doing: str) -> bytes:
+        """The previous stage's send_bytes()."""
+        n = torch.empty(1, dtype=torch.int64)
+        self._recv(n, self.prev, doing, group=None)
+        buf = torch.empty(int(n.item()), dtype=torch.uint8)
+        if buf.numel():
+            self._recv(buf, self.prev, doing, group=None)
+        return buf.numpy().tobytes()
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _send(self, tensor: torch.Tensor, dst: int, doing: str, group=...) -> None:

@@ -25,7 +25,8 @@ import torch
 
 from pipeinfer.run.comm import ABORT, STOP, Comm
 from pipeinfer.run.prompts import Batch, MicroBatches
-from pipeinfer.run.sampling import SamplingParams, checkpoint_processors, filter_logits, prompt_generator, sample
+from pipeinfer.run.sampling import (NonFiniteLogits, SamplingParams, check_finite, checkpoint_processors,  # noqa: F401
+                                    filter_rows, prompt_generator, row_settings, sample)
 from pipeinfer.run.scoring import prompt_logprobs
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.stops import Stopper, finish
@@ -70,10 +71,6 @@ class BatchResult:
     prompt_logprobs: list | None = None  # per prompt: its (T - 1,) row of scoring.prompt_logprobs
 
 
-class NonFiniteLogits(RuntimeError):
-    """The model's logits hold inf or NaN: its activations overflowed in this dtype (float16, usually)."""
-
-
 class Aborted(Exception):
     """A stop was requested (SIGTERM/SIGUSR1); every rank left the schedule at the same frame."""
 
@@ -93,6 +90,8 @@ class _Slot:
     padded: bool
     gens: list
     finished: torch.Tensor  # (B,) bool, last stage
+    max_new: list[int]      # per row: its max_new_tokens (the prompt's own, else the run's)
+    params: SamplingParams | list[SamplingParams]  # the run's, or per row when a prompt sets its own
     step: int = 0
     t0: float = 0.0
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
@@ -127,18 +126,21 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
 
     def start(batch: Batch) -> _Slot:
         mask = batch.attention_mask.to(dev)
-        gens = [prompt_generator(gp.seed, i, dev) for i in batch.indices] if gp.sampling.do_sample else []
-        cache = stage.new_cache(capacity=mask.shape[1] + gp.max_new_tokens)  # room for the whole sequence
+        max_new, params, seeds = row_settings(batch.indices, batch.limits, gp.max_new_tokens, gp.sampling, gp.seed)
+        gens = [prompt_generator(*key, dev) for key in seeds] if gp.sampling.do_sample else []
+        cache = stage.new_cache(capacity=mask.shape[1] + max(max_new))  # room for the whole sequence
         slot = _Slot(batch, cache, mask, position_ids(mask), not bool(mask.all()), gens,
-                     torch.zeros(len(batch.indices), dtype=torch.bool, device=dev), t0=time.perf_counter())
+                     torch.zeros(len(batch.indices), dtype=torch.bool, device=dev), max_new, params,
+                     t0=time.perf_counter())
         if comm.is_last:
             # Row by row, without the left padding: what generate() sees for the prompt alone, so
             # that a prompt's tokens do not depend on the others in its micro-batch.
             history = [ids[m.bool()] for ids, m in zip(batch.input_ids.to(dev), mask)]
             if gp.score_config is not None:
                 slot.processors = [checkpoint_processors(stage.lm, gp.score_config, ids[None],
-                                                         torch.ones_like(ids)[None], gp.max_new_tokens,
-                                                         None if gp.ignore_eos else gp.eos_ids) for ids in history]
+                                                         torch.ones_like(ids)[None], n,
+                                                         None if gp.ignore_eos else gp.eos_ids)
+                                   for ids, n in zip(history, max_new)]
                 if all(p is None for p in slot.processors):
                     slot.processors = None
             if slot.processors is not None or any(st.strings for st in batch.stops or ()):
@@ -203,6 +205,7 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
                         comm.send_control(ABORT, s.frame_shape(hidden_size), dtype)
                         raise Aborted()
                 _step(stage, comm, s, x, gp, eos, dtype)
+                work.rows_computed += x.shape[0] * x.shape[1]
                 s.advance()
                 comm.timeline.step()
     except Aborted:
@@ -225,8 +228,8 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
             check_finite(out, s.step, s.batch.indices, dtype)
             if s.processors is not None:
                 out = torch.cat([p(h[None], out[i:i + 1]) for i, (p, h) in enumerate(zip(s.processors, s.history))])
-            tokens = sample(out, gp.sampling, s.gens).masked_fill(s.finished, gp.pad_id)  # (B,)
-            logprobs = logprob_rows(out, tokens, gp) if gp.logprobs else None
+            tokens = sample(out, s.params, s.gens).masked_fill(s.finished, gp.pad_id)  # (B,)
+            logprobs = logprob_rows(out, tokens, gp, s.params) if gp.logprobs else None
             if s.history is not None:
                 s.history = [torch.cat([h, t[None]]) for h, t in zip(s.history, tokens)]
             if gp.stopper is not None:  # stop strings see the new tokens only, never the prompt (as vLLM)
@@ -237,7 +240,8 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
             else:
                 codes = (torch.isin(tokens, eos) & ~s.finished).long()
             s.finished |= codes != 0
-            stop = s.step + 1 >= gp.max_new_tokens or bool(s.finished.all())
+            s.finished |= torch.tensor(s.max_new, device=s.finished.device) <= s.step + 1  # rows at their own limit
+            stop = s.step + 1 >= max(s.max_new) or bool(s.finished.all())
             floats = [f.reshape(-1) for f in (logprobs, prompt_lp if scoring else None) if f is not None]
     if comm.is_last:
         s.local = comm.send_tokens(tokens, codes, stop, torch.cat(floats) if floats else None)
@@ -245,27 +249,14 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
         comm.send_hidden(out, f"sending step {s.step}'s hidden states")
 
 
-def check_finite(logits: torch.Tensor, step: int, indices: list[int], dtype: torch.dtype) -> None:
-    """(B, V) logits straight from the model, before any processor (which may set -inf on purpose).
-
-    On CUDA, sampling from inf/NaN logits trips a device-side assert in multinomial that kills the
-    CUDA context with an unreadable error; greedy argmax would silently pick garbage. One reduction
-    per step, on the last stage only."""
-    if bool(torch.isfinite(logits).all()):
-        return
-    row = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0])
-    name = str(dtype).removeprefix("torch.")
-    raise NonFiniteLogits(f"step {step}: the logits for prompt {indices[row]} are not finite (inf or NaN): the "
-                          f"model's activations overflowed in {name}; set dtype=\"float32\", or run on a GPU with "
-                          f"bfloat16 (compute capability 8.0 or later: A100, H100, L4, RTX 30xx)")
-
-
-def logprob_rows(scores: torch.Tensor, tokens: torch.Tensor, gp: GenParams) -> torch.Tensor:
+def logprob_rows(scores: torch.Tensor, tokens: torch.Tensor, gp: GenParams,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> torch.Tensor:
     """(B, V) scores the sampler chose from -> (B, 1 + 2k): the chosen token's log-probability, then
     the k most likely ids and their log-probabilities. Sampling's filters count, as in the scores
-    generate() returns (compute_transition_scores(..., normalize_logits=True))."""
+    generate() returns (compute_transition_scores(..., normalize_logits=True)). params: the rows'
+    sampling parameters (default: the run's)."""
     if gp.sampling.do_sample:
-        scores = filter_logits(scores, gp.sampling)
+        scores = filter_rows(scores, gp.sampling if params is None else params)
     logp = torch.log_softmax(scores.float(), dim=-1)  # (B, V)
     top = torch.topk(logp, gp.logprobs, dim=-1)       # (B, k)
     chosen = logp.gather(-1, tokens[:, None])          # (B, 1)
@@ -288,7 +279,7 @@ def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
     ids, times, finished, logprobs = [], [], [], [] if s.logprobs else None
     codes = torch.stack(s.codes, dim=1).tolist()  # (B, steps)
     for b, row in enumerate(torch.stack(s.tokens, dim=1).tolist()):
-        n = next((i + 1 for i, c in enumerate(codes[b]) if c), len(row)) if gp.max_new_tokens else 0
+        n = min(next((i + 1 for i, c in enumerate(codes[b]) if c), len(row)), s.max_new[b])
         ids.append(row[:n])
         times.append(s.arrivals[:n])
         finished.append(finish(codes[b][n - 1] if n else 0, s.batch.stops[b] if s.batch.stops else None))

@@ -10,6 +10,7 @@ group exists.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,5 +72,8 @@ def read_inputs(config_path: str, overrides: list[str]) -> Inputs:
     device = pick_device(cfg.device, local_rank)
     dtype = resolve_dtype(cfg.dtype, device, saved_dtype(model_config))
     # Every rank's layers and bytes, every split and budget rule: a job that does not fit ends here.
-    plan = plan_for_run(cfg, model_config, max(lengths), str(dtype).removeprefix("torch."), device.type)
+    # KV room for the largest max_new_tokens any prompt asks for (its own, else the run's)
+    longest_new = max(p.max_new_tokens(cfg.max_new_tokens) for p in prompts)
+    plan = plan_for_run(dataclasses.replace(cfg, max_new_tokens=longest_new), model_config, max(lengths),
+                        str(dtype).removeprefix("torch."), device.type)
     return Inputs(rank, world_size, cfg, model_config, tokenizer, prompts, gen, score_changes, device, dtype, plan)

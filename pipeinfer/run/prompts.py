@@ -4,6 +4,7 @@ chat messages (chat.py renders those), with the run's stops or, key by key, its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import deque
@@ -17,18 +18,43 @@ from pipeinfer.config import ConfigError, ExpConfig, check_value, first_line
 from pipeinfer.run.stops import Stops
 
 
-# What a .jsonl line may set for its own prompt, each key replacing the run's key of that name alone.
-# A record depends on these as much as on the rendered text: each prompt record stores them
-# ("settings") and resume compares them (results.scan_previous), so a key added here is covered there.
-LINE_SETTINGS = ("stop", "stop_token_ids")
+# The keys a prompt may set for itself (a .jsonl line, an engine request), checked as the run's are.
+LIMIT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A prompt's own generation limits; None: the run's value. With its own seed a prompt's sampled
+    tokens depend on that seed alone (not on its place in the input)."""
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    @classmethod
+    def read(cls, row: dict, where: str) -> "Limits":
+        """The LIMIT_KEYS of a dict, each checked by the config's own rule (ConfigError naming `where`)."""
+        return cls(**{k: check_value(k, row[k], where) for k in LIMIT_KEYS if row.get(k) is not None})
+
+
+NO_LIMITS = Limits()
+
+
+# What a .jsonl line may set for its own prompt: its stops, each replacing the run's key of that
+# name alone, and its limits. A record depends on these as much as on the rendered text: each prompt
+# record stores them ("settings") and resume compares them (results.scan_previous).
+LINE_SETTINGS = ("stop", "stop_token_ids", *LIMIT_KEYS)
 
 
 @dataclass(frozen=True)
 class PromptSpec:
     """One prompt as the input gives it: a string, or chat messages, with its own settings if any."""
     given: str | list[dict]
-    settings: dict = field(default_factory=dict)  # the line's own LINE_SETTINGS; the run's for the others
+    settings: dict = field(default_factory=dict)  # the line's own stop / stop_token_ids; the run's for the others
     where: str = ""  # where the input gives it ("prompts[2]", "prompts_file='p.jsonl' line 3"), named in errors
+    limits: Limits = NO_LIMITS
 
 
 @dataclass(frozen=True)
@@ -38,8 +64,12 @@ class Prompt:
     text: str                # what was tokenized: the string, or the rendered messages (hashed for resume)
     ids: list[int]           # stage 0's input, with exactly the special tokens intended (chat.encode)
     stops: Stops
+    limits: Limits = NO_LIMITS
     settings: dict = field(default_factory=dict)  # its own LINE_SETTINGS: recorded, and compared on resume
     where: str = ""
+
+    def max_new_tokens(self, run_default: int) -> int:
+        return run_default if self.limits.max_new_tokens is None else self.limits.max_new_tokens
 
 
 def load_prompts(cfg: ExpConfig) -> list[PromptSpec]:
@@ -77,8 +107,22 @@ def prepare(tokenizer, specs: list[PromptSpec], cfg: ExpConfig) -> list[Prompt]:
         if bad:
             raise ConfigError(f"prompt {i}: stop_token_ids {bad} are not among the tokenizer's {vocab} ids: give ids "
                               f"below {vocab}")
-        out.append(Prompt(spec.given, text, ids, stops, spec.settings, spec.where))
+        check_limits(spec.limits, cfg, f"prompt {i}")
+        own = {**spec.settings, **{k: v for k, v in dataclasses.asdict(spec.limits).items() if v is not None}}
+        out.append(Prompt(spec.given, text, ids, stops, spec.limits, own, spec.where))
     return out
+
+
+def check_limits(limits: Limits, cfg: ExpConfig, where: str) -> None:
+    """What a prompt's own limits cannot be beside the run's config (ConfigError)."""
+    if not cfg.do_sample:
+        given = [k for k in SAMPLING_KEYS if getattr(limits, k) is not None]
+        if given:
+            raise ConfigError(f"{where} sets {', '.join(given)} but do_sample=false (greedy ignores them): set "
+                              f"do_sample=true, or remove them")
+    if limits.max_new_tokens == 0 and not cfg.prompt_logprobs:
+        raise ConfigError(f"{where}: max_new_tokens=0 generates nothing: set prompt_logprobs=true to score the "
+                          f"prompt, or max_new_tokens >= 1")
 
 
 def text_prompts(tokenizer, texts: list[str]) -> list[Prompt]:
@@ -133,8 +177,9 @@ def _refuse_json_lines(path: str, lines: list[str], messages_field: str) -> None
 
 
 def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSpec:
-    """One .jsonl line: {"prompt": str} or {messages_field: [...]}, with optional LINE_SETTINGS ("stop",
-    "stop_token_ids"), each replacing the run's key of that name for this prompt (null or []: none)."""
+    """One .jsonl line: {"prompt": str} or {messages_field: [...]}, with optional "stop" and
+    "stop_token_ids", each replacing the run's key of that name for this prompt (null or []: none),
+    and optional LIMIT_KEYS (max_new_tokens, temperature, top_p, top_k, seed) replacing the run's."""
     where = f"prompts_file={path!r} line {n}"
     try:
         row = json.loads(line)
@@ -155,7 +200,7 @@ def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSp
             if row[key] is not None:
                 check_value(key, row[key], where)
             settings[key] = list(row[key] or ())
-    return PromptSpec(given, settings, where)
+    return PromptSpec(given, settings, where, Limits.read(row, where))
 
 
 @dataclass(frozen=True)
@@ -165,6 +210,7 @@ class Batch:
     attention_mask: torch.Tensor   # (B, T), 0 on padding
     prompt_tokens: list[int]
     stops: list[Stops] | None = None  # per prompt; None when none of them has any
+    limits: list[Limits] | None = None  # per prompt; None when none of them has its own
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -181,9 +227,10 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def check_lengths(prompts: list[Prompt], max_positions: int | None, max_new_tokens: int) -> list[int]:
-    """Every prompt must tokenize to something and leave room for max_new_tokens. Returns the lengths."""
+def check_lengths(prompts: list[Prompt], max_positions: int | None, run_max_new_tokens: int) -> list[int]:
+    """Every prompt must tokenize to something and leave room for its max_new_tokens. Returns the lengths."""
     for i, p in enumerate(prompts):
+        max_new_tokens = p.max_new_tokens(run_max_new_tokens)
         if not p.ids:
             raise ConfigError(f"prompt {i} tokenizes to nothing: give it some text")
         if max_positions is not None and len(p.ids) + max_new_tokens > max_positions:
@@ -203,8 +250,10 @@ def make_batch(prompts: list[Prompt], indices: list[int], pad_id: int) -> Batch:
         input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[b, T - len(r):] = 1
     stops = [prompts[i].stops for i in indices]
+    limits = [prompts[i].limits for i in indices]
     return Batch(list(indices), input_ids, mask, [len(r) for r in rows],
-                 stops if any(st.strings or st.token_ids for st in stops) else None)
+                 stops if any(st.strings or st.token_ids for st in stops) else None,
+                 limits if any(lim != NO_LIMITS for lim in limits) else None)
 
 
 def make_batches(prompts: list[Prompt], indices: list[int], batch_size: int, pad_id: int) -> list[Batch]:
@@ -225,6 +274,7 @@ class MicroBatches:
     make: Callable[[list[int]], Batch]
     in_flight: int = 0       # prompts taken and not yet done
     max_in_flight: int = 0   # the most there ever were
+    rows_computed: int = 0   # positions run through the stage (B * T per prefill, B per decode step)
 
     def take(self, slot: int) -> Batch | None:
         """The next micro-batch for `slot`, or None when every prompt has been taken."""

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from pipeinfer.config import ConfigError
+from pipeinfer.run.prompts import NO_LIMITS, SAMPLING_KEYS
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,21 @@ class SamplingParams:
     top_p: float = 1.0
 
 
+def row_settings(indices: list[int], limits: list | None, max_new_tokens: int, run: SamplingParams, seed: int
+                 ) -> tuple[list[int], SamplingParams | list[SamplingParams], list[tuple[int, int]]]:
+    """Per row of a micro-batch (prompt `indices`, their prompts.Limits or None when none has any):
+    its max_new_tokens, its sampling parameters (`run` itself when no row sets its own) and its
+    generator's (seed, index) key for prompt_generator."""
+    limits = limits or [NO_LIMITS] * len(indices)
+    max_new = [max_new_tokens if lim.max_new_tokens is None else lim.max_new_tokens for lim in limits]
+    params = run if all(lim == NO_LIMITS for lim in limits) else [
+        replace(run, **{k: getattr(lim, k) for k in SAMPLING_KEYS if getattr(lim, k) is not None}) for lim in limits]
+    seeds = [(seed, i) if lim.seed is None else (lim.seed, 0) for i, lim in zip(indices, limits)]
+    return max_new, params, seeds
+
+
 def prompt_generator(seed: int, prompt_index: int, device: torch.device) -> torch.Generator:
+    """A prompt with its own seed passes prompt_index 0: its tokens then depend on that seed alone."""
     digest = hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -48,11 +63,42 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids. Greedy is argmax, as generate(do_sample=False) is."""
-    if not p.do_sample:
+class NonFiniteLogits(RuntimeError):
+    """The model's logits hold inf or NaN: its activations overflowed in this dtype (float16, usually)."""
+
+
+def check_finite(logits: torch.Tensor, step: int, indices: list[int], dtype: torch.dtype) -> None:
+    """(B, V) logits straight from the model, before any processor (which may set -inf on purpose).
+
+    On CUDA, sampling from inf/NaN logits trips a device-side assert in multinomial that kills the
+    CUDA context with an unreadable error; greedy argmax would silently pick garbage. One reduction
+    per step, on the last stage only."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    row = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0])
+    name = str(dtype).removeprefix("torch.")
+    raise NonFiniteLogits(f"step {step}: the logits for prompt {indices[row]} are not finite (inf or NaN): the "
+                          f"model's activations overflowed in {name}; set dtype=\"float32\", or run on a GPU with "
+                          f"bfloat16 (compute capability 8.0 or later: A100, H100, L4, RTX 30xx)")
+
+
+def filter_rows(logits: torch.Tensor, p: SamplingParams | list[SamplingParams]) -> torch.Tensor:
+    """filter_logits with one SamplingParams for every row, or a list of them, one per row (prompts
+    with their own temperature, top_k or top_p)."""
+    if isinstance(p, SamplingParams):
+        return filter_logits(logits, p)
+    if all(q == p[0] for q in p):
+        return filter_logits(logits, p[0])
+    return torch.cat([filter_logits(logits[i:i + 1], q) for i, q in enumerate(p)])
+
+
+def sample(logits: torch.Tensor, p: SamplingParams | list[SamplingParams], generators: list[torch.Generator]
+           ) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids. Greedy is argmax, as generate(do_sample=False) is. p: one
+    SamplingParams for every row, or one per row (do_sample is the run's, the same in every row)."""
+    if not (p if isinstance(p, SamplingParams) else p[0]).do_sample:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, p).softmax(dim=-1)
+    probs = filter_rows(logits, p).softmax(dim=-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 

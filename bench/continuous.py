@@ -1,0 +1,148 @@
+"""Row-level refill against whole-micro-batch refill, on long-tailed per-prompt lengths.
+
+    python bench/continuous.py [--smoke] [--json results/continuous.json] [--device cuda]
+
+Two workloads with the same prompts and the same total of new tokens (ignore_eos, so every prompt
+makes exactly its max_new_tokens):
+  varied   per-prompt max_new_tokens from a geometric distribution clipped to [lo, hi] (4..256)
+  equal    every prompt the mean of the varied ones (the remainder spread one token apiece)
+each run with schedule "rows" (a finished prompt's row refills at once: run/rows.py) and
+"micro_batches" (a slot refills when its longest row ends: run/generation.py), at pipeline_size
+1 and 2 and batch_size 8 and 32, through the batch runner (run_distributed_inference.py), one
+thread per rank. Reported per cell: useful tokens/s (the summary's new_tokens / wall_s), and the
+positions every stage computed per useful token (the stage records' rows_computed / new_tokens),
+and the same beyond the prompts' own positions ((rows_computed - prompt tokens) / new_tokens: about
+1.0 is no wasted row; padding, finished rows still computed and idle rows add to it). The ratios the issue asks for: rows varied / rows equal (target >=
+0.85) and rows varied / micro_batches varied (target >= 1.8). Every cell's output ids are compared
+with the rows schedule's on the same workload (greedy: any difference is a bug; exit 1).
+--smoke: a tiny model, few prompts, 4..16 tokens, pp 1 and 2 at batch 4 (tests/test_bench_smoke.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from throughput import ENTRY, SHAPE, launch, make_prompts, tail  # noqa: E402
+
+from pipeinfer.models.tiny import make_model  # noqa: E402
+
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=512)
+
+
+def lengths(n: int, lo: int, hi: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(varied, equal): n geometric lengths in [lo, hi] with mean about (hi - lo) / 8 + lo, and n
+    equal lengths with the same sum."""
+    rng = random.Random(seed)
+    p = 8 / (hi - lo)
+    varied = []
+    for _ in range(n):
+        k = lo
+        while k < hi and rng.random() > p:
+            k += 1
+        varied.append(k)
+    total = sum(varied)
+    equal = [total // n + (1 if i < total % n else 0) for i in range(n)]
+    return varied, equal
+
+
+def run_cell(model: str, work: str, prompts: list[str], max_new: list[int], schedule: str, pp: int, batch: int,
+             device: str, timeout: float) -> dict:
+    tag = f"{schedule}-pp{pp}-b{batch}-{'v' if len(set(max_new)) > 2 else 'e'}"
+    pfile = os.path.join(work, f"{tag}.jsonl")
+    with open(pfile, "w") as f:
+        f.writelines(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(prompts, max_new))
+    cfg = dict(model_path=model, pipeline_size=pp, prompts_file=pfile, max_new_tokens=max(max_new), batch_size=batch,
+               schedule=schedule, ignore_eos=True, device=device, output_path=os.path.join(work, f"{tag}.out.jsonl"),
+               offload_folder=os.path.join(work, "offload"), timeout_s=600, progress=False)
+    if os.path.exists(cfg["output_path"]):  # a fresh run, never a resume of an earlier one in this workdir
+        os.remove(cfg["output_path"])
+    path = os.path.join(work, f"{tag}.config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    codes = launch([ENTRY, "--config", path], pp, os.path.join(work, tag), timeout)
+    if any(codes):
+        return {"error": " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'{tag}.rank{r}.log'))}"
+                                    for r, c in enumerate(codes) if c)}
+    with open(cfg["output_path"], encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    summary = next(r for r in records if r["type"] == "summary")
+    stages = [r for r in records if r["type"] == "stage"]
+    useful = summary["new_tokens"]
+    rows = max(s["rows_computed"] for s in stages)
+    prompt_tokens = sum(r["prompt_tokens"] for r in records if r["type"] == "prompt")
+    return {"tokens_per_s": useful / summary["wall_s"], "new_tokens": useful, "wall_s": summary["wall_s"],
+            "rows_per_useful_token": rows / useful,
+            # beyond each prompt's own positions once: decode rows, padding, idle rows
+            "extra_rows_per_useful_token": (rows - prompt_tokens) / useful,
+            "max_prompts_in_flight": max(s["max_prompts_in_flight"] for s in stages),
+            "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few short prompts: seconds, for the tests")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per workload (default 96; smoke 8)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    smoke = args.smoke
+    n = args.prompts or (8 if smoke else 96)
+    lo, hi = (4, 16) if smoke else (4, 256)
+    pps, batches = [1, 2], ([4] if smoke else [8, 32])
+    work = args.workdir or tempfile.mkdtemp(prefix="continuous-")
+    os.makedirs(work, exist_ok=True)
+    model = os.path.join(work, "model")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        make_model(model, seed=0, **(SMOKE_SHAPE if smoke else SHAPE))
+    prompts = make_prompts(n)
+    varied, equal = lengths(n, lo, hi)
+    cells, bad = [], []
+    for pp in pps:
+        for batch in batches:
+            row = {"pipeline_size": pp, "batch_size": batch}
+            for name, schedule, max_new in (("rows_varied", "rows", varied), ("rows_equal", "rows", equal),
+                                            ("micro_varied", "micro_batches", varied)):
+                row[name] = run_cell(model, work, prompts, max_new, schedule, pp, batch, args.device, 3600)
+                if "error" in row[name]:
+                    bad.append(f"{name} pp{pp} b{batch}: {row[name]['error']}")
+            ok = all("error" not in row[k] for k in ("rows_varied", "rows_equal", "micro_varied"))
+            if ok:
+                if row["micro_varied"]["output_ids"] != row["rows_varied"]["output_ids"]:
+                    bad.append(f"pp{pp} b{batch}: the schedules' greedy tokens differ")
+                assert all(len(row["rows_varied"]["output_ids"][i]) == m for i, m in enumerate(varied))
+                row["varied_over_equal"] = row["rows_varied"]["tokens_per_s"] / row["rows_equal"]["tokens_per_s"]
+                row["rows_over_micro_batches"] = row["rows_varied"]["tokens_per_s"] / row["micro_varied"]["tokens_per_s"]
+                for k in ("rows_varied", "rows_equal", "micro_varied"):
+                    row[k].pop("output_ids")
+                print(f"pp{pp} b{batch:>2}: rows varied {row['rows_varied']['tokens_per_s']:8.1f} tok/s "
+                      f"({row['rows_varied']['extra_rows_per_useful_token']:.2f} extra rows/token), equal "
+                      f"{row['rows_equal']['tokens_per_s']:8.1f} ({row['rows_equal']['extra_rows_per_useful_token']:.2f}), "
+                      f"micro_batches varied {row['micro_varied']['tokens_per_s']:8.1f} "
+                      f"({row['micro_varied']['extra_rows_per_useful_token']:.2f}); varied/equal "
+                      f"{row['varied_over_equal']:.2f}, rows/micro_batches {row['rows_over_micro_batches']:.2f}",
+                      flush=True)
+            cells.append(row)
+    result = {"prompts": n, "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,
+              "smoke": smoke, "cells": cells, "errors": bad}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    for b in bad:
+        print("error:", b, file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The engine: one object on every rank that runs requests through the pipeline; the first rank
+takes requests and hands back results as they finish, the other ranks serve their stage.
+
+    from pipeinfer.engine import Engine
+
+    with Engine.start("exp_config.json") as engine:              # every rank (torchrun, srun)
+        if engine.is_first:
+            for rec in engine.generate(["Hello", "The capital of France is"]):
+                print(rec["prompt_index"], rec["output"])        # in completion order
+        else:
+            engine.serve()                                        # until the first rank is done
+
+The batch runner (run_distributed_inference.py), an HTTP server or an evaluation backend are
+callers: submit() at any time (from any thread), results() yields each finished micro-batch;
+a request submitted while others run joins at the next slot that frees (generation.py's
+schedule). results(wait=True) keeps waiting for requests until close().
+
+Only the first rank knows the requests. Each micro-batch a slot takes is announced down the pipe
+in a small header (comm.send_bytes: the prompts' ids, stops and limits, as JSON), just before its
+prefill frame, and every stage forwards it on; so is the start of each round of the schedule and
+the end of the work. Every rank thus takes the same micro-batches in the same order, as
+generation.generate() requires, without ever being told a tensor's shape per step. With
+schedule "rows" (the default) run/rows.py runs the rounds instead, with a header per visit.
+
+Over 300 lines: the API, its two schedules' rounds and the announced work queue belong together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+from pipeinfer.config import micro_batching
+from pipeinfer.load.kvcache import plain_rows
+from pipeinfer.load.stage import LoadError, load_stage
+from pipeinfer.record.metrics import batch_records, reset_peak_memory
+from pipeinfer.run import procgroup
+from pipeinfer.run.comm import Comm, PipelineProtocolError
+from pipeinfer.run.generation import Aborted, BatchResult, generate
+from pipeinfer.run.inputs import Inputs, read_inputs
+from pipeinfer.run.rows import RowSchedule
+from pipeinfer.run.prompts import Batch, Limits, MicroBatches, Prompt, PromptSpec, check_lengths, make_batch, prepare
+from pipeinfer.run.stops import Stops
+
+log = logging.getLogger(__name__)
+
+
+class StartError(RuntimeError):
+    """A rank could not start (its own problem, or another rank's): one line, exit 2."""
+
+
+class Engine:
+    def __init__(self, inputs: Inputs, comm: Comm, stage, info=None,
+                 abort_requested: Callable[[], bool] = lambda: False):
+        self.inputs, self.comm, self.stage, self.info = inputs, comm, stage, info
+        self.abort_requested = abort_requested
+        self.sizes = micro_batching(inputs.cfg)
+        self.prompts: dict[int, Prompt] = {}  # every request by index (on other ranks: the rows heard)
+        self.max_in_flight = 0                # the most prompts in flight at once
+        self._queue: deque = deque()          # first rank: indices not yet taken
+        self._wake = threading.Condition()
+        self.rows_computed = 0                # positions run through this stage (rows schedule)
+        cfg = inputs.cfg
+        self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
+        if cfg.schedule == "rows" and not self.rows:
+            log.warning("schedule=\"rows\": the %s family's KV cache has sliding-window or other special layers: "
+                        "using the micro_batches schedule", inputs.model_config.model_type)
+        self._next = 0
+        self._closed = self._ended = self._waiting = False
+
+    @property
+    def is_first(self) -> bool:
+        return self.comm.is_first
+
+    # -- starting ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, inputs: Inputs, comm: Comm, problem: str | None = None,
+             abort_requested: Callable[[], bool] = lambda: False) -> "Engine":
+        """Every rank loads its stage, and all agree that all did before anyone goes on. problem: a
+        failure this rank found before (the batch runner's results-file checks). StartError on
+        every rank when any rank failed."""
+        cfg = inputs.cfg
+        ok = comm.all_ok(problem is None)
+        stage = info = None
+        if ok:
+            try:
+                stage, info = load_stage(inputs.plan, inputs.rank, inputs.model_config, inputs.device, inputs.dtype,
+                                         f"{cfg.offload_folder}/rank{inputs.rank}", cfg.trust_remote_code, cfg.timeout_s)
+            except LoadError as e:
+                problem = str(e)
+            ok = comm.all_ok(problem is None, f"agreeing that every rank loaded its stage (a rank that loads for longer "
+                                              f"than timeout_s={cfg.timeout_s:g} also ends here: raise timeout_s)")
+        if not ok:
+            raise StartError(problem or "another rank failed its checks (see its message)")
+        return cls(inputs, comm, stage, info, abort_requested)
+
+    def warm_up(self) -> None:
+        """One forward and one message per link, off the clock; then memory peaks count from here."""
+        self.stage.warm_up(self.inputs.model_config.hidden_size, self.inputs.dtype, self.inputs.device)
+        self.comm.warm_up_links(self.inputs.dtype)  # NCCL builds a pair's communicator at its first message
+        reset_peak_memory(self.inputs.device)
+
+    @classmethod
+    @contextmanager
+    def start(cls, config_path: str, overrides: Iterable[str] = (),
+              abort_requested: Callable[[], bool] = lambda: False) -> Iterator["Engine"]:
+        """Read the config (ConfigError: bad input), join the ranks, load and warm up every stage;
+        on leaving, end the work on every rank and leave the process group."""
+        inputs = read_inputs(config_path, list(overrides))
+        comm = procgroup.init(inputs.rank, inputs.world_size, inputs.device, inputs.cfg.timeout_s,
+                              inputs.cfg.master_port, cls._timeline(inputs), inputs.cfg.comm_backend)
+        clean = False
+        try:
+            engine = cls.load(inputs, comm, abort_requested=abort_requested)
+            engine.warm_up()
+            yield engine
+            engine.close()
+            clean = True
+        finally:
+            procgroup.shutdown(clean)
+
+    @staticmethod
+    def _timeline(inputs: Inputs):
+        from pipeinfer.record.timeline import Timeline
+
+        return Timeline(inputs.device, inputs.cfg.nvtx, inputs.rank)
+
+    # -- the first rank: requests in, results out ------------------------------------------------
+
+    def submit(self, request: str | list | PromptSpec | Prompt, index: int | None = None) -> int:
+        """Queue a request (a prompt string, chat messages, a PromptSpec with its own stops and
+        limits, or an already prepared Prompt); returns its index, which its records carry and
+        which keys its sampling seed. ConfigError (nothing queued) for a request that cannot run."""
+        if not self.is_first:
+            raise RuntimeError("submit() on the first rank only; the other ranks run serve()")
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        index = self._next if index is None else index
+        if index in self.prompts:
+            raise ValueError(f"request index {index} was submitted before: give each request its own")
+        prompt = request if isinstance(request, Prompt) else self._prepare(request)
+        self.prompts[index] = prompt
+        self._next = max(self._next, index + 1)
+        with self._wake:
+            self._queue.append(index)
+            self._wake.notify_all()
+        return index
+
+    def _prepare(self, request) -> Prompt:
+        spec = request if isinstance(request, PromptSpec) else PromptSpec(request)
+        Limits.read(dataclasses.asdict(spec.limits), "request")  # each value by the config's own rule
+        inputs = self.inputs
+        prompt = prepare(inputs.tokenizer, [spec], inputs.cfg)[0]
+        check_lengths([prompt], getattr(inputs.model_config, "max_position_embeddings", None),
+                      inputs.cfg.max_new_tokens)
+        if inputs.gen.stopper is not None:  # a stop string the tokenizer cannot match: refused here
+            inputs.gen.stopper.prepare(prompt.stops.strings)
+        return prompt
+
+    def results(self, wait: bool = False) -> Iterator[tuple[Batch, BatchResult]]:
+        """Each micro-batch as it finishes, with its result (generation.BatchResult), until nothing
+        is queued or in flight; with wait=True, until close() (from another thread). Raises
+        generation.Aborted on a stop request, on every rank."""
+        self._waiting = wait
+        while True:
+            with self._wake:
+                while wait and not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    break
+            self._announce({"kind": "round"})
+            yield from self._round()
+        if wait:
+            self._end()
+
+    def generate(self, requests: Iterable) -> Iterator[dict]:
+        """submit() each request, then every prompt record (the results file's, record/metrics.py)
+        as each finishes: output ids and text, finish_reason, times, log-probabilities."""
+        for r in requests:
+            self.submit(r)
+        for batch, result in self.results():
+            yield from batch_records(batch, result, self.prompts, self.inputs.tokenizer)
+
+    def close(self) -> None:
+        """No more requests: the other ranks leave serve(). Idempotent; a no-op on the other ranks."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+            waiting = self._waiting  # a results(wait=True) loop ends the work itself
+        if self.is_first and not waiting:
+            self._queue.clear()  # submitted but never run: no results() was asked for them
+            self._end()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._announce({"kind": "end"})
+            self.comm.drain_sends()
+
+    # -- every rank ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """The other ranks' loop: run each round the first rank announces, until it ends the work."""
+        while self._hear("waiting for the first rank's next work")["kind"] == "round":
+            for _ in self._round():
+                pass
+
+    def _round(self) -> Iterator[tuple[Batch, BatchResult]]:
+        if self.rows:
+            yield from self._row_round()
+            return
+        work = _AnnouncedWork(self._queue, list(self.sizes), self._make, engine=self)
+        try:
+            yield from generate(self.stage, self.comm, work, self.inputs.gen, self.inputs.model_config.hidden_size,
+                                self.inputs.dtype, self.abort_requested)
+        except Aborted:
+            self._ended = True  # every rank left at the same frame: nothing more to announce
+            raise
+        finally:
+            self.max_in_flight = max(self.max_in_flight, work.max_in_flight)
+            self.rows_computed += work.rows_computed
+
+    def _row_round(self) -> Iterator[tuple[Batch, BatchResult]]:
+        inputs = self.inputs
+        sched = RowSchedule(self.stage, self.comm, list(self.sizes), inputs.gen, inputs.model_config.hidden_size,
+                            inputs.dtype, inputs.plan.capacity, inputs.tokenizer.pad_token_id)
+        queue = self._queue
+
+        def take():
+            return (i := queue.popleft(), self.prompts[i]) if queue else None
+
+        try:
+            if self.is_first:
+                yield from sched.run(take, self._make, self.abort_requested)
+            else:
+                sched.serve()
+        except Aborted:
+            self._ended = True
+            raise
+        finally:
+            self.max_in_flight = max(self.max_in_flight, sched.max_in_flight)
+            self.rows_computed += sched.rows_computed
+
+    def _make(self, indices: list[int]) -> Batch:
+        return make_batch(self.prompts, indices, self.inputs.tokenizer.pad_token_id)
+
+    def _announce(self, head: dict) -> None:
+        self.comm.send_bytes(json.dumps(head).encode(), f"announcing the {head['kind']} to the next stage")
+
+    def _hear(self, doing: str) -> dict:
+        """The previous stage's header, passed on to the next stage as it came."""
+        payload = self.comm.recv_bytes(doing)
+        self.comm.send_bytes(payload, "passing the first rank's header on")
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise PipelineProtocolError(f"{doing}: pipeline protocol error: the header is not JSON ({payload[:60]!r}): "
+                                        f"the ranks disagree on the schedule (a bug: report it with every rank's log)"
+                                        ) from None
+
+
+class _AnnouncedWork(MicroBatches):
+    """generation.generate()'s work queue: on the first rank it takes the engine's queued requests
+    and announces each micro-batch (or the slot's retirement) down the pipe; on the other ranks it
+    takes what the previous stage announced."""
+
+    def __init__(self, todo: deque, sizes: list[int], make, engine: Engine):
+        super().__init__(todo, sizes, make)
+        self.engine = engine
+
+    def take(self, slot: int) -> Batch | None:
+        engine = self.engine
+        if engine.is_first:
+            batch = super().take(slot)
+            engine._announce({"kind": "batch", **_describe(batch, engine.prompts)} if batch else {"kind": "retire"})
+            return batch
+        head = engine._hear(f"waiting for slot {slot}'s next micro-batch from the first rank")
+        if head["kind"] == "retire":
+            return None
+        if head["kind"] != "batch":
+            raise PipelineProtocolError(f"slot {slot}: pipeline protocol error: a {head['kind']!r} header where this "
+                                        f"rank's schedule expects a micro-batch (a bug: report it with every rank's log)")
+        for i, ids, stops, limits in zip(head["indices"], head["ids"], head["stops"], head["limits"]):
+            engine.prompts[i] = Prompt(None, "", ids, Stops(*map(tuple, stops)), Limits(*limits))
+        self.todo = deque(head["indices"])
+        return super().take(slot)
+
+    def done(self, batch: Batch) -> None:
+        super().done(batch)
+        if not self.engine.is_first:  # what this rank heard is not needed any more
+            for i in batch.indices:
+                self.engine.prompts.pop(i, None)
+
+
+def _describe(batch: Batch, prompts: dict[int, Prompt]) -> dict:
+    """What another stage needs to take the same micro-batch: ids, stops and limits per row."""
+    rows = [prompts[i] for i in batch.indices]
+    return {"indices": batch.indices, "ids": [p.ids for p in rows],
+            "stops": [[list(p.stops.strings), list(p.stops.token_ids)] for p in rows],
+            "limits": [[p.limits.max_new_tokens, p.limits.temperature, p.limits.top_p, p.limits.top_k, p.limits.seed]
+                       for p in rows]}
+
+

@@ -1,0 +1,362 @@
+"""Row-level refill: a finished prompt frees its row at once and the next waiting prompt takes it.
+
+The batch_size rows are split into slots (config.micro_batching), each with one KV cache per stage
+whose rows are independent prompts: row r holds its prompt's positions contiguously at the end of
+the cache's L positions, with a (R, L) attention mask that is 1 on them only, so attention sees
+only the row's own positions, and its own position ids (the family's own forward, as generate()
+runs a left-padded batch). Slots are visited round-robin as in generation.py; a visit is decided
+on the first stage and announced to every stage in a header (which rows decode at which position,
+which rows are freed, which prompts join which rows, the cache length), before its frame:
+
+  decode   one position for every row of the slot (rows that are not decoding are computed and
+           ignored), the new column masked in for the decoding rows only
+  join     the joining prompts' prefill (left-padded among themselves, a cache of their own),
+           spliced into their rows at the end of the slot's positions (kvcache.splice_rows)
+
+Both run in the same visit, so new rows' prefill interleaves with the others' decode; the frame
+carries the decode hidden states then the prefill's. The last stage samples each active row with
+its own generator and parameters, decides its stop code, and sends (R,) tokens and codes back; the
+first stage cuts each row at its own max_new_tokens or stop and hands the prompt back at once.
+Every stage checks the header against its own copy of the slot (cache length, rows, positions):
+a disagreement is a PipelineProtocolError. Only plain append-only KV layers qualify
+(kvcache.plain_rows); other families use generation.py's schedule.
+
+Over 300 lines: the first stage's decisions, the other stages' checks and one visit's compute
+share the slot state, and read best side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from pipeinfer.load.kvcache import drop_left, grow_left, splice_rows
+from pipeinfer.load.stage import Stage
+from pipeinfer.run.comm import Comm, PipelineProtocolError
+from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
+from pipeinfer.run.prompts import Batch, Limits, Prompt
+from pipeinfer.run.sampling import check_finite, checkpoint_processors, prompt_generator, row_settings, sample
+from pipeinfer.run.scoring import prompt_logprobs
+from pipeinfer.run.stops import Stops, finish
+
+COMPACT = 64  # drop the leading positions no live row attends to once there are this many
+
+
+@dataclass
+class _Row:
+    """One prompt in a row. First stage: what it has produced; last stage: how it samples."""
+    index: int
+    prompt_tokens: int
+    max_new: int
+    stops: Stops | None
+    t0: float = 0.0
+    tokens: list = field(default_factory=list)
+    codes: list = field(default_factory=list)
+    arrivals: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_lp: list | None = None
+    new: int = 0          # last stage: tokens sampled so far
+    params: object = None
+    gen: object = None
+    processors: object = None
+    history: torch.Tensor | None = None
+
+
+@dataclass
+class _Slot:
+    size: int
+    cache: object
+    mask: torch.Tensor               # (R, L) 1 where a row's own positions are
+    pos: list[int]                   # per row: its next position (its length so far)
+    rows: list[int | None]           # every stage: the prompt index in each row, None when free
+    firsts: list[_Row | None]        # first stage: what each row's prompt has produced
+    tails: list[_Row | None]         # last stage: how each row samples
+    busy: bool = False               # first stage: a visit is on its way round the pipe
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+class RowSchedule:
+    """One round of the row schedule on this rank: run() on the first stage (takes prompts from
+    `take` until it returns None, yields (one-row Batch, BatchResult) as each prompt finishes),
+    serve() on the others (until the first stage ends the round)."""
+
+    def __init__(self, stage: Stage, comm: Comm, sizes: list[int], gp: GenParams, hidden_size: int,
+                 dtype: torch.dtype, capacity: int, pad_id: int):
+        self.stage, self.comm, self.gp, self.H, self.dtype, self.pad = stage, comm, gp, hidden_size, dtype, pad_id
+        dev = comm.device
+        self.slots = [_Slot(n, stage.new_cache(capacity=capacity), torch.zeros(n, 0, dtype=torch.long, device=dev),
+                            [0] * n, [None] * n, [None] * n, [None] * n) for n in sizes]
+        self.eos = torch.tensor(gp.eos_ids, dtype=torch.long, device=dev)
+        self.rows_computed = 0     # positions run through this stage (decode rows + prompt positions)
+        self.max_in_flight = 0
+        self.run_t0 = time.perf_counter()
+
+    # -- first stage ------------------------------------------------------------------------------
+
+    def run(self, take: Callable[[], tuple[int, Prompt] | None], make: Callable[[list[int]], Batch],
+            abort_requested: Callable[[], bool]) -> Iterator[tuple[Batch, BatchResult]]:
+        inflight: deque = deque()  # (slot, header, local token message) per visit on its way
+        k, K = 0, len(self.slots)
+        while True:
+            if abort_requested():
+                self._announce({"kind": "abort"})
+                while inflight:  # the tokens of visits on their way; their prompts rerun on resume
+                    for _ in self._receive(*inflight.popleft(), make):
+                        pass
+                self.comm.drain_sends()
+                raise Aborted()
+            s = self.slots[k]
+            while s.busy:  # token messages come back in visit order
+                yield from self._receive(*inflight.popleft(), make)
+            joins = []
+            for r in range(s.size):
+                if s.firsts[r] is None and (got := take()) is not None:
+                    joins.append((r, *got))
+            decode = [r for r, row in enumerate(s.firsts) if row is not None]
+            if not decode and not joins:
+                if not inflight and all(all(row is None for row in t.firsts) for t in self.slots):
+                    self._announce({"kind": "done"})
+                    self.comm.drain_sends()
+                    return
+                k = (k + 1) % K
+                continue
+            head = self._header(k, s, decode, joins)
+            self._announce(head)
+            for r, i, p in joins:
+                s.firsts[r] = _Row(i, len(p.ids), p.max_new_tokens(self.gp.max_new_tokens),
+                                 p.stops if (p.stops.strings or p.stops.token_ids) else None, time.perf_counter())
+            self.max_in_flight = max(self.max_in_flight, sum(row is not None for t in self.slots for row in t.firsts))
+            x_dec = None
+            if decode:
+                last = [s.firsts[r].tokens[-1] if r in decode else self.pad for r in range(s.size)]
+                x_dec = torch.tensor(last, dtype=torch.long, device=self.comm.device)[:, None]  # (R, 1)
+            x_join = _left_padded([p.ids for _, _, p in joins], self.pad, self.comm.device) if joins else None
+            local = self._visit(s, head, x_dec, x_join)
+            s.busy = True
+            inflight.append((k, head, local))
+            k = (k + 1) % K
+
+    def _header(self, k: int, s: _Slot, decode: list[int], joins: list) -> dict:
+        first = min((int(s.mask[r].nonzero()[0]) for r in decode if s.mask[r].any()), default=s.length)
+        drop = first if first >= COMPACT else 0
+        return {"kind": "visit", "slot": k, "L": s.length, "drop": drop, "decode": decode,
+                "pos": [s.pos[r] for r in decode],
+                "join": [{"row": r, "index": i, "ids": p.ids, "stops": [list(p.stops.strings), list(p.stops.token_ids)],
+                          "limits": [p.limits.max_new_tokens, p.limits.temperature, p.limits.top_p, p.limits.top_k,
+                                     p.limits.seed]} for r, i, p in joins]}
+
+    def _receive(self, k: int, head: dict, local, make) -> Iterator[tuple[Batch, BatchResult]]:
+        """A visit's token message: each active row's token; a row that finished is handed back."""
+        s = self.slots[k]
+        s.busy = False
+        active = sorted(head["decode"] + [j["row"] for j in head["join"]])
+        n_floats = self._floats(head)
+        tokens, codes, _, floats = self.comm.recv_tokens(s.size, local, f"waiting for slot {k}'s tokens", n_floats)
+        tokens, codes = tokens.tolist(), codes.tolist()
+        w = self.gp.logprob_width
+        lp = floats.cpu().reshape(-1) if floats is not None else None
+        now = time.perf_counter()
+        for a, r in enumerate(active):
+            row = s.firsts[r]
+            row.tokens.append(tokens[r])
+            row.codes.append(codes[r])
+            row.arrivals.append(now - row.t0)
+            if w:
+                row.logprobs.append(lp[a * w:(a + 1) * w])
+        if self.gp.prompt_logprobs and head["join"]:
+            T = max(len(j["ids"]) for j in head["join"])
+            rest = lp[len(active) * w:].reshape(len(head["join"]), T - 1) if T > 1 else None
+            for j, join in enumerate(head["join"]):
+                s.firsts[join["row"]].prompt_lp = rest[j].tolist() if rest is not None else []
+        for r in active:
+            row = s.firsts[r]
+            if row.codes[-1] or len(row.tokens) >= max(row.max_new, 1):
+                s.firsts[r] = None
+                yield make([row.index]), self._result(row)
+
+    def _result(self, row: _Row) -> BatchResult:
+        n = min(next((i + 1 for i, c in enumerate(row.codes) if c), len(row.tokens)), row.max_new)
+        code = row.codes[n - 1] if n else 0
+        return BatchResult([row.tokens[:n]], [row.arrivals[:n]], row.t0 - self.run_t0, [finish(code, row.stops)],
+                           [[v.double() for v in row.logprobs[:n]]] if self.gp.logprobs else None,
+                           [row.prompt_lp] if self.gp.prompt_logprobs else None)
+
+    def _floats(self, head: dict) -> int:
+        active = len(head["decode"]) + len(head["join"])
+        n = active * self.gp.logprob_width
+        if self.gp.prompt_logprobs and head["join"]:
+            n += len(head["join"]) * (max(len(j["ids"]) for j in head["join"]) - 1)
+        return n
+
+    def _announce(self, head: dict) -> None:
+        self.comm.send_bytes(json.dumps(head).encode(), f"announcing a {head['kind']} to the next stage")
+
+    # -- the other stages -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            payload = self.comm.recv_bytes("waiting for the first stage's next visit")
+            self.comm.send_bytes(payload, "passing the visit header on")
+            head = json.loads(payload)
+            if head["kind"] in ("done", "abort"):
+                self.comm.drain_sends()  # not in a `finally`: after a PeerFailure it would only wait longer
+                if head["kind"] == "abort":
+                    raise Aborted()
+                return
+            if head["kind"] != "visit" or not 0 <= head.get("slot", -1) < len(self.slots):
+                raise PipelineProtocolError(f"pipeline protocol error: a {head['kind']!r} header where this rank's "
+                                            f"schedule expects a visit of one of its {len(self.slots)} slots (a bug: "
+                                            f"report it with every rank's log)")
+            s = self.slots[head["slot"]]
+            self._check(s, head)
+            R, J = s.size, len(head["join"])
+            T = max((len(j["ids"]) for j in head["join"]), default=0)
+            n = (R * self.H if head["decode"] else 0) + J * T * self.H
+            frame, _ = self.comm.recv_hidden((n,), self.dtype, f"waiting for slot {head['slot']}'s hidden states")
+            x_dec = frame[:R * self.H].view(R, 1, self.H) if head["decode"] else None
+            x_join = frame[n - J * T * self.H:].view(J, T, self.H) if J else None
+            self._visit(s, head, x_dec, x_join)
+
+    def _check(self, s: _Slot, head: dict) -> None:
+        live = [r for r, row in enumerate(s.rows) if row is not None]
+        problems = []
+        if head["L"] != s.length:
+            problems.append(f"cache length {head['L']} (this stage has {s.length})")
+        if not set(head["decode"]) <= set(live):
+            problems.append(f"decode rows {head['decode']} (this stage's live rows are {live})")
+        elif head["pos"] != [s.pos[r] for r in head["decode"]]:
+            problems.append(f"positions {head['pos']} (this stage has {[s.pos[r] for r in head['decode']]})")
+        if problems:
+            raise PipelineProtocolError(f"slot {head['slot']}: pipeline protocol error: the first stage's header says "
+                                        f"{'; '.join(problems)}: the ranks disagree on the schedule (a bug: report "
+                                        f"it with every rank's log)")
+
+    # -- one visit, on every stage ----------------------------------------------------------------
+
+    @torch.inference_mode()  # the caches are inference tensors: edited in place here
+    def _visit(self, s: _Slot, head: dict, x_dec, x_join):
+        """Run a visit's decode and join on this stage; send the frame on, or sample (last stage).
+        Returns the token message when this stage is also the first."""
+        stage, comm, gp = self.stage, self.comm, self.gp
+        dev = comm.device
+        live = set(head["decode"])
+        for r in range(s.size):  # rows the first stage freed since the last visit
+            if r not in live:
+                s.rows[r] = s.tails[r] = None
+        if head["drop"]:
+            drop_left(s.cache, head["drop"])
+            s.mask = s.mask[:, head["drop"]:]
+        outs, dec_logits, join_logits, join_lp = [], None, None, None
+        with comm.timeline.span("decode" if head["decode"] else "prefill"):
+            if head["decode"]:
+                mask = torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=dev)], dim=1)
+                pos = torch.tensor([s.pos[r] if r in live else 0 for r in range(s.size)], device=dev)[:, None]
+                out = stage(x_dec.to(dev), None if bool(mask.all()) else mask, pos, s.cache)  # (R, 1, H) | (R, V)
+                s.mask = mask
+                for r in head["decode"]:
+                    s.pos[r] += 1
+                self.rows_computed += s.size
+                if comm.is_last:
+                    dec_logits = out
+                else:
+                    outs.append(out.reshape(-1))
+            if head["join"]:
+                joins = head["join"]
+                lengths = [len(j["ids"]) for j in joins]
+                T = max(lengths)
+                jmask = torch.tensor([[0] * (T - n) + [1] * n for n in lengths], device=dev)  # (J, T)
+                tmp = stage.new_cache(capacity=T)
+                scoring = comm.is_last and gp.prompt_logprobs
+                out = stage(x_join.to(dev), None if bool(jmask.all()) else jmask, position_ids(jmask), tmp,
+                            all_positions=scoring)
+                if scoring:
+                    ids = _left_padded([j["ids"] for j in joins], self.pad, dev)
+                    out, join_lp = prompt_logprobs(stage.head, out, ids, gp.prompt_chunk)
+                if T > s.length:
+                    grow_left(s.cache, s.size, T - s.length, tmp)
+                    s.mask = torch.cat([torch.zeros(s.size, T - s.length, dtype=s.mask.dtype, device=dev), s.mask], 1)
+                splice_rows(s.cache, tmp, [j["row"] for j in joins], lengths)
+                for j, n in zip(joins, lengths):
+                    r = j["row"]
+                    s.mask[r] = 0
+                    s.mask[r, s.length - n:] = 1
+                    s.pos[r] = n
+                    s.rows[r] = j["index"]
+                    if comm.is_last:
+                        s.tails[r] = self._tail(j)
+                self.rows_computed += len(joins) * T
+                self.max_in_flight = max(self.max_in_flight,
+                                         sum(r is not None for t in self.slots for r in t.rows))
+                if comm.is_last:
+                    join_logits = out
+                else:
+                    outs.append(out.reshape(-1))
+        if not comm.is_last:
+            comm.send_hidden(torch.cat(outs), f"sending slot {head['slot']}'s hidden states")
+            comm.timeline.step()
+            return None
+        local = self._sample(s, head, dec_logits, join_logits, join_lp)
+        comm.timeline.step()
+        return local
+
+    def _tail(self, j: dict) -> _Row:
+        """A joining row's sampling state on the last stage."""
+        gp, dev = self.gp, self.comm.device
+        limits = Limits(*j["limits"])
+        (max_new,), params, (seed,) = row_settings([j["index"]], [limits], gp.max_new_tokens, gp.sampling, gp.seed)
+        stops = Stops(*map(tuple, j["stops"]))
+        row = _Row(j["index"], len(j["ids"]), max_new, stops if (stops.strings or stops.token_ids) else None,
+                   params=params[0] if isinstance(params, list) else params,
+                   gen=prompt_generator(*seed, dev) if gp.sampling.do_sample else None)
+        ids = torch.tensor(j["ids"], device=dev)
+        if gp.score_config is not None:
+            row.processors = checkpoint_processors(self.stage.lm, gp.score_config, ids[None], torch.ones_like(ids)[None],
+                                                   max_new, None if gp.ignore_eos else gp.eos_ids)
+        if row.processors is not None or stops.strings:
+            row.history = ids
+        return row
+
+    def _sample(self, s: _Slot, head: dict, dec_logits, join_logits, join_lp):
+        gp, dev = self.gp, self.comm.device
+        joined = {j["row"]: a for a, j in enumerate(head["join"])}
+        active = sorted(head["decode"] + list(joined))
+        out = torch.stack([join_logits[joined[r]] if r in joined else dec_logits[r] for r in active])  # (A, V)
+        rows = [s.tails[r] for r in active]
+        check_finite(out, rows[0].new, [row.index for row in rows], self.dtype)
+        if any(row.processors is not None for row in rows):
+            out = torch.cat([row.processors(row.history[None], out[a:a + 1]) if row.processors is not None
+                             else out[a:a + 1] for a, row in enumerate(rows)])
+        params = [row.params for row in rows]
+        tokens = sample(out, params, [row.gen for row in rows])  # (A,)
+        logprobs = logprob_rows(out, tokens, gp, params) if gp.logprobs else None
+        for a, row in enumerate(rows):
+            row.new += 1
+            if row.history is not None:
+                row.history = torch.cat([row.history, tokens[a:a + 1]])
+        if gp.stopper is not None:
+            generated = [row.history[-row.new:] if row.history is not None else None for row in rows]
+            codes = gp.stopper.codes(tokens, torch.zeros_like(tokens, dtype=torch.bool),
+                                     [row.stops or Stops() for row in rows], generated)
+        elif gp.ignore_eos:
+            codes = torch.zeros_like(tokens)
+        else:
+            codes = torch.isin(tokens, self.eos).long()
+        full_t = torch.full((s.size,), gp.pad_id, dtype=torch.long, device=dev)
+        full_c = torch.zeros(s.size, dtype=torch.long, device=dev)
+        idx = torch.tensor(active, device=dev)
+        full_t[idx], full_c[idx] = tokens, codes
+        floats = [f.reshape(-1) for f in (logprobs, join_lp) if f is not None]
+        return self.comm.send_tokens(full_t, full_c, False, torch.cat(floats) if floats else None)
+
+
+def _left_padded(rows: list[list[int]], pad: int, dev) -> torch.Tensor:
+    T = max(len(r) for r in rows)
+    return torch.tensor([[pad] * (T - len(r)) + list(r) for r in rows], dtype=torch.long, device=dev)  # (J, T)

@@ -1,0 +1,117 @@
+"""Row-level refill (schedule "rows", run/rows.py): a finished prompt frees its row at once and the
+next prompt takes it. Greedy ids equal whole-model generate() per prompt with very different
+prompt lengths and per-prompt max_new_tokens, rows joining and leaving many times; never more than
+batch_size prompts in flight (from the records' times); a header that disagrees with a stage's own
+state ends every rank with one line.
+
+    pytest tests/test_rows.py
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import ENTRY, PROMPTS, base_config, free_port, rank_env, reference_outputs, run_pipeline, start_rank
+
+TEXTS = PROMPTS + ["x", "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt",
+                   "ab", "Hi there", "Z", "A longer prompt than most, but not the longest one here.", "ok", "0 1 2 3"]
+MAX_NEW = [9, 2, 5, 1, 12, 3, 6, 4, 7, 1, 2, 15]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return [reference_outputs(tiny_llama, [p], n)[0] for p, n in zip(TEXTS, MAX_NEW)]
+
+
+def _jsonl(tmp_path) -> str:
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(TEXTS, MAX_NEW)))
+    return str(path)
+
+
+def max_overlap(prompts: list[dict]) -> int:
+    """The most prompts whose [start, last token] intervals overlap at once."""
+    events = sorted([(p["start_s"], 1) for p in prompts] + [(p["start_s"] + p["latency_s"], -1) for p in prompts],
+                    key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.parametrize("pipeline_size,batch_size", [(1, 1), (1, 3), (1, 8), (2, 1), (2, 3), (2, 8), (3, 1), (3, 3),
+                                                      (3, 8)])
+def test_rows_match_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=pipeline_size, batch_size=batch_size, schedule="rows")
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == reference
+    assert [len(r) for r in reference] == MAX_NEW, "the tiny model should not hit EOS here"
+    stages = [r for r in records if r["type"] == "stage"]
+    assert all(s["schedule"] == "rows" for s in stages)
+    assert all(0 < s["max_prompts_in_flight"] <= batch_size for s in stages)
+    assert max_overlap(prompts) <= batch_size
+    # rows joined and left many times: every prompt started on its own, more starts than rows
+    assert len({p["start_s"] for p in prompts}) == len(TEXTS) > batch_size
+    # every stage ran each prompt's positions once, plus the decode rows of its slot
+    assert all(s["rows_computed"] >= sum(p["prompt_tokens"] + p["new_tokens"] - 1 for p in prompts) for s in stages)
+
+
+def test_rows_waste_fewer_rows_than_micro_batches(tiny_llama, tmp_path):
+    """The same long-tailed workload: the rows schedule computes fewer positions per useful token."""
+    out = {}
+    for schedule in ("rows", "micro_batches"):
+        cfg = base_config(tiny_llama, tmp_path / schedule, prompts=None, prompts_file=_jsonl(tmp_path),
+                          max_new_tokens=4, pipeline_size=1, batch_size=4, micro_batch_size=4, schedule=schedule)
+        records = run_pipeline(cfg, tmp_path, 1)
+        useful = sum(r["new_tokens"] for r in records if r["type"] == "prompt")
+        out[schedule] = next(r for r in records if r["type"] == "stage")["rows_computed"] / useful
+        assert [r["output_ids"] for r in sorted((r for r in records if r["type"] == "prompt"),
+                                                key=lambda r: r["prompt_index"])] == \
+            [reference_outputs(tiny_llama, [p], n)[0] for p, n in zip(TEXTS, MAX_NEW)]
+    assert out["rows"] < out["micro_batches"], out
+
+
+DISAGREE = textwrap.dedent('''
+    import os, runpy, sys
+    from pipeinfer.run import rows
+
+    if os.environ["RANK"] == "0":  # the first stage announces a wrong cache length at its 4th visit
+        real, seen = rows.RowSchedule._header, []
+
+        def wrong(self, *a):
+            head = real(self, *a)
+            seen.append(1)
+            if len(seen) == 4:
+                head["L"] += 1
+            return head
+        rows.RowSchedule._header = wrong
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+''')
+
+
+@pytest.mark.parametrize("pipeline_size", [2, 3])
+def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pipeline_size):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=pipeline_size, batch_size=3, schedule="rows", timeout_s=90)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "wrong.py").write_text(DISAGREE)
+    port = free_port()
+    ranks = [start_rank([str(tmp_path / "wrong.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
+                        rank_env(r, pipeline_size, port)) for r in range(pipeline_size)]
+    try:
+        outs = [r.communicate(timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [1] * pipeline_size, [e[-1500:] for _, e in outs]
+    for _, err in outs:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
+    assert "pipeline protocol error: the first stage's header says cache length" in outs[1][1]
