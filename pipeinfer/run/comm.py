@@ -1,12 +1,14 @@
 """Stage-to-stage communication over torch.distributed (gloo, and NCCL between GPUs).
 
-Two messages travel, both with shapes the receiver already knows from the schedule:
+Three messages travel; the receiver knows each one's shape from the schedule, or reads its length first:
   hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element:
                 CONTINUE (hidden states follow), STOP (the batch is finished) or ABORT (the run
                 was asked to stop by SIGTERM/SIGUSR1: drop this batch and exit)
   token message last -> first: (B,) sampled token ids, (B,) stop codes, the stop flag and the
                 length of the float message that follows (log-probabilities; 0: none follows),
                 which the receiver checks against its own count (PipelineProtocolError)
+  header        stage i -> i+1, over gloo: a length, then that many bytes (JSON): the work a slot
+                takes or a visit's rows (engine/engine.py, run/rows.py), which every stage checks
 
 The stop decision is made by the last stage (the only one that sees the tokens); it travels with
 the token to the first stage, which sends a STOP frame down the pipe, so every stage ends the
@@ -25,6 +27,9 @@ With pipeline_size 1 there is no process group and the functions are pass-throug
 
 Hidden states go over the stage-to-stage group, NCCL or gloo (`group`, `wire` below), which
 procgroup.init() chose when the ranks joined; token messages always go over gloo (see send_tokens).
+
+Over 300 lines: the messages, their bounded waits and the error each wait raises are one protocol;
+split, a message's send and its receive would live in different files.
 """
 
 from __future__ import annotations

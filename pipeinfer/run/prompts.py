@@ -195,7 +195,7 @@ def _jsonl_prompt(path: str, n: int, line: str, messages_field: str) -> PromptSp
     else:
         given = check_messages(f"{where} \"{messages_field}\"", row[messages_field])
     settings = {}
-    for key in LINE_SETTINGS:
+    for key in ("stop", "stop_token_ids"):
         if key in row:
             if row[key] is not None:
                 check_value(key, row[key], where)
