@@ -1,4 +1,6 @@
 """Stage-to-stage communication over torch.distributed (gloo, and NCCL between GPUs).
+Over 300 lines: the messages, their bounded waits and the error each wait raises are one protocol;
+split, a message's send and its receive would live in different files.
 
 Three messages travel; the receiver knows each one's shape from the schedule, or reads its length first:
   hidden frame  stage i -> i+1: (B, T, H) hidden states plus one trailing control element:
@@ -27,9 +29,6 @@ With pipeline_size 1 there is no process group and the functions are pass-throug
 
 Hidden states go over the stage-to-stage group, NCCL or gloo (`group`, `wire` below), which
 procgroup.init() chose when the ranks joined; token messages always go over gloo (see send_tokens).
-
-Over 300 lines: the messages, their bounded waits and the error each wait raises are one protocol;
-split, a message's send and its receive would live in different files.
 """
 
 from __future__ import annotations
