@@ -260,6 +260,9 @@ def build_config(raw: dict) -> ExpConfig:
     if cfg.max_new_tokens == 0 and not cfg.prompt_logprobs:
         raise ConfigError("max_new_tokens=0 generates nothing: set prompt_logprobs=true to score the prompts, or "
                           "max_new_tokens >= 1")
+    if cfg.max_cpu_memory is not None and cfg.max_memory is None:  # here, so the dry run decides as the run does
+        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
+                          "set: set max_memory (the device budget per rank) too")
     if isinstance(cfg.micro_batch_size, int) and cfg.micro_batch_size > cfg.batch_size:
         raise ConfigError(f"micro_batch_size={cfg.micro_batch_size} > batch_size={cfg.batch_size}: a micro-batch is "
                           f"part of the batch in flight; lower it or raise batch_size")

@@ -58,8 +58,8 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
         if budgets is None or "cannot hold" not in str(e):
             raise
         # the same numbers without the budget check, to show which rank is over and by how much
-        plan = make_plan(_replace(cfg, max_cpu_memory=None), model_config, tensors, prompt_tokens, dtype, device_type,
-                         None, model=m)
+        plan = make_plan(_replace(cfg, max_memory=None, max_cpu_memory=None), model_config, tensors, prompt_tokens,
+                         dtype, device_type, None, model=m)
         rec = plan.record()
         for r, b in zip(rec["ranks"], budgets):
             r["budget"], r["fits"] = b, r["total"] <= b

@@ -53,13 +53,10 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
 # --- where: the plan's placement (plan.make_plan calls offload_ranks) -----------------------------------
 
 
-def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
+def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int], q, tensors,
                   device_type: str) -> list[RankPlan]:
     """Each rank over its device budget with its layers placed in host memory and on disk (see
     plan.py's docstring); ConfigError when even every layer streamed leaves too little room."""
-    if budgets is None:
-        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
-                          "set: set max_memory (the device budget per rank) too")
     if q is not None:
         raise ConfigError(f"quantization={q.method!r} with max_cpu_memory: quantized layers cannot be offloaded "
                           f"yet; quantize (a 4-bit stage is a quarter of 16-bit) or offload, not both")

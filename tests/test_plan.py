@@ -246,3 +246,66 @@ def test_planned_total_matches_measured_peak(tmp_path):
     for r in rows:
         assert r["planned_weights"] == r["param_bytes"], r
         assert 0.9 <= r["ratio"] <= 1.1, r
+
+
+def _offload_budget(cfg: dict) -> int:
+    """A max_memory one layer short of the all-resident total: the stage offloads some layers and fits."""
+    from pipeinfer.config import build_config
+    from pipeinfer.dryrun import dry_run
+
+    total = dry_run(build_config(cfg))["ranks"][0]["total"]
+    probe = dry_run(build_config(dict(cfg, max_memory=total - 1, max_cpu_memory=0)))
+    return total - max(probe["ranks"][0]["offload"]["layer_bytes"].values())
+
+
+# (name, config keys, dry-run arguments, the dry run's exit, the run's exit, what the one line says)
+AGREE = [
+    ("max_cpu_memory without max_memory, --device-memory", dict(max_cpu_memory="1GiB"), ["--device-memory", "600KiB"],
+     2, 2, "max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not set"),
+    ("max_cpu_memory without max_memory", dict(max_cpu_memory="1GiB"), [], 2, 2, "but max_memory is not set"),
+    ("offloaded, fits", dict(max_memory="offload", max_cpu_memory="1GiB"), [], 0, 0, None),
+    ("offloaded, fits, --device-memory", dict(max_memory="offload", max_cpu_memory="1GiB"),
+     ["--device-memory", "offload"], 0, 0, None),
+    ("offloaded and quantized", dict(max_memory="offload", max_cpu_memory="1GiB", quantization="int8"), [], 2, 2,
+     "quantization='int8' with max_cpu_memory"),
+    # the dry run's own code for "does not fit" is 1 (its table shows by how much); the line is the run's
+    ("too small even offloaded", dict(max_memory="10KB", max_cpu_memory="1GiB"), [], 1, 2,
+     "max_memory[0]=10000 bytes cannot hold rank 0's stage even with all its layers offloaded"),
+    ("resident, too small", dict(max_memory="10KB"), [], 1, 2, "max_memory[0]=10000 bytes cannot hold rank 0's stage"),
+    ("resident, fits", dict(max_memory="1GiB"), [], 0, 0, None),
+]
+
+
+@pytest.mark.parametrize("name,over,args,dry_exit,run_exit,line", AGREE, ids=[a[0] for a in AGREE])
+def test_dry_run_and_run_agree(models, tmp_path, capsys, name, over, args, dry_exit, run_exit, line):
+    """python -m pipeinfer.plan CONFIG decides as the run of CONFIG does: both refuse with the same
+    one line, or both accept (the dry run printing the placement the run then uses)."""
+    from conftest import free_port, run_rank
+    from pipeinfer.dryrun import main
+
+    from pipeinfer.dryrun import _spans
+
+    cfg = base_config(models["llama"], tmp_path, max_new_tokens=8, device="cpu")
+    budget = _offload_budget(cfg) if "offload" in over.values() else None
+    cfg.update({k: budget if v == "offload" else v for k, v in over.items()})
+    args = [str(budget) if a == "offload" else a for a in args]
+    cfg_path = tmp_path / "c.json"
+    cfg_path.write_text(json.dumps(cfg))
+
+    assert main([str(cfg_path), *args]) == dry_exit
+    out, err = capsys.readouterr()
+    res = run_rank(["--config", str(cfg_path)], rank_env(0, 1, free_port()), timeout=120)
+    assert res.returncode == run_exit, res.stderr[-2000:]
+    dry_lines = [x for x in err.splitlines() if x.startswith("error:")]
+    run_lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    if line is None:
+        assert not dry_lines and not run_lines, (err, res.stderr[-2000:])
+        if "max_cpu_memory" in over:  # the placement the dry run shows is the one the run records
+            with open(cfg["output_path"]) as f:
+                plan = json.loads(f.readline())["plan"]["ranks"][0]
+            o = plan["offload"]
+            assert o["device"]["layers"] and o["host"]["layers"] and plan["fits"], plan
+            assert f"rank 0 offloads: device {_spans(o['device']['layers'])} " in out, out
+            assert f", host {_spans(o['host']['layers'])} " in out, out
+    else:
+        assert len(dry_lines) == 1 and dry_lines == run_lines and line in run_lines[0], (err, res.stderr[-2000:])
