@@ -148,14 +148,18 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str, quantization:
 
 
 def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, new_tokens: int,
-                max_memory: int = 0, max_cpu_memory: int = -1) -> dict:
+                max_memory: int = 0, max_cpu_memory: int = -1, score_chunk: int = 0, dtype_name: str = "float32"
+                ) -> dict:
     """Load rank `rank`'s stage as planned and run its share of a whole generation, alone: every
     micro-batch slot's prefill of `prompt` tokens, then new_tokens - 1 decode steps (the cache
     filled to capacity, as generate() fills it). Peak RSS and the plan's numbers for comparison.
-    max_memory (0: none) and max_cpu_memory (-1: none): budgets, the same for every rank."""
+    max_memory (0: none) and max_cpu_memory (-1: none): budgets, the same for every rank.
+    score_chunk (0: none): prompt_logprobs with this prompt_logprobs_chunk, the last stage scoring
+    each prefill as generation.py does (scoring.prompt_logprobs)."""
     import torch
 
     from pipeinfer.runtime import steady_host_memory
+    from pipeinfer.scoring import prompt_logprobs
     from pipeinfer.stage import load_stage
 
     steady_host_memory()  # as the runner does
@@ -163,23 +167,30 @@ def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, 
     budgets = {"max_memory": max_memory} if max_memory else {}
     if max_cpu_memory >= 0:
         budgets["max_cpu_memory"] = max_cpu_memory
-    cfg, mc, plan = _plan(model, size, "float32", batch_size, prompt, new_tokens, **budgets)
+    if score_chunk:
+        budgets.update(prompt_logprobs=True, prompt_logprobs_chunk=score_chunk)
+    dtype = getattr(torch, dtype_name)
+    cfg, mc, plan = _plan(model, size, dtype_name, batch_size, prompt, new_tokens, **budgets)
     mine = plan.ranks[rank]
-    stage, info = load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
+    stage, info = load_stage(plan, rank, mc, torch.device("cpu"), dtype, "unused")
     caches = []
     with torch.inference_mode():
         for b in plan.slots:
             cache = stage.new_cache(capacity=prompt + new_tokens)
             for step in range(new_tokens):
                 t = prompt if step == 0 else 1
-                x = torch.randint(0, mc.vocab_size, (b, t)) if stage.plan.is_first else \
-                    torch.randn(b, t, mc.hidden_size)  # (B, T) ids or (B, T, H) hidden states
+                ids = torch.randint(0, mc.vocab_size, (b, t))  # (B, T)
+                x = ids if stage.plan.is_first else torch.randn(b, t, mc.hidden_size, dtype=dtype)  # or (B, T, H)
                 start = 0 if step == 0 else prompt + step - 1
-                stage(x, None, torch.arange(start, start + t).expand(b, t), cache)
+                scoring = bool(score_chunk) and step == 0 and stage.plan.is_last
+                out = stage(x, None, torch.arange(start, start + t).expand(b, t), cache, all_positions=scoring)
+                if scoring:
+                    prompt_logprobs(stage.head, out, ids, score_chunk)
+                del out
             caches.append(cache)  # every slot stays in flight to the end
     return {"role": f"rank{rank}", "param_bytes": info.param_bytes, "peak_rss": peak_rss(),
             "planned": {"weights": mine.weights, "kv_cache": mine.kv_cache, "transient": mine.transient,
-                        "total": mine.total, "stream": mine.stream, "budget": mine.budget,
+                        "scoring": mine.scoring, "total": mine.total, "stream": mine.stream, "budget": mine.budget,
                         "cpu_budget": mine.cpu_budget, "host": mine.tier_bytes("host"), "disk": mine.tier_bytes("disk"),
                         "placement": {t: mine.tier(t) for t in ("device", "host", "disk")}},
             "offload": stage.streamer.record() if stage.streamer else None}
@@ -221,6 +232,36 @@ def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
                          "param_bytes": r["param_bytes"], **{f"planned_{k}": v for k, v in r["planned"].items()},
                          "runtime": runtime, "peak_rss": r["peak_rss"], "measured": measured,
                          "ratio": r["planned"]["total"] / measured})
+    return rows
+
+
+# prompt_logprobs: a 32k vocabulary, so that scoring's (B, chunk, V) logits outweigh the layers' activations
+SCORE_MODEL = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, vocab_size=32000)
+# (pipeline_size, batch_size, prompt tokens, prompt_logprobs_chunk, dtype): several chunks, and one chunk bounded
+# by the prompt; float32 and bfloat16 (whose head output is converted to float32 chunk by chunk)
+SCORE_CASES = [(1, 8, 512, 128, "float32"), (2, 4, 300, 512, "float32"), (1, 8, 512, 128, "bfloat16")]
+
+
+def check_scoring(root: str, cases=SCORE_CASES) -> list[dict]:
+    """The last stage of each case run with and without prompt_logprobs: the peak RSS it adds,
+    measured, against what it adds to the planned total (scoring's peak beyond the layers')."""
+    from pipeinfer.tiny_models import make_model
+
+    model = os.path.join(root, "plan-llama-v32k")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        make_model(model, seed=0, **SCORE_MODEL)
+    rows = []
+    for size, batch, prompt, chunk, dtype in cases:
+        args = [model, str(size - 1), str(size), str(batch), str(prompt), "4", "0", "-1"]
+        plain, scored = (collect(spawn("plan", *args, str(c), dtype)) for c in (0, chunk))
+        planned = scored["planned"]["total"] - plain["planned"]["total"]
+        measured = scored["peak_rss"] - plain["peak_rss"]
+        rows.append({"case": f"pp{size} batch {batch} prompt {prompt} chunk {chunk} {dtype}",
+                     "rank": scored["role"], "planned_scoring": scored["planned"]["scoring"],
+                     "planned_transient": [plain["planned"]["transient"], scored["planned"]["transient"]],
+                     "peak_rss": [plain["peak_rss"], scored["peak_rss"]], "planned": planned, "measured": measured,
+                     "ratio": planned / measured})
     return rows
 
 
@@ -311,6 +352,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the ranks load in (the checkpoint is bf16)")
     ap.add_argument("--json", default=os.path.join(ROOT, "results", "memory.json"))
     ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
+    ap.add_argument("--check-scoring", action="store_true",
+                    help="prompt_logprobs: the peak it adds on the last stage against what it adds to the plan")
     ap.add_argument("--check-offload", action="store_true",
                     help="offloaded stages: peak against max_memory + host-tier bytes, per rank")
     ap.add_argument("--quantization", default="none,int8,nf4",
@@ -323,10 +366,21 @@ def main() -> None:
     if args.worker:
         role, *rest = args.worker
         if role == "plan":
-            rec = plan_worker(rest[0], *(int(v) for v in rest[1:]))
+            rec = plan_worker(rest[0], *(int(v) if v.lstrip("-").isdigit() else v for v in rest[1:]))
         else:
             rec = rank_worker(rest[0], int(role), 2, *rest[1:]) if role.isdigit() else runtime_worker(role)
         print(json.dumps(rec))
+        return
+    if args.check_scoring:
+        mib = 2**20
+        print("| case | rank | planned transient without / with (MiB) | scoring's peak (MiB) | peak RSS without / with "
+              "(MiB) | added: planned (MiB) | added: measured (MiB) | planned / measured |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in check_scoring(os.path.dirname(args.model)):
+            print(f"| {r['case']} | {r['rank'][4:]} | {r['planned_transient'][0] / mib:.1f} / "
+                  f"{r['planned_transient'][1] / mib:.1f} | {r['planned_scoring'] / mib:.1f} | "
+                  f"{r['peak_rss'][0] / mib:.0f} / {r['peak_rss'][1] / mib:.0f} | {r['planned'] / mib:.1f} | "
+                  f"{r['measured'] / mib:.1f} | {r['ratio']:.3f} |")
         return
     if args.check_offload:
         mib = 2**20

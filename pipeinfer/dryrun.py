@@ -101,6 +101,11 @@ def format_table(out: dict) -> str:
                 for tier in ("device", "host", "disk") if o[tier]["layers"])
                 + f"; stream buffers {o['stream_buffers'] / mib:.1f} MiB (counted in total)"
                 + (f", pinned staging {o['staging'] / mib:.1f} MiB" if o["staging"] else ""))
+    for r in out["ranks"]:
+        if r.get("scoring"):  # the last stage with prompt_logprobs
+            lines.append(f"rank {r['rank']} scores the prompts (prompt_logprobs): {r['scoring'] / mib:.1f} MiB at its "
+                         f"peak, a chunk of float32 logits and their log-softmax; its transient is the larger of "
+                         f"this and the layers' activations, + the last position's logits")
     if out["budgets"] is None:
         lines.append("no budget: pass --device-memory 16GiB (or set max_memory) to check the fit")
     else:

@@ -18,7 +18,10 @@ What each number counts (bytes, in the run's dtype):
              max_new_tokens (generation.py sizes each slot's cache so), per layer of the stage
   transient  the prefill of the largest micro-batch: (B, T) x (4 hidden + 3 intermediate) activations
              live at once in a decoder layer, plus the (B, T, T) mask; on the last stage also the
-             (B, V) logits in the run's dtype and in float32
+             (B, V) logits in the run's dtype and in float32, and with prompt_logprobs the larger of
+             the layers' and scoring's (scoring.py, after the layers: the (B, T, H) final hidden
+             states, the (B, T - 1) float64 log-probabilities and one chunk's (B, c, V) float32 logits
+             with their log-softmax, c = min(prompt_logprobs_chunk, T - 1); RankPlan.scoring)
   reserve    what the runtime holds before any weight: on CUDA the context (CUDA_CONTEXT_BYTES, a
              stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
   stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
@@ -60,6 +63,7 @@ class RankPlan:
     layer_bytes: tuple[int, ...] = ()  # each of the stage's layers' weights, in stage order
     placement: tuple[str, ...] = ()    # each layer's: "device" (resident), "host" or "disk" (streamed)
     stream: int = 0                    # device bytes of the buffers streamed layers arrive in
+    scoring: int = 0                   # prompt_logprobs: scoring's peak bytes (transient holds the larger)
     staging: int = 0                   # pinned host bytes disk reads pass through on CUDA
     cpu_budget: int | None = None      # max_cpu_memory: host bytes for offloaded layers (+ staging)
 
@@ -80,8 +84,8 @@ class RankPlan:
 
     def record(self) -> dict:
         rec = {"rank": self.rank, "layers": [self.layers.start, self.layers.stop - 1], "weights": self.weights,
-               "kv_cache": self.kv_cache, "transient": self.transient, "reserve": self.reserve, "total": self.total,
-               "budget": self.budget, "fits": self.fits}
+               "kv_cache": self.kv_cache, "transient": self.transient, "scoring": self.scoring,
+               "reserve": self.reserve, "total": self.total, "budget": self.budget, "fits": self.fits}
         if self.offloaded:
             rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "cpu_budget": self.cpu_budget,
                               **{tier: {"layers": self.tier(tier), "bytes": self.tier_bytes(tier)}
@@ -230,9 +234,33 @@ def _costs(m: _Model, sizes: _Sizes, kv_per_layer: int) -> StageCosts:
     return StageCosts(layers, first, last)
 
 
+def score_chunk(cfg: ExpConfig) -> int:
+    """Prompt positions whose logits the last stage holds at once while scoring; 0: no scoring."""
+    return cfg.prompt_logprobs_chunk if cfg.prompt_logprobs else 0
+
+
+def _scoring(m: _Model, b: int, t: int, itemsize: int, chunk: int) -> int:
+    """What scoring.prompt_logprobs holds at its peak for a (b, t) prefill: the (b, t, H) final hidden
+    states, the (b, t - 1) float64 result, and one chunk's (b, c, V) logits, 8 bytes each at the peak
+    (float32 and their float32 log-softmax; a 16-bit head's output is gone by then)."""
+    if not chunk or t < 2:
+        return 0
+    return b * t * m.hidden * itemsize + b * (t - 1) * 8 + b * min(chunk, t - 1) * m.vocab * 8
+
+
+def _transient(m: _Model, b: int, t: int, itemsize: int, last: bool, chunk: int) -> int:
+    """The largest transient of a stage (see the module docstring) for a (b, t) prefill."""
+    layer = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
+    if not last:
+        return layer
+    # scoring runs after the layers, whose activations are gone by then: the larger of the two
+    return max(layer, _scoring(m, b, t, itemsize, chunk)) + b * m.vocab * (itemsize + 4)  # + (B, V) logits
+
+
 def _layout(m: _Model, size: int, layer_split, sizes: _Sizes, slots: list[int], longest: int, capacity: int,
-            budgets: list[int] | None, reserve: int, local: str) -> tuple[list[range], list[RankPlan]]:
-    """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split."""
+            budgets: list[int] | None, reserve: int, local: str, chunk: int = 0) -> tuple[list[range], list[RankPlan]]:
+    """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split.
+    chunk: score_chunk(cfg)."""
     itemsize = sizes.itemsize
     kv_per_layer = 2 * sum(slots) * m.kv_width * capacity * itemsize  # keys + values
     costs = _costs(m, sizes, kv_per_layer)
@@ -241,9 +269,7 @@ def _layout(m: _Model, size: int, layer_split, sizes: _Sizes, slots: list[int], 
     elif layer_split == "auto":
         # stage_bytes minus what every stage holds anyway, so that budgets compare like with like
         b, t = max(slots), longest
-        act = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
-        extra = [act + reserve] * size
-        extra[-1] += b * m.vocab * (itemsize + 4)
+        extra = [_transient(m, b, t, itemsize, r == size - 1, chunk) + reserve for r in range(size)]
         room = None if budgets is None else [max(0, bud - e) for bud, e in zip(budgets, extra)]
         try:
             ranges = balance_bytes(costs, size, room)
@@ -255,12 +281,11 @@ def _layout(m: _Model, size: int, layer_split, sizes: _Sizes, slots: list[int], 
     per_layer = [c - kv_per_layer for c in costs.layers]  # each layer's weights alone
     for r, (rng, dmap) in enumerate(zip(ranges, maps)):
         weights = sum(sizes.of(n, s) for n, s in m.params.items() if _placement(dmap, n) == local)
-        transient = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
-        if r == size - 1:
-            transient += b * m.vocab * (itemsize + 4)  # (B, V) logits in the run's dtype, then float32
-        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient, reserve,
-                              None if budgets is None else budgets[r], dmap, tuple(per_layer[i] for i in rng),
-                              ("device",) * len(rng)))
+        last = r == size - 1
+        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, _transient(m, b, t, itemsize, last, chunk),
+                              reserve, None if budgets is None else budgets[r], dmap,
+                              tuple(per_layer[i] for i in rng), ("device",) * len(rng),
+                              scoring=_scoring(m, b, t, itemsize, chunk) if last else 0))
     return ranges, ranks
 
 
@@ -290,7 +315,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
     local = "cpu" if device_type == "cpu" else device_type
     try:
         ranges, ranks = _layout(m, size, cfg.layer_split, sizes, slots, longest_prompt, capacity, budgets,
-                                reserve, local)
+                                reserve, local, score_chunk(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -248,6 +248,29 @@ def test_planned_total_matches_measured_peak(tmp_path):
         assert 0.9 <= r["ratio"] <= 1.1, r
 
 
+def test_planned_scoring_matches_measured_peak(tmp_path):
+    """prompt_logprobs on the last stage (bench/memory.py --check-scoring, CPU): what scoring adds to
+    the planned total within 10% of what it adds to the stage's peak RSS, with several chunks, with
+    one chunk bounded by the prompt, and in bfloat16; the dry run shows it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
+
+    rows = memory.check_scoring(str(tmp_path))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["measured"] > 100 * 2**20, r  # far above the noise between two processes
+        assert 0.9 <= r["ratio"] <= 1.1, r
+
+    from pipeinfer.config import build_config
+    from pipeinfer.dryrun import dry_run, format_table
+
+    cfg = dict(model_path=os.path.join(str(tmp_path), "plan-llama-v32k"), prompts=["x"], pipeline_size=2,
+               batch_size=4, prompt_logprobs=True, prompt_logprobs_chunk=512)
+    out = dry_run(build_config(cfg), device_type="cpu", prompt_tokens=300)
+    assert out["ranks"][0]["scoring"] == 0 and out["ranks"][1]["scoring"] == rows[1]["planned_scoring"]
+    assert "rank 1 scores the prompts (prompt_logprobs): " in format_table(out)
+
+
 def _offload_budget(cfg: dict) -> int:
     """A max_memory one layer short of the all-resident total: the stage offloads some layers and fits."""
     from pipeinfer.config import build_config
