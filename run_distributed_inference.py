@@ -101,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         stage.warm_up(inputs.model_config.hidden_size, inputs.dtype, device)
         comm.warm_up_links(inputs.dtype)  # NCCL builds a pair's communicator at its first message: not on the clock
         reset_peak_memory(device)
-        records, new_tokens, interrupted, t0 = [], 0, False, time.perf_counter()
+        # counts only: a list of the records would grow with every prompt (with logprobs, by ~100 KB each)
+        finished, new_tokens, interrupted, t0 = 0, 0, False, time.perf_counter()
         try:
             for batch, result in generate(stage, comm, work, inputs.gen, inputs.model_config.hidden_size,
                                           inputs.dtype, stop):
                 for rec in batch_records(batch, result, prompts, inputs.tokenizer):
-                    records.append(rec)
+                    finished += 1
                     new_tokens += rec["new_tokens"]
                     with timeline.span("write"):  # fsynced: on a slow filesystem this is rank 0's time
                         writer.write(rec)
@@ -120,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         # 5. Every rank's stage record gathered on rank 0, then the summary.
         gathered = comm.gather(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
                                             work.max_in_flight, stage.streamer and stage.streamer.record()))
-        done = len(prompts) - len(todo) + len(records)
+        done = len(prompts) - len(todo) + finished
         if writer is not None:
             for rec in gathered:
                 writer.write(rec)
-            summary = summary_record(records, wall_s, done, interrupted)
+            summary = summary_record(finished, new_tokens, wall_s, done, interrupted)
             writer.write(summary)
             log.info("%d prompts, %d new tokens in %.2fs (%.1f tokens/s) -> %s", summary["prompts"],
                      summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, cfg.output_path)

@@ -15,7 +15,10 @@ micro-batch. A gloo send completes only once the peer has posted the matching re
 must never block on its own send while the peer may be blocked on one of its own: that is a
 deadlock as soon as two micro-batches are in flight. Sends are therefore only reaped when already
 complete, and waited for at drain_sends(), when every frame has been received. The schedule bounds
-what can be outstanding (one frame or token message per micro-batch in flight).
+what can be outstanding (one frame or token message per micro-batch in flight, and a STOP frame
+or the log-probabilities beside it): past max_pending (generation.py sets it from that bound) the
+oldest send has been received, and is reaped. Not only by is_completed(): a gloo send reports it
+only once waited for, so every frame a rank sent stayed in memory until the end of the run.
 Every wait is bounded by timeout_s. Over gloo a peer that died closes its connections and the
 wait fails at once; a stuck peer (or, over NCCL, a dead one too) fails it after timeout_s. Either
 way a PeerFailure names the peer and what this rank was doing.
@@ -61,6 +64,7 @@ class Comm(Rank):
     bytes_sent: int = 0
     links_warmed_at: float | None = None  # wall clock when warm_up_links() finished
     _pending: deque = field(default_factory=deque)  # (work, tensor kept alive, what, peer)
+    max_pending: int = 0  # sends outstanding at most, by the schedule (0: no bound); see the module docstring
 
     def __post_init__(self):
         if self.wire is None:
@@ -137,7 +141,7 @@ class Comm(Rank):
             tensor = tensor.to(wire).contiguous()  # a GPU -> host copy waits for the tensor
             work = _post(dist.isend, tensor, dst, group, f"{doing} to rank {dst}")
             self._pending.append((work, tensor, f"{doing} to rank {dst}", dst))
-            while self._pending and self._pending[0][0].is_completed():
+            while self._pending and (self._pending[0][0].is_completed() or 0 < self.max_pending < len(self._pending)):
                 self._wait_oldest()  # completed: returns at once, or raises the send's error
         self.bytes_sent += tensor.numel() * tensor.element_size()
 

@@ -124,6 +124,7 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
     first stage."""
     dev = comm.device
     run_t0 = time.perf_counter()
+    comm.max_pending = 2 * len(work.sizes)  # per slot a frame and a STOP frame, or tokens and log-probabilities
 
     def start(batch: Batch) -> _Slot:
         mask = batch.attention_mask.to(dev)

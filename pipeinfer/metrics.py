@@ -179,12 +179,11 @@ def logprob_entries(ids: list[int], rows: list, decode) -> list[dict]:
     return out
 
 
-def summary_record(prompts: list[dict], wall_s: float, total_prompts: int, interrupted: bool) -> dict:
-    """This attempt's prompts; total_prompts counts those of earlier attempts in the file too."""
-    new_tokens = sum(p["new_tokens"] for p in prompts)
+def summary_record(prompts: int, new_tokens: int, wall_s: float, total_prompts: int, interrupted: bool) -> dict:
+    """This attempt's prompts and their new tokens; total_prompts counts those of earlier attempts in the file too."""
     return {
         "type": "summary",
-        "prompts": len(prompts),
+        "prompts": prompts,
         "prompts_total": total_prompts,
         "interrupted": interrupted,
         "new_tokens": new_tokens,

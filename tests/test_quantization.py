@@ -103,7 +103,7 @@ def test_prequantized_ranks_read_only_their_own_tensors(prequantized, monkeypatc
     plan = plan_for_run(cfg, mc, 8, "float32", "cpu")
     read = []
     real = stage_mod._read
-    monkeypatch.setattr(stage_mod, "_read", lambda file, key, *a: read.append(key) or real(file, key, *a))
+    monkeypatch.setattr(stage_mod, "_read", lambda t, key, *a: read.append(key) or real(t, key, *a))
     per_rank = []
     for rank in range(2):
         read.clear()
