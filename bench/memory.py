@@ -34,6 +34,13 @@ to max_new_tokens) alone, in float32; its peak RSS over the runtime baseline is 
 plan's total. The baseline is the same worker on a model of the same family with almost no weights
 (hidden 32, 2 layers), less that model's own planned total: the interpreter, the imports and what a
 first forward allocates once.
+
+    python bench/memory.py --check-scoring   # prompt_logprobs: what it adds to the last stage, planned and measured
+    python bench/memory.py --check-runner    # the runner's 2 ranks: peak over the runtime against the plan
+
+--check-runner runs run_distributed_inference.py itself (2 ranks on CPU, a 32k-vocabulary model
+and a near-weightless one for the runtime baseline) with 8 and then 120 prompts: each rank's peak
+over the runtime against its planned total, and how much the peak grew with the prompts.
 """
 
 from __future__ import annotations
@@ -319,6 +326,69 @@ def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
     return rows
 
 
+# The runner itself (run_distributed_inference.py), 2 ranks on CPU: a model whose embedding and untied head
+# (32k x 512) are most of each stage, and its runtime baseline with almost no weights
+RUNNER_MODELS = {
+    "v32k": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, max_position_embeddings=512, vocab_size=32000),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=512),
+}
+
+
+def run_ranks(model: str, out: str, prompts: list[str], **over) -> tuple[list[dict], list[dict]]:
+    """One real 2-rank run of the runner on CPU: each rank's plan (the run record's) and stage record
+    (whose cpu_peak_rss_bytes is the rank's peak RSS, loading included)."""
+    import socket
+
+    cfg = dict(model_path=model, pipeline_size=2, prompts=prompts, max_new_tokens=8, batch_size=2, device="cpu",
+               output_path=out, resume=False, timeout_s=300, **over)
+    with open(out + ".config.json", "w") as f:
+        json.dump(cfg, f)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "run_distributed_inference.py"), "--config",
+                               out + ".config.json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RANK=str(r), WORLD_SIZE="2",
+                                       LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise SystemExit(f"rank of {out} failed (exit {p.returncode}):\n{err[-3000:]}")
+    with open(out) as f:
+        records = [json.loads(line) for line in f]
+    stages = sorted((r for r in records if r["type"] == "stage"), key=lambda r: r["rank"])
+    return next(r for r in records if r["type"] == "run")["plan"]["ranks"], stages
+
+
+def check_runner(root: str, few: int = 8, many: int = 120) -> list[dict]:
+    """What a rank of a real run holds: each rank's peak RSS over the runtime (the same run on the
+    tiny model, less its planned total) against its planned total, with `few` prompts; then its
+    peak again with `many` prompts (all of one length, so the plan is the same: the peak must be
+    too). logprobs=20 makes each prompt record large (~90 KB)."""
+    from pipeinfer.tiny_models import make_model
+
+    paths = {}
+    for name, conf in RUNNER_MODELS.items():
+        paths[name] = os.path.join(root, f"runner-{name}")
+        if not os.path.exists(os.path.join(paths[name], "config.json")):
+            make_model(paths[name], seed=0, **conf)
+    prompts = [f"Prompt {i:03d} asks the pipeline one question" for i in range(many)]
+    base_plan, base = run_ranks(paths["tiny"], os.path.join(root, "runner-tiny.jsonl"), prompts[:few], logprobs=20)
+    plan, ranks = run_ranks(paths["v32k"], os.path.join(root, "runner-few.jsonl"), prompts[:few], logprobs=20)
+    many_plan, more = run_ranks(paths["v32k"], os.path.join(root, "runner-many.jsonl"), prompts, logprobs=20)
+    rows = []
+    for p0, b, p, r, m, pm in zip(base_plan, base, plan, ranks, more, many_plan):
+        runtime = b["cpu_peak_rss_bytes"] - p0["total"]
+        measured = r["cpu_peak_rss_bytes"] - runtime
+        rows.append({"rank": p["rank"], "planned": p["total"], "planned_many": pm["total"], "runtime": runtime,
+                     "peak": r["cpu_peak_rss_bytes"], "measured": measured, "ratio": p["total"] / measured,
+                     "peak_many": m["cpu_peak_rss_bytes"], "grown": m["cpu_peak_rss_bytes"] - r["cpu_peak_rss_bytes"]})
+    return rows
+
+
 def save_prequantized(model: str, out: str, method: str, dtype_name: str) -> None:
     """The checkpoint quantized by transformers and saved with save_pretrained, as users get one."""
     import torch
@@ -352,6 +422,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the ranks load in (the checkpoint is bf16)")
     ap.add_argument("--json", default=os.path.join(ROOT, "results", "memory.json"))
     ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
+    ap.add_argument("--check-runner", action="store_true",
+                    help="the runner's 2 ranks: peak over the runtime against the plan, and with 15x the prompts")
     ap.add_argument("--check-scoring", action="store_true",
                     help="prompt_logprobs: the peak it adds on the last stage against what it adds to the plan")
     ap.add_argument("--check-offload", action="store_true",
@@ -370,6 +442,16 @@ def main() -> None:
         else:
             rec = rank_worker(rest[0], int(role), 2, *rest[1:]) if role.isdigit() else runtime_worker(role)
         print(json.dumps(rec))
+        return
+    if args.check_runner:
+        mib = 2**20
+        print("| rank | planned total (MiB) | runtime (MiB) | peak RSS, 8 prompts (MiB) | measured: peak - runtime "
+              "(MiB) | planned / measured | peak RSS, 120 prompts (MiB) | grown (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in check_runner(os.path.dirname(args.model)):
+            print(f"| {r['rank']} | {r['planned'] / mib:.1f} | {r['runtime'] / mib:.0f} | {r['peak'] / mib:.1f} | "
+                  f"{r['measured'] / mib:.1f} | {r['ratio']:.3f} | {r['peak_many'] / mib:.1f} | "
+                  f"{r['grown'] / mib:.1f} |")
         return
     if args.check_scoring:
         mib = 2**20

@@ -35,7 +35,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def cpu_peak_rss_bytes() -> int:
-    """The process's peak resident set size, loading included (the kernel keeps no resettable peak)."""
+    """The process's peak resident set size, loading included: VmHWM, its own memory's high-water
+    mark. Not ru_maxrss where /proc has it: Linux carries that over exec from the process that
+    started this one, so a rank launched by a process holding 500 MiB reported at least 500 MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -271,43 +271,22 @@ def test_planned_scoring_matches_measured_peak(tmp_path):
     assert "rank 1 scores the prompts (prompt_logprobs): " in format_table(out)
 
 
-def _run_ranks(model: str, tmp_path, name: str, **over) -> tuple[list[dict], list[dict]]:
-    """A real 2-rank run of the runner: each rank's plan (from the run record) and its stage record."""
-    from conftest import run_pipeline
-
-    cfg = base_config(model, tmp_path, pipeline_size=2, max_new_tokens=8, output_path=str(tmp_path / f"{name}.jsonl"),
-                      **over)
-    records = run_pipeline(cfg, tmp_path, 2)
-    stages = sorted((r for r in records if r["type"] == "stage"), key=lambda r: r["rank"])
-    return next(r for r in records if r["type"] == "run")["plan"]["ranks"], stages
-
-
 def test_rank_host_memory_is_its_plan_and_the_runtime(tmp_path):
-    """Real 2-rank runs on CPU: each rank's peak RSS over the runtime (the same run on a model with
-    almost no weights, less that model's plan) within 10% of its planned total, on a model whose
-    embedding and head are most of its stages (the loader held a mapped copy of each tensor beside
-    the one it made: 2x the embedding on rank 0, stage + head on rank 1); and no rank's peak grows
-    with the number of prompts, which the plan does not count (every frame a rank sent stayed
-    queued until the end of the run, and rank 0 kept every prompt record, ~90 KB each with
-    logprobs=20, for the summary)."""
-    from pipeinfer.tiny_models import make_model
+    """bench/memory.py --check-runner, real 2-rank runs on CPU: each rank's peak RSS over the runtime
+    (the same run on a model with almost no weights, less that model's plan) within 10% of its
+    planned total, on a model whose embedding and head are most of its stages (the loader held a
+    mapped copy of each tensor beside the one it made: 2x the embedding on rank 0, stage + head on
+    rank 1); and no rank's peak grows with the number of prompts, which the plan does not count
+    (every frame a rank sent stayed queued until the end of the run, and rank 0 kept every prompt
+    record, ~90 KB each with logprobs=20, for the summary): 120 prompts against 8."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
 
-    big = make_model(str(tmp_path / "v32k"), seed=0, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, vocab_size=32000)
-    tiny = make_model(str(tmp_path / "tiny"), seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    prompts = [f"Prompt {i:03d} asks the pipeline one question" for i in range(240)]  # all of one length
-    base_plan, base = _run_ranks(tiny, tmp_path, "tiny", prompts=prompts[:8], logprobs=20)
-    plan, few = _run_ranks(big, tmp_path, "few", prompts=prompts[:8], logprobs=20)
-    for p0, b, p, r in zip(base_plan, base, plan, few):
-        measured = r["cpu_peak_rss_bytes"] - (b["cpu_peak_rss_bytes"] - p0["total"])
-        assert p["total"] > 60 * 2**20 and 0.9 <= p["total"] / measured <= 1.1, (p, measured)
-
-    many_plan, many = _run_ranks(big, tmp_path, "many", prompts=prompts, logprobs=20)
-    assert many_plan == plan  # the plan does not depend on the number of prompts, nor may the peak
-    for p, f, m in zip(plan, few, many):
-        grown = m["cpu_peak_rss_bytes"] - f["cpu_peak_rss_bytes"]
-        assert grown < 0.05 * p["total"], (p["rank"], grown)
+    rows = memory.check_runner(str(tmp_path))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["planned"] > 60 * 2**20 and 0.9 <= r["ratio"] <= 1.1, r
+        assert r["planned_many"] == r["planned"] and r["grown"] < 0.05 * r["planned"], r
 
 
 def _offload_budget(cfg: dict) -> int:
