@@ -23,7 +23,8 @@ What each number counts (bytes, in the run's dtype):
              states, the (B, T - 1) float64 log-probabilities and one chunk's (B, c, V) float32 logits
              with their log-softmax, c = min(prompt_logprobs_chunk, T - 1); RankPlan.scoring)
   reserve    what the runtime holds before any weight: on CUDA the context (CUDA_CONTEXT_BYTES, a
-             stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
+             stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py;
+             --check-runner: a real rank's peak is this plan plus that runtime, within 3%)
   stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
              the next layer's weights move while one computes; one when a single layer streams)
 
