@@ -96,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.profile_steps:
             timeline.trace(cfg.profile_steps, f"{output_path}.rank{rank}.trace.json")
         engine.warm_up()
-        records, new_tokens, interrupted, t0 = [], 0, False, time.perf_counter()
+        # counts only: a list of the records would grow with every prompt (with logprobs, by ~100 KB each)
+        finished, new_tokens, interrupted, t0 = 0, 0, False, time.perf_counter()
         try:
             if comm.is_first:
                 for i in todo:
                     engine.submit(prompts[i], index=i)
                 for batch, result in engine.results():
                     for rec in batch_records(batch, result, prompts, inputs.tokenizer):
-                        records.append(rec)
+                        finished += 1
                         new_tokens += rec["new_tokens"]
                         with timeline.span("write"):  # fsynced: on a slow filesystem this is rank 0's time
                             writer.write(rec)
@@ -122,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  engine.max_in_flight, stage.streamer and stage.streamer.record()),
                                     schedule="rows" if engine.rows else "micro_batches",
                                     rows_computed=engine.rows_computed))
-        done = len(mine) - len(todo) + len(records)
+        done = len(mine) - len(todo) + finished
         if writer is not None:
             for rec in gathered:
                 writer.write(rec)
-            summary = summary_record(records, wall_s, done, interrupted)
+            summary = summary_record(finished, new_tokens, wall_s, done, interrupted)
             writer.write(summary)
             log.info("%d prompts, %d new tokens in %.2fs (%.1f tokens/s) -> %s", summary["prompts"],
                      summary["new_tokens"], wall_s, summary["tokens_per_s"] or 0, output_path)

@@ -34,6 +34,13 @@ to max_new_tokens) alone, in float32; its peak RSS over the runtime baseline is 
 plan's total. The baseline is the same worker on a model of the same family with almost no weights
 (hidden 32, 2 layers), less that model's own planned total: the interpreter, the imports and what a
 first forward allocates once.
+
+    python bench/memory.py --check-scoring   # prompt_logprobs: what it adds to the last stage, planned and measured
+    python bench/memory.py --check-runner    # the runner's 2 ranks: peak over the runtime against the plan
+
+--check-runner runs run_distributed_inference.py itself (2 ranks on CPU, a 32k-vocabulary model
+and a near-weightless one for the runtime baseline) with 8 and then 120 prompts: each rank's peak
+over the runtime against its planned total, and how much the peak grew with the prompts.
 """
 
 from __future__ import annotations
@@ -148,38 +155,49 @@ def rank_worker(model: str, rank: int, size: int, dtype_name: str, quantization:
 
 
 def plan_worker(model: str, rank: int, size: int, batch_size: int, prompt: int, new_tokens: int,
-                max_memory: int = 0, max_cpu_memory: int = -1) -> dict:
+                max_memory: int = 0, max_cpu_memory: int = -1, score_chunk: int = 0, dtype_name: str = "float32"
+                ) -> dict:
     """Load rank `rank`'s stage as planned and run its share of a whole generation, alone: every
     micro-batch slot's prefill of `prompt` tokens, then new_tokens - 1 decode steps (the cache
     filled to capacity, as generate() fills it). Peak RSS and the plan's numbers for comparison.
-    max_memory (0: none) and max_cpu_memory (-1: none): budgets, the same for every rank."""
+    max_memory (0: none) and max_cpu_memory (-1: none): budgets, the same for every rank.
+    score_chunk (0: none): prompt_logprobs with this prompt_logprobs_chunk, the last stage scoring
+    each prefill as generation.py does (scoring.prompt_logprobs)."""
     import torch
 
     from pipeinfer.run.runtime import steady_host_memory
     from pipeinfer.load.stage import load_stage
+    from pipeinfer.run.scoring import prompt_logprobs
 
     steady_host_memory()  # as the runner does
     torch.set_num_threads(1)
     budgets = {"max_memory": max_memory} if max_memory else {}
     if max_cpu_memory >= 0:
         budgets["max_cpu_memory"] = max_cpu_memory
-    cfg, mc, plan = _plan(model, size, "float32", batch_size, prompt, new_tokens, **budgets)
+    if score_chunk:
+        budgets.update(prompt_logprobs=True, prompt_logprobs_chunk=score_chunk)
+    dtype = getattr(torch, dtype_name)
+    cfg, mc, plan = _plan(model, size, dtype_name, batch_size, prompt, new_tokens, **budgets)
     mine = plan.ranks[rank]
-    stage, info = load_stage(plan, rank, mc, torch.device("cpu"), torch.float32, "unused")
+    stage, info = load_stage(plan, rank, mc, torch.device("cpu"), dtype, "unused")
     caches = []
     with torch.inference_mode():
         for b in plan.slots:
             cache = stage.new_cache(capacity=prompt + new_tokens)
             for step in range(new_tokens):
                 t = prompt if step == 0 else 1
-                x = torch.randint(0, mc.vocab_size, (b, t)) if stage.plan.is_first else \
-                    torch.randn(b, t, mc.hidden_size)  # (B, T) ids or (B, T, H) hidden states
+                ids = torch.randint(0, mc.vocab_size, (b, t))  # (B, T)
+                x = ids if stage.plan.is_first else torch.randn(b, t, mc.hidden_size, dtype=dtype)  # or (B, T, H)
                 start = 0 if step == 0 else prompt + step - 1
-                stage(x, None, torch.arange(start, start + t).expand(b, t), cache)
+                scoring = bool(score_chunk) and step == 0 and stage.plan.is_last
+                out = stage(x, None, torch.arange(start, start + t).expand(b, t), cache, all_positions=scoring)
+                if scoring:
+                    prompt_logprobs(stage.head, out, ids, score_chunk)
+                del out
             caches.append(cache)  # every slot stays in flight to the end
     return {"role": f"rank{rank}", "param_bytes": info.param_bytes, "peak_rss": peak_rss(),
             "planned": {"weights": mine.weights, "kv_cache": mine.kv_cache, "transient": mine.transient,
-                        "total": mine.total, "stream": mine.stream, "budget": mine.budget,
+                        "scoring": mine.scoring, "total": mine.total, "stream": mine.stream, "budget": mine.budget,
                         "cpu_budget": mine.cpu_budget, "host": mine.tier_bytes("host"), "disk": mine.tier_bytes("disk"),
                         "placement": {t: mine.tier(t) for t in ("device", "host", "disk")}},
             "offload": stage.streamer.record() if stage.streamer else None}
@@ -221,6 +239,36 @@ def check_plan(root: str, cases=PLAN_CASES) -> list[dict]:
                          "param_bytes": r["param_bytes"], **{f"planned_{k}": v for k, v in r["planned"].items()},
                          "runtime": runtime, "peak_rss": r["peak_rss"], "measured": measured,
                          "ratio": r["planned"]["total"] / measured})
+    return rows
+
+
+# prompt_logprobs: a 32k vocabulary, so that scoring's (B, chunk, V) logits outweigh the layers' activations
+SCORE_MODEL = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, vocab_size=32000)
+# (pipeline_size, batch_size, prompt tokens, prompt_logprobs_chunk, dtype): several chunks, and one chunk bounded
+# by the prompt; float32 and bfloat16 (whose head output is converted to float32 chunk by chunk)
+SCORE_CASES = [(1, 8, 512, 128, "float32"), (2, 4, 300, 512, "float32"), (1, 8, 512, 128, "bfloat16")]
+
+
+def check_scoring(root: str, cases=SCORE_CASES) -> list[dict]:
+    """The last stage of each case run with and without prompt_logprobs: the peak RSS it adds,
+    measured, against what it adds to the planned total (scoring's peak beyond the layers')."""
+    from pipeinfer.models.tiny import make_model
+
+    model = os.path.join(root, "plan-llama-v32k")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        make_model(model, seed=0, **SCORE_MODEL)
+    rows = []
+    for size, batch, prompt, chunk, dtype in cases:
+        args = [model, str(size - 1), str(size), str(batch), str(prompt), "4", "0", "-1"]
+        plain, scored = (collect(spawn("plan", *args, str(c), dtype)) for c in (0, chunk))
+        planned = scored["planned"]["total"] - plain["planned"]["total"]
+        measured = scored["peak_rss"] - plain["peak_rss"]
+        rows.append({"case": f"pp{size} batch {batch} prompt {prompt} chunk {chunk} {dtype}",
+                     "rank": scored["role"], "planned_scoring": scored["planned"]["scoring"],
+                     "planned_transient": [plain["planned"]["transient"], scored["planned"]["transient"]],
+                     "peak_rss": [plain["peak_rss"], scored["peak_rss"]], "planned": planned, "measured": measured,
+                     "ratio": planned / measured})
     return rows
 
 
@@ -278,6 +326,69 @@ def check_offload(root: str, cases=OFFLOAD_CASES) -> list[dict]:
     return rows
 
 
+# The runner itself (run_distributed_inference.py), 2 ranks on CPU: a model whose embedding and untied head
+# (32k x 512) are most of each stage, and its runtime baseline with almost no weights
+RUNNER_MODELS = {
+    "v32k": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, max_position_embeddings=512, vocab_size=32000),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=512),
+}
+
+
+def run_ranks(model: str, out: str, prompts: list[str], **over) -> tuple[list[dict], list[dict]]:
+    """One real 2-rank run of the runner on CPU: each rank's plan (the run record's) and stage record
+    (whose cpu_peak_rss_bytes is the rank's peak RSS, loading included)."""
+    import socket
+
+    cfg = dict(model_path=model, pipeline_size=2, prompts=prompts, max_new_tokens=8, batch_size=2, device="cpu",
+               output_path=out, resume=False, timeout_s=300, **over)
+    with open(out + ".config.json", "w") as f:
+        json.dump(cfg, f)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "run_distributed_inference.py"), "--config",
+                               out + ".config.json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RANK=str(r), WORLD_SIZE="2",
+                                       LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise SystemExit(f"rank of {out} failed (exit {p.returncode}):\n{err[-3000:]}")
+    with open(out) as f:
+        records = [json.loads(line) for line in f]
+    stages = sorted((r for r in records if r["type"] == "stage"), key=lambda r: r["rank"])
+    return next(r for r in records if r["type"] == "run")["plan"]["ranks"], stages
+
+
+def check_runner(root: str, few: int = 8, many: int = 120) -> list[dict]:
+    """What a rank of a real run holds: each rank's peak RSS over the runtime (the same run on the
+    tiny model, less its planned total) against its planned total, with `few` prompts; then its
+    peak again with `many` prompts (all of one length, so the plan is the same: the peak must be
+    too). logprobs=20 makes each prompt record large (~90 KB)."""
+    from pipeinfer.models.tiny import make_model
+
+    paths = {}
+    for name, conf in RUNNER_MODELS.items():
+        paths[name] = os.path.join(root, f"runner-{name}")
+        if not os.path.exists(os.path.join(paths[name], "config.json")):
+            make_model(paths[name], seed=0, **conf)
+    prompts = [f"Prompt {i:03d} asks the pipeline one question" for i in range(many)]
+    base_plan, base = run_ranks(paths["tiny"], os.path.join(root, "runner-tiny.jsonl"), prompts[:few], logprobs=20)
+    plan, ranks = run_ranks(paths["v32k"], os.path.join(root, "runner-few.jsonl"), prompts[:few], logprobs=20)
+    many_plan, more = run_ranks(paths["v32k"], os.path.join(root, "runner-many.jsonl"), prompts, logprobs=20)
+    rows = []
+    for p0, b, p, r, m, pm in zip(base_plan, base, plan, ranks, more, many_plan):
+        runtime = b["cpu_peak_rss_bytes"] - p0["total"]
+        measured = r["cpu_peak_rss_bytes"] - runtime
+        rows.append({"rank": p["rank"], "planned": p["total"], "planned_many": pm["total"], "runtime": runtime,
+                     "peak": r["cpu_peak_rss_bytes"], "measured": measured, "ratio": p["total"] / measured,
+                     "peak_many": m["cpu_peak_rss_bytes"], "grown": m["cpu_peak_rss_bytes"] - r["cpu_peak_rss_bytes"]})
+    return rows
+
+
 def save_prequantized(model: str, out: str, method: str, dtype_name: str) -> None:
     """The checkpoint quantized by transformers and saved with save_pretrained, as users get one."""
     import torch
@@ -311,6 +422,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the dtype the ranks load in (the checkpoint is bf16)")
     ap.add_argument("--json", default=os.path.join(ROOT, "results", "memory.json"))
     ap.add_argument("--check-plan", action="store_true", help="planned total against measured peak, per rank")
+    ap.add_argument("--check-runner", action="store_true",
+                    help="the runner's 2 ranks: peak over the runtime against the plan, and with 15x the prompts")
+    ap.add_argument("--check-scoring", action="store_true",
+                    help="prompt_logprobs: the peak it adds on the last stage against what it adds to the plan")
     ap.add_argument("--check-offload", action="store_true",
                     help="offloaded stages: peak against max_memory + host-tier bytes, per rank")
     ap.add_argument("--quantization", default="none,int8,nf4",
@@ -323,10 +438,31 @@ def main() -> None:
     if args.worker:
         role, *rest = args.worker
         if role == "plan":
-            rec = plan_worker(rest[0], *(int(v) for v in rest[1:]))
+            rec = plan_worker(rest[0], *(int(v) if v.lstrip("-").isdigit() else v for v in rest[1:]))
         else:
             rec = rank_worker(rest[0], int(role), 2, *rest[1:]) if role.isdigit() else runtime_worker(role)
         print(json.dumps(rec))
+        return
+    if args.check_runner:
+        mib = 2**20
+        print("| rank | planned total (MiB) | runtime (MiB) | peak RSS, 8 prompts (MiB) | measured: peak - runtime "
+              "(MiB) | planned / measured | peak RSS, 120 prompts (MiB) | grown (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in check_runner(os.path.dirname(args.model)):
+            print(f"| {r['rank']} | {r['planned'] / mib:.1f} | {r['runtime'] / mib:.0f} | {r['peak'] / mib:.1f} | "
+                  f"{r['measured'] / mib:.1f} | {r['ratio']:.3f} | {r['peak_many'] / mib:.1f} | "
+                  f"{r['grown'] / mib:.1f} |")
+        return
+    if args.check_scoring:
+        mib = 2**20
+        print("| case | rank | planned transient without / with (MiB) | scoring's peak (MiB) | peak RSS without / with "
+              "(MiB) | added: planned (MiB) | added: measured (MiB) | planned / measured |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in check_scoring(os.path.dirname(args.model)):
+            print(f"| {r['case']} | {r['rank'][4:]} | {r['planned_transient'][0] / mib:.1f} / "
+                  f"{r['planned_transient'][1] / mib:.1f} | {r['planned_scoring'] / mib:.1f} | "
+                  f"{r['peak_rss'][0] / mib:.0f} / {r['peak_rss'][1] / mib:.0f} | {r['planned'] / mib:.1f} | "
+                  f"{r['measured'] / mib:.1f} | {r['ratio']:.3f} |")
         return
     if args.check_offload:
         mib = 2**20

@@ -278,6 +278,9 @@ def build_config(raw: dict) -> ExpConfig:
                           "max_new_tokens >= 1")
     if cfg.replica >= cfg.replicas:
         raise ConfigError(f"replica={cfg.replica} but replicas={cfg.replicas}: replicas are numbered 0..{cfg.replicas - 1}")
+    if cfg.max_cpu_memory is not None and cfg.max_memory is None:  # here, so the dry run decides as the run does
+        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
+                          "set: set max_memory (the device budget per rank) too")
     if isinstance(cfg.micro_batch_size, int) and cfg.micro_batch_size > cfg.batch_size:
         raise ConfigError(f"micro_batch_size={cfg.micro_batch_size} > batch_size={cfg.batch_size}: a micro-batch is "
                           f"part of the batch in flight; lower it or raise batch_size")

@@ -62,6 +62,33 @@ def test_planned_weights_are_the_loaded_parameter_bytes(models, model_type, dtyp
                 torch.tensor([], dtype=getattr(torch, dtype)).element_size()
 
 
+def test_tensors_read_in_chunks_are_the_stored_ones(models, monkeypatch, tmp_path):
+    """stage._read (plain reads at the header's offsets, converted a chunk at a time) gives what
+    safetensors' own loader gives, in every dtype; a file cut short after planning is a LoadError."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pipeinfer.load import stage
+    from pipeinfer.plan.checkpoint import read_headers
+
+    monkeypatch.setattr(stage, "READ_CHUNK_BYTES", 1000)  # every tensor over several chunks
+    path = models["gpt2"]
+    ref = load_file(os.path.join(path, "model.safetensors"))
+    for key, t in read_headers(path).items():
+        for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
+            got = stage._read(t, key, torch.device("cpu"), dtype)
+            assert got.dtype == (dtype or ref[key].dtype) and torch.equal(got, ref[key].to(got.dtype)), key
+    cut = str(tmp_path / "cut")
+    shutil.copytree(path, cut)
+    tensors = read_headers(cut)
+    key = max(tensors, key=lambda k: tensors[k].offset)
+    os.truncate(os.path.join(cut, "model.safetensors"), tensors[key].offset + 10)
+    with pytest.raises(stage.LoadError, match=rf"model.safetensors ended \d+ bytes early while reading {key}: the "
+                                              r"checkpoint changed after the plan read its headers"):
+        stage._read(tensors[key], key, torch.device("cpu"))
+
+
 def test_kv_cache_plan_is_what_the_cache_allocates(models):
     """The planned KV bytes of a stage equal the buffers PreallocatedLayer holds after the slots'
     prefills, at the capacity generation.py gives them (padded prompt + max_new_tokens)."""
@@ -246,3 +273,107 @@ def test_planned_total_matches_measured_peak(tmp_path):
     for r in rows:
         assert r["planned_weights"] == r["param_bytes"], r
         assert 0.9 <= r["ratio"] <= 1.1, r
+
+
+def test_planned_scoring_matches_measured_peak(tmp_path):
+    """prompt_logprobs on the last stage (bench/memory.py --check-scoring, CPU): what scoring adds to
+    the planned total within 10% of what it adds to the stage's peak RSS, with several chunks, with
+    one chunk bounded by the prompt, and in bfloat16; the dry run shows it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
+
+    rows = memory.check_scoring(str(tmp_path))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["measured"] > 100 * 2**20, r  # far above the noise between two processes
+        assert 0.9 <= r["ratio"] <= 1.1, r
+
+    from pipeinfer.config import build_config
+    from pipeinfer.plan.__main__ import dry_run, format_table
+
+    cfg = dict(model_path=os.path.join(str(tmp_path), "plan-llama-v32k"), prompts=["x"], pipeline_size=2,
+               batch_size=4, prompt_logprobs=True, prompt_logprobs_chunk=512)
+    out = dry_run(build_config(cfg), device_type="cpu", prompt_tokens=300)
+    assert out["ranks"][0]["scoring"] == 0 and out["ranks"][1]["scoring"] == rows[1]["planned_scoring"]
+    assert "rank 1 scores the prompts (prompt_logprobs): " in format_table(out)
+
+
+def test_rank_host_memory_is_its_plan_and_the_runtime(tmp_path):
+    """bench/memory.py --check-runner, real 2-rank runs on CPU: each rank's peak RSS over the runtime
+    (the same run on a model with almost no weights, less that model's plan) within 10% of its
+    planned total, on a model whose embedding and head are most of its stages (the loader held a
+    mapped copy of each tensor beside the one it made: 2x the embedding on rank 0, stage + head on
+    rank 1); and no rank's peak grows with the number of prompts, which the plan does not count
+    (every frame a rank sent stayed queued until the end of the run, and rank 0 kept every prompt
+    record, ~90 KB each with logprobs=20, for the summary): 120 prompts against 8."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
+
+    rows = memory.check_runner(str(tmp_path))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["planned"] > 60 * 2**20 and 0.9 <= r["ratio"] <= 1.1, r
+        assert r["planned_many"] == r["planned"] and r["grown"] < 0.05 * r["planned"], r
+
+
+def _offload_budget(cfg: dict) -> int:
+    """A max_memory one layer short of the all-resident total: the stage offloads some layers and fits."""
+    from pipeinfer.config import build_config
+    from pipeinfer.plan.__main__ import dry_run
+
+    total = dry_run(build_config(cfg))["ranks"][0]["total"]
+    probe = dry_run(build_config(dict(cfg, max_memory=total - 1, max_cpu_memory=0)))
+    return total - max(probe["ranks"][0]["offload"]["layer_bytes"].values())
+
+
+# (name, config keys, dry-run arguments, the dry run's exit, the run's exit, what the one line says)
+AGREE = [
+    ("max_cpu_memory without max_memory, --device-memory", dict(max_cpu_memory="1GiB"), ["--device-memory", "600KiB"],
+     2, 2, "max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not set"),
+    ("max_cpu_memory without max_memory", dict(max_cpu_memory="1GiB"), [], 2, 2, "but max_memory is not set"),
+    ("offloaded, fits", dict(max_memory="offload", max_cpu_memory="1GiB"), [], 0, 0, None),
+    ("offloaded, fits, --device-memory", dict(max_memory="offload", max_cpu_memory="1GiB"),
+     ["--device-memory", "offload"], 0, 0, None),
+    ("offloaded and quantized", dict(max_memory="offload", max_cpu_memory="1GiB", quantization="int8"), [], 2, 2,
+     "quantization='int8' with max_cpu_memory"),
+    # the dry run's own code for "does not fit" is 1 (its table shows by how much); the line is the run's
+    ("too small even offloaded", dict(max_memory="10KB", max_cpu_memory="1GiB"), [], 1, 2,
+     "max_memory[0]=10000 bytes cannot hold rank 0's stage even with all its layers offloaded"),
+    ("resident, too small", dict(max_memory="10KB"), [], 1, 2, "max_memory[0]=10000 bytes cannot hold rank 0's stage"),
+    ("resident, fits", dict(max_memory="1GiB"), [], 0, 0, None),
+]
+
+
+@pytest.mark.parametrize("name,over,args,dry_exit,run_exit,line", AGREE, ids=[a[0] for a in AGREE])
+def test_dry_run_and_run_agree(models, tmp_path, capsys, name, over, args, dry_exit, run_exit, line):
+    """python -m pipeinfer.plan CONFIG decides as the run of CONFIG does: both refuse with the same
+    one line, or both accept (the dry run printing the placement the run then uses)."""
+    from conftest import free_port, run_rank
+    from pipeinfer.plan.__main__ import main
+
+    from pipeinfer.plan.__main__ import _spans
+
+    cfg = base_config(models["llama"], tmp_path, max_new_tokens=8, device="cpu")
+    budget = _offload_budget(cfg) if "offload" in over.values() else None
+    cfg.update({k: budget if v == "offload" else v for k, v in over.items()})
+    args = [str(budget) if a == "offload" else a for a in args]
+    cfg_path = tmp_path / "c.json"
+    cfg_path.write_text(json.dumps(cfg))
+
+    assert main([str(cfg_path), *args]) == dry_exit
+    out, err = capsys.readouterr()
+    res = run_rank(["--config", str(cfg_path)], rank_env(0, 1, free_port()), timeout=120)
+    assert res.returncode == run_exit, res.stderr[-2000:]
+    dry_lines = [x for x in err.splitlines() if x.startswith("error:")]
+    run_lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    if line is None:
+        assert not dry_lines and not run_lines, (err, res.stderr[-2000:])
+        if "max_cpu_memory" in over:  # the placement the dry run shows is the one the run records
+            with open(cfg["output_path"]) as f:
+                plan = json.loads(f.readline())["plan"]["ranks"][0]
+            o = plan["offload"]
+            assert o["device"]["layers"] and o["host"]["layers"] and plan["fits"], plan
+            assert f"rank 0 offloads: device {_spans(o['device']['layers'])} " in out, out
+            assert f", host {_spans(o['host']['layers'])} " in out, out
+    else:
+        assert len(dry_lines) == 1 and dry_lines == run_lines and line in run_lines[0], (err, res.stderr[-2000:])

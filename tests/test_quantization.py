@@ -104,7 +104,7 @@ def test_prequantized_ranks_read_only_their_own_tensors(prequantized, monkeypatc
     plan = plan_for_run(cfg, mc, 8, "float32", "cpu")
     read = []
     real = weights.read_tensor
-    monkeypatch.setattr(weights, "read_tensor", lambda file, key, *a: read.append(key) or real(file, key, *a))
+    monkeypatch.setattr(weights, "read_tensor", lambda t, key, *a: read.append(key) or real(t, key, *a))
     per_rank = []
     for rank in range(2):
         read.clear()

@@ -52,12 +52,12 @@ def from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Fam
         module = model.get_submodule(module_name)
         if name in quantized and q.source == "checkpoint":
             names = [key, *stats.get(key, ())]
-            stored = {k[len(module_name) + 1:]: read_tensor(plan.tensors[k].file, k, device) for k in names}
+            stored = {k[len(module_name) + 1:]: read_tensor(plan.tensors[k], k, device) for k in names}
             value = stored_weight(module, stored, device)
         elif name in quantized:
-            value = quantize_weight(module, read_tensor(plan.tensors[key].file, key, device, dtype), device)
+            value = quantize_weight(module, read_tensor(plan.tensors[key], key, device, dtype), device)
         else:
-            value = nn.Parameter(read_tensor(plan.tensors[key].file, key, device, dtype), requires_grad=False)
+            value = nn.Parameter(read_tensor(plan.tensors[key], key, device, dtype), requires_grad=False)
         setattr(module, attr, value)
     if tied:
         head = next(getattr(model, n) for n in family.heads if hasattr(model, n))
@@ -65,13 +65,56 @@ def from_safetensors(plan, dmap: dict[str, str], local: str, config, family: Fam
     return model
 
 
-def read_tensor(file: str, key: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One tensor on `device` (in `dtype`, if given), a copy: the file's mapped pages go when it closes."""
-    from safetensors import safe_open
+# safetensors' dtype names (checkpoint.read_headers admits these) as torch dtypes
+_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# A tensor converted as it is read, or read for a GPU, passes through a host buffer this size: too
+# small to count beside a stage (the plan leaves it out), big enough that reads cost no more.
+READ_CHUNK_BYTES = 4 * 2**20
 
-    with safe_open(file, framework="pt") as f:
-        stored = f.get_tensor(key)
-        return stored.to(device=device, dtype=dtype or stored.dtype, copy=True)
+
+def read_tensor(t, key: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Stored tensor `key` (t: its checkpoint.Tensor) on `device`, in `dtype` if given, read from the
+    file with plain reads: on CPU in its stored dtype straight into its own memory; converted, or for
+    a GPU, READ_CHUNK_BYTES at a time through a host buffer. Not safetensors' reader: it maps the
+    file, and the tensor's mapped pages count in the process's resident set beside the copy until
+    the tensor is dropped, so a load peaked at the stage plus its largest tensor (a 128k x 4096
+    head in bfloat16: 1 GiB more)."""
+    stored = _STORED[t.dtype]
+    out = torch.empty(t.shape, dtype=dtype or stored, device=device)
+    flat = out.view(-1)
+    try:
+        fd = os.open(t.file, os.O_RDONLY)
+    except OSError as e:
+        raise LoadError(f"cannot open {t.file} to read {key} ({e.strerror}): keep the checkpoint where the plan "
+                        f"read its headers") from None
+    try:
+        if out.dtype == stored and device.type == "cpu":
+            _pread(fd, flat, t.offset, t.file, key)
+            return out
+        step = max(1, READ_CHUNK_BYTES // stored.itemsize)  # elements per read
+        buf = torch.empty(min(step, flat.numel()), dtype=stored)
+        for i in range(0, flat.numel(), step):
+            part = buf[:min(step, flat.numel() - i)]
+            _pread(fd, part, t.offset + i * stored.itemsize, t.file, key)
+            flat[i:i + part.numel()].copy_(part)  # converted (and moved) into place
+    finally:
+        os.close(fd)
+    return out
+
+
+def _pread(fd: int, out: torch.Tensor, offset: int, file: str, key: str) -> None:
+    """Fill the contiguous CPU tensor `out` with the file's bytes from `offset` on."""
+    if out.numel() == 0:
+        return
+    view, done = memoryview(out.view(torch.uint8).numpy()).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise LoadError(f"{file} ended {len(view) - done} bytes early while reading {key}: the checkpoint changed "
+                            f"after the plan read its headers; copy it again and rerun")
+        done += got
 
 
 def from_pretrained(model_path: str, dmap: dict[str, str], dtype: torch.dtype, offload_folder: str,

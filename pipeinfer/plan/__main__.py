@@ -61,8 +61,8 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
         if budgets is None or "cannot hold" not in str(e):
             raise
         # the same numbers without the budget check, to show which rank is over and by how much
-        plan = make_plan(dataclasses.replace(cfg, max_cpu_memory=None), model_config, tensors, prompt_tokens, dtype, device_type,
-                         None, model=m)
+        plan = make_plan(dataclasses.replace(cfg, max_memory=None, max_cpu_memory=None), model_config, tensors,
+                         prompt_tokens, dtype, device_type, None, model=m)
         rec = plan.record()
         for r, b in zip(rec["ranks"], budgets):
             r["budget"], r["fits"] = b, r["total"] <= b
@@ -105,6 +105,11 @@ def format_table(out: dict) -> str:
                 + f"; stream buffers {o['stream_buffers'] / mib:.1f} MiB (counted in total)"
                 + (f", pinned staging {o['staging'] / mib:.1f} MiB" if o["staging"] else "")
                 + (f", dtype-conversion buffer {o['scratch'] / mib:.1f} MiB (host)" if o.get("scratch") else ""))
+    for r in out["ranks"]:
+        if r.get("scoring"):  # the last stage with prompt_logprobs
+            lines.append(f"rank {r['rank']} scores the prompts (prompt_logprobs): {r['scoring'] / mib:.1f} MiB at its "
+                         f"peak, a chunk of float32 logits and their log-softmax; its transient is the larger of "
+                         f"this and the layers' activations, + the last position's logits")
     if out["budgets"] is None:
         lines.append("no budget: pass --device-memory 16GiB (or set max_memory) to check the fit")
     else:

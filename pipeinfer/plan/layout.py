@@ -32,6 +32,7 @@ class RankPlan:
     layer_bytes: tuple[int, ...] = ()  # each of the stage's layers' weights, in stage order
     placement: tuple[str, ...] = ()    # each layer's: "device" (resident), "host" or "disk" (streamed)
     stream: int = 0                    # device bytes of the buffers streamed layers arrive in
+    scoring: int = 0                   # prompt_logprobs: scoring's peak bytes (transient holds the larger)
     staging: int = 0                   # pinned host bytes disk reads pass through on CUDA
     scratch: int = 0                   # host bytes a tensor stored in another dtype is read into, then converted
     cpu_budget: int | None = None      # max_cpu_memory: host bytes for offloaded layers (+ staging)
@@ -53,8 +54,8 @@ class RankPlan:
 
     def record(self) -> dict:
         rec = {"rank": self.rank, "layers": [self.layers.start, self.layers.stop - 1], "weights": self.weights,
-               "kv_cache": self.kv_cache, "transient": self.transient, "reserve": self.reserve, "total": self.total,
-               "budget": self.budget, "fits": self.fits}
+               "kv_cache": self.kv_cache, "transient": self.transient, "scoring": self.scoring,
+               "reserve": self.reserve, "total": self.total, "budget": self.budget, "fits": self.fits}
         if self.offloaded:
             rec["offload"] = {"stream_buffers": self.stream, "staging": self.staging, "scratch": self.scratch,
                               "cpu_budget": self.cpu_budget,
@@ -157,9 +158,33 @@ def stage_costs(m: ModelShape, sizes: Sizes, kv_per_layer: int) -> StageCosts:
     return StageCosts(layers, first, last)
 
 
+def score_chunk(cfg) -> int:
+    """Prompt positions whose logits the last stage holds at once while scoring; 0: no scoring."""
+    return cfg.prompt_logprobs_chunk if cfg.prompt_logprobs else 0
+
+
+def scoring_bytes(m: ModelShape, b: int, t: int, itemsize: int, chunk: int) -> int:
+    """What scoring.prompt_logprobs holds at its peak for a (b, t) prefill: the (b, t, H) final hidden
+    states, the (b, t - 1) float64 result, and one chunk's (b, c, V) logits, 8 bytes each at the peak
+    (float32 and their float32 log-softmax; a 16-bit head's output is gone by then)."""
+    if not chunk or t < 2:
+        return 0
+    return b * t * m.hidden * itemsize + b * (t - 1) * 8 + b * min(chunk, t - 1) * m.vocab * 8
+
+
+def transient_bytes(m: ModelShape, b: int, t: int, itemsize: int, last: bool, chunk: int) -> int:
+    """The largest transient of a stage (see make.py's docstring) for a (b, t) prefill."""
+    layer = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
+    if not last:
+        return layer
+    # scoring runs after the layers, whose activations are gone by then: the larger of the two
+    return max(layer, scoring_bytes(m, b, t, itemsize, chunk)) + b * m.vocab * (itemsize + 4)  # + (B, V) logits
+
+
 def layout(m: ModelShape, size: int, layer_split, sizes: Sizes, slots: list[int], longest: int, capacity: int,
-            budgets: list[int] | None, reserve: int, local: str) -> tuple[list[range], list[RankPlan]]:
-    """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split."""
+            budgets: list[int] | None, reserve: int, local: str, chunk: int = 0) -> tuple[list[range], list[RankPlan]]:
+    """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split.
+    chunk: score_chunk(cfg)."""
     itemsize = sizes.itemsize
     kv_per_layer = 2 * sum(slots) * m.kv_width * capacity * itemsize  # keys + values
     costs = stage_costs(m, sizes, kv_per_layer)
@@ -168,9 +193,7 @@ def layout(m: ModelShape, size: int, layer_split, sizes: Sizes, slots: list[int]
     elif layer_split == "auto":
         # stage_bytes minus what every stage holds anyway, so that budgets compare like with like
         b, t = max(slots), longest
-        act = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
-        extra = [act + reserve] * size
-        extra[-1] += b * m.vocab * (itemsize + 4)
+        extra = [transient_bytes(m, b, t, itemsize, r == size - 1, chunk) + reserve for r in range(size)]
         room = None if budgets is None else [max(0, bud - e) for bud, e in zip(budgets, extra)]
         try:
             ranges = balance_bytes(costs, size, room)
@@ -182,10 +205,9 @@ def layout(m: ModelShape, size: int, layer_split, sizes: Sizes, slots: list[int]
     per_layer = [c - kv_per_layer for c in costs.layers]  # each layer's weights alone
     for r, (rng, dmap) in enumerate(zip(ranges, maps)):
         weights = sum(sizes.of(n, s) for n, s in m.params.items() if placement(dmap, n) == local)
-        transient = b * t * (4 * m.hidden + 3 * m.intermediate) * itemsize + b * t * t
-        if r == size - 1:
-            transient += b * m.vocab * (itemsize + 4)  # (B, V) logits in the run's dtype, then float32
-        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient, reserve,
-                              None if budgets is None else budgets[r], dmap, tuple(per_layer[i] for i in rng),
-                              ("device",) * len(rng)))
+        last = r == size - 1
+        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient_bytes(m, b, t, itemsize, last, chunk),
+                              reserve, None if budgets is None else budgets[r], dmap,
+                              tuple(per_layer[i] for i in rng), ("device",) * len(rng),
+                              scoring=scoring_bytes(m, b, t, itemsize, chunk) if last else 0))
     return ranges, ranks

@@ -18,9 +18,13 @@ What each number counts (bytes, in the run's dtype):
              max_new_tokens (generation.py sizes each slot's cache so), per layer of the stage
   transient  the prefill of the largest micro-batch: (B, T) x (4 hidden + 3 intermediate) activations
              live at once in a decoder layer, plus the (B, T, T) mask; on the last stage also the
-             (B, V) logits in the run's dtype and in float32
+             (B, V) logits in the run's dtype and in float32, and with prompt_logprobs the larger of
+             the layers' and scoring's (scoring.py, after the layers: the (B, T, H) final hidden
+             states, the (B, T - 1) float64 log-probabilities and one chunk's (B, c, V) float32 logits
+             with their log-softmax, c = min(prompt_logprobs_chunk, T - 1); RankPlan.scoring)
   reserve    what the runtime holds before any weight: on CUDA the context (CUDA_CONTEXT_BYTES, a
-             stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py)
+             stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py;
+             --check-runner: a real rank's peak is this plan plus that runtime, within 3%)
   stream     offload only: the device buffers streamed layers arrive in (two of the largest, so that
              the next layer's weights move while one computes; one when a single layer streams)
   scratch    offload only, in max_cpu_memory: the host buffer a streamed tensor stored in another
@@ -39,7 +43,7 @@ from __future__ import annotations
 from pipeinfer.config import ConfigError, ExpConfig, check_model, human_bytes, micro_batching, per_rank
 from pipeinfer.plan.checkpoint import Tensor, check_checkpoint, checkpoint_keys, read_headers
 from pipeinfer.plan.fit import largest_batch, smallest_pipeline
-from pipeinfer.plan.layout import CUDA_CONTEXT_BYTES, ITEMSIZE, Plan, Sizes, layout
+from pipeinfer.plan.layout import CUDA_CONTEXT_BYTES, ITEMSIZE, Plan, Sizes, layout, score_chunk
 from pipeinfer.plan.model import ModelShape, model_shape
 from pipeinfer.plan.offload import offload_ranks
 from pipeinfer.plan.partition import check_complete
@@ -72,7 +76,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
     local = "cpu" if device_type == "cpu" else device_type
     try:
         ranges, ranks = layout(m, size, cfg.layer_split, sizes, slots, longest_prompt, capacity, budgets,
-                                reserve, local)
+                               reserve, local, score_chunk(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

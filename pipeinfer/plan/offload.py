@@ -15,15 +15,12 @@ from pipeinfer.plan.layout import RankPlan
 _STORED = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int] | None, q, tensors,
+def offload_ranks(cfg: ExpConfig, ranks: list[RankPlan], budgets: list[int], q, tensors,
                   device_type: str, keys: dict[str, str] | None, dtype: str, prefix: str) -> list[RankPlan]:
     """Each rank over its device budget with its layers placed in host memory and on disk (see
     make.py's docstring); ConfigError when even every layer streamed leaves too little room.
     keys: parameter name -> checkpoint tensor name; dtype: the run's; prefix: the layers' names
     ("model.layers."): which layers' tensors the streamer converts as it reads them."""
-    if budgets is None:
-        raise ConfigError("max_cpu_memory offloads the layers that max_memory cannot hold, but max_memory is not "
-                          "set: set max_memory (the device budget per rank) too")
     if q is not None:
         raise ConfigError(f"quantization={q.method!r} with max_cpu_memory: quantized layers cannot be offloaded "
                           f"yet; quantize (a 4-bit stage is a quarter of 16-bit) or offload, not both")

@@ -35,7 +35,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def cpu_peak_rss_bytes() -> int:
-    """The process's peak resident set size, loading included (the kernel keeps no resettable peak)."""
+    """The process's peak resident set size, loading included: VmHWM, its own memory's high-water
+    mark. Not ru_maxrss where /proc has it: Linux carries that over exec from the process that
+    started this one, so a rank launched by a process holding 500 MiB reported at least 500 MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -179,12 +188,11 @@ def logprob_entries(ids: list[int], rows: list, decode) -> list[dict]:
     return out
 
 
-def summary_record(prompts: list[dict], wall_s: float, total_prompts: int, interrupted: bool) -> dict:
-    """This attempt's prompts; total_prompts counts those of earlier attempts in the file too."""
-    new_tokens = sum(p["new_tokens"] for p in prompts)
+def summary_record(prompts: int, new_tokens: int, wall_s: float, total_prompts: int, interrupted: bool) -> dict:
+    """This attempt's prompts and their new tokens; total_prompts counts those of earlier attempts in the file too."""
     return {
         "type": "summary",
-        "prompts": len(prompts),
+        "prompts": prompts,
         "prompts_total": total_prompts,
         "interrupted": interrupted,
         "new_tokens": new_tokens,

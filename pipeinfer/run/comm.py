@@ -21,7 +21,12 @@ micro-batch. A gloo send completes only once the peer has posted the matching re
 must never block on its own send while the peer may be blocked on one of its own: that is a
 deadlock as soon as two micro-batches are in flight. Sends are therefore only reaped when already
 complete, and waited for at drain_sends(), when every frame has been received. The schedule bounds
-what can be outstanding (one frame or token message per micro-batch in flight).
+what can be outstanding: a slot is visited again only once its previous visit's tokens are back,
+so every send of that visit has been received; what a rank sends in one round of its slots (a
+frame, a STOP frame and a header of two sends per slot, a round's header; tokens and their floats
+from the last stage) is below max_pending (pending_bound(), set by either schedule), and past it
+the oldest send has been received, and is reaped. Not only by is_completed(): a gloo send reports it
+only once waited for, so every frame a rank sent stayed in memory until the end of the run.
 Every wait is bounded by timeout_s. Over gloo a peer that died closes its connections and the
 wait fails at once; a stuck peer (or, over NCCL, a dead one too) fails it after timeout_s. Either
 way a PeerFailure names the peer and what this rank was doing.
@@ -83,6 +88,7 @@ class Comm(Rank):
     bytes_sent: int = 0
     links_warmed_at: float | None = None  # wall clock when warm_up_links() finished
     _pending: deque = field(default_factory=deque)  # (work, tensor kept alive, what, peer)
+    max_pending: int = 0  # sends outstanding at most, by the schedule (0: no bound); see the module docstring
 
     def __post_init__(self):
         if self.wire is None:
@@ -183,7 +189,7 @@ class Comm(Rank):
             tensor = tensor.to(wire).contiguous()  # a GPU -> host copy waits for the tensor
             work = _post(dist.isend, tensor, dst, group, f"{doing} to rank {dst}")
             self._pending.append((work, tensor, f"{doing} to rank {dst}", dst))
-            while self._pending and self._pending[0][0].is_completed():
+            while self._pending and (self._pending[0][0].is_completed() or 0 < self.max_pending < len(self._pending)):
                 self._wait_oldest()  # completed: returns at once, or raises the send's error
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
@@ -251,6 +257,13 @@ class Comm(Rank):
 
 
 @contextmanager
+def pending_bound(slots: int) -> int:
+    """Comm.max_pending for a schedule of `slots` slots: above the sends one round leaves outstanding
+    (at most 4 per slot and 2 per round on any rank, see the module docstring), with room to spare;
+    it only has to be finite to keep a rank's memory flat."""
+    return 8 * slots + 8
+
+
 def _collective(doing: str, timeout_s: float):
     """A collective on the default group: its failure (a rank gone, or one that did not join within
     timeout_s) becomes a one-line PeerFailure instead of gloo's RuntimeError."""

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeinfer.run.comm import ABORT, STOP, Comm
+from pipeinfer.run.comm import ABORT, STOP, Comm, pending_bound
 from pipeinfer.run.prompts import Batch, MicroBatches
 from pipeinfer.run.sampling import (NonFiniteLogits, SamplingParams, check_finite, checkpoint_processors,  # noqa: F401
                                     filter_rows, prompt_generator, row_settings, sample)
@@ -123,6 +123,7 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
     first stage."""
     dev = comm.device
     run_t0 = time.perf_counter()
+    comm.max_pending = pending_bound(len(work.sizes))  # sends past it have been received: reaped
 
     def start(batch: Batch) -> _Slot:
         mask = batch.attention_mask.to(dev)

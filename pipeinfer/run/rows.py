@@ -37,7 +37,7 @@ import torch
 
 from pipeinfer.load.kvcache import drop_left, grow_left, splice_rows
 from pipeinfer.load.stage import Stage
-from pipeinfer.run.comm import Comm, PipelineProtocolError
+from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
 from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
 from pipeinfer.run.prompts import Batch, Limits, Prompt
 from pipeinfer.run.sampling import check_finite, checkpoint_processors, prompt_generator, row_settings, sample
@@ -98,6 +98,7 @@ class RowSchedule:
         self.rows_computed = 0     # positions run through this stage (decode rows + prompt positions)
         self.max_in_flight = 0
         self.run_t0 = time.perf_counter()
+        comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
 
     # -- first stage ------------------------------------------------------------------------------
 
