@@ -62,6 +62,26 @@ def test_rows_match_generate(tiny_llama, reference, tmp_path, pipeline_size, bat
     assert all(s["rows_computed"] >= sum(p["prompt_tokens"] + p["new_tokens"] - 1 for p in prompts) for s in stages)
 
 
+@pytest.mark.parametrize("pipeline_size", [1, 2])
+def test_a_slots_cache_stays_within_the_planned_capacity(tiny_llama, tmp_path, pipeline_size):
+    """One row per slot: a prompt that ends early, then one that runs its whole max_new_tokens in
+    the same row. The slot's positions never pass the plan's capacity (longest prompt +
+    max_new_tokens): what no live row attends to is dropped first, where growing would double the
+    planned KV cache. The tokens still equal generate()'s."""
+    texts, new = ["Hi", "x", "ab"], [6, 40, 40]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(texts, new)))
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=str(path), max_new_tokens=40,
+                      pipeline_size=pipeline_size, batch_size=pipeline_size, schedule="rows")
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == [reference_outputs(tiny_llama, [p], n)[0] for p, n in zip(texts, new)]
+    capacity = next(r for r in records if r["type"] == "run")["plan"]["capacity"]
+    stages = [r for r in records if r["type"] == "stage"]
+    assert all(0 < s["kv_positions_max"] <= capacity for s in stages), ([s["kv_positions_max"] for s in stages],
+                                                                        capacity)
+
+
 def test_rows_waste_fewer_rows_than_micro_batches(tiny_llama, tmp_path):
     """The same long-tailed workload: the rows schedule computes fewer positions per useful token."""
     out = {}

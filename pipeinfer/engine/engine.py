@@ -65,6 +65,7 @@ class Engine:
         self._queue: deque = deque()          # first rank: indices not yet taken
         self._wake = threading.Condition()
         self.rows_computed = 0                # positions run through this stage (rows schedule)
+        self.kv_positions_max = 0             # the most positions a slot's KV cache held (rows schedule)
         cfg = inputs.cfg
         self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
         if cfg.schedule == "rows" and not self.rows:
@@ -246,6 +247,7 @@ class Engine:
         finally:
             self.max_in_flight = max(self.max_in_flight, sched.max_in_flight)
             self.rows_computed += sched.rows_computed
+            self.kv_positions_max = max(self.kv_positions_max, sched.kv_positions_max)
 
     def _make(self, indices: list[int]) -> Batch:
         return make_batch(self.prompts, indices, self.inputs.tokenizer.pad_token_id)

@@ -256,7 +256,6 @@ class Comm(Rank):
         return out
 
 
-@contextmanager
 def pending_bound(slots: int) -> int:
     """Comm.max_pending for a schedule of `slots` slots: above the sends one round leaves outstanding
     (at most 4 per slot and 2 per round on any rank, see the module docstring), with room to spare;
@@ -264,6 +263,7 @@ def pending_bound(slots: int) -> int:
     return 8 * slots + 8
 
 
+@contextmanager
 def _collective(doing: str, timeout_s: float):
     """A collective on the default group: its failure (a rank gone, or one that did not join within
     timeout_s) becomes a one-line PeerFailure instead of gloo's RuntimeError."""

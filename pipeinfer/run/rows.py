@@ -91,11 +91,13 @@ class RowSchedule:
     def __init__(self, stage: Stage, comm: Comm, sizes: list[int], gp: GenParams, hidden_size: int,
                  dtype: torch.dtype, capacity: int, pad_id: int):
         self.stage, self.comm, self.gp, self.H, self.dtype, self.pad = stage, comm, gp, hidden_size, dtype, pad_id
+        self.capacity = capacity  # the plan's KV positions per slot
         dev = comm.device
         self.slots = [_Slot(n, stage.new_cache(capacity=capacity), torch.zeros(n, 0, dtype=torch.long, device=dev),
                             [0] * n, [None] * n, [None] * n, [None] * n) for n in sizes]
         self.eos = torch.tensor(gp.eos_ids, dtype=torch.long, device=dev)
         self.rows_computed = 0     # positions run through this stage (decode rows + prompt positions)
+        self.kv_positions_max = 0  # the most positions a slot's KV cache held (the plan's capacity bounds it)
         self.max_in_flight = 0
         self.run_t0 = time.perf_counter()
         comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
@@ -147,7 +149,10 @@ class RowSchedule:
 
     def _header(self, k: int, s: _Slot, decode: list[int], joins: list) -> dict:
         first = min((int(s.mask[r].nonzero()[0]) for r in decode if s.mask[r].any()), default=s.length)
-        drop = first if first >= COMPACT else 0
+        # Drop what no live row attends to once there is enough of it, and always before the slot's cache
+        # would outgrow the plan's capacity (a row spans at most prompt + max_new_tokens - 1 positions
+        # before its last decode, so there is then something to drop; growing would double the cache).
+        drop = first if first >= COMPACT or s.length + 1 > self.capacity else 0
         return {"kind": "visit", "slot": k, "L": s.length, "drop": drop, "decode": decode,
                 "pos": [s.pos[r] for r in decode],
                 "join": [{"row": r, "index": i, "ids": p.ids, "stops": [list(p.stops.strings), list(p.stops.token_ids)],
@@ -265,6 +270,7 @@ class RowSchedule:
                 for r in head["decode"]:
                     s.pos[r] += 1
                 self.rows_computed += s.size
+                self.kv_positions_max = max(self.kv_positions_max, s.length)
                 if comm.is_last:
                     dec_logits = out
                 else:
@@ -294,6 +300,7 @@ class RowSchedule:
                     if comm.is_last:
                         s.tails[r] = self._tail(j)
                 self.rows_computed += len(joins) * T
+                self.kv_positions_max = max(self.kv_positions_max, s.length)
                 self.max_in_flight = max(self.max_in_flight,
                                          sum(r is not None for t in self.slots for r in t.rows))
                 if comm.is_last:
