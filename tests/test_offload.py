@@ -364,8 +364,8 @@ import os, runpy, sys, threading, time
 import pipeinfer.load.stage as stage
 when, armed = %r, threading.Event()
 real_preadv, real_warm_up = os.preadv, stage.Stage.warm_up
-def preadv(*args):  # only the streamer reads with preadv
-    if when == "load" or armed.is_set():
+def preadv(*args):  # the streamer's reader thread; resident weights are read on the main thread
+    if threading.current_thread() is not threading.main_thread() and (when == "load" or armed.is_set()):
         print(f"read hangs at {time.time()!r}", file=sys.stderr, flush=True)
         threading.Event().wait()  # a read that never returns, as on a stuck network filesystem
     return real_preadv(*args)

@@ -63,30 +63,30 @@ def test_planned_weights_are_the_loaded_parameter_bytes(models, model_type, dtyp
 
 
 def test_tensors_read_in_chunks_are_the_stored_ones(models, monkeypatch, tmp_path):
-    """stage._read (plain reads at the header's offsets, converted a chunk at a time) gives what
+    """weights.read_tensor (plain reads at the header's offsets, converted a chunk at a time) gives what
     safetensors' own loader gives, in every dtype; a file cut short after planning is a LoadError."""
     import shutil
 
     from safetensors.torch import load_file
 
-    from pipeinfer.load import stage
+    from pipeinfer.load import weights
     from pipeinfer.plan.checkpoint import read_headers
 
-    monkeypatch.setattr(stage, "READ_CHUNK_BYTES", 1000)  # every tensor over several chunks
+    monkeypatch.setattr(weights, "READ_CHUNK_BYTES", 1000)  # every tensor over several chunks
     path = models["gpt2"]
     ref = load_file(os.path.join(path, "model.safetensors"))
     for key, t in read_headers(path).items():
         for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
-            got = stage._read(t, key, torch.device("cpu"), dtype)
+            got = weights.read_tensor(t, key, torch.device("cpu"), dtype)
             assert got.dtype == (dtype or ref[key].dtype) and torch.equal(got, ref[key].to(got.dtype)), key
     cut = str(tmp_path / "cut")
     shutil.copytree(path, cut)
     tensors = read_headers(cut)
     key = max(tensors, key=lambda k: tensors[k].offset)
     os.truncate(os.path.join(cut, "model.safetensors"), tensors[key].offset + 10)
-    with pytest.raises(stage.LoadError, match=rf"model.safetensors ended \d+ bytes early while reading {key}: the "
+    with pytest.raises(weights.LoadError, match=rf"model.safetensors ended \d+ bytes early while reading {key}: the "
                                               r"checkpoint changed after the plan read its headers"):
-        stage._read(tensors[key], key, torch.device("cpu"))
+        weights.read_tensor(tensors[key], key, torch.device("cpu"))
 
 
 def test_kv_cache_plan_is_what_the_cache_allocates(models):
