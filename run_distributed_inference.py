@@ -26,9 +26,10 @@ from pipeinfer.record.results import ResultsError, check_previous, prompt_hash, 
 from pipeinfer.record.timeline import Timeline
 from pipeinfer.run import procgroup
 from pipeinfer.run.comm import PeerFailure
-from pipeinfer.run.generation import Aborted, NonFiniteLogits
+from pipeinfer.run.generation import Aborted
 from pipeinfer.run.inputs import read_inputs
 from pipeinfer.run.runtime import EXIT_REQUEUE, StopRequest, progress_bar, steady_host_memory
+from pipeinfer.run.sampling import NonFiniteLogits
 
 log = logging.getLogger("pipeinfer")
 

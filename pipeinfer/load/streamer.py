@@ -45,6 +45,7 @@ from torch import nn
 
 from pipeinfer.config import ExpConfig
 from pipeinfer.load import LoadError
+from pipeinfer.load.weights import pread_into
 
 log = logging.getLogger(__name__)
 
@@ -386,15 +387,12 @@ class Streamer:
 
     def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
         fd = self._fd(file)
-        view, done = memoryview(out.numpy()).cast("B"), 0
         self.reading = file
         try:
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got == 0:
-                    raise OffloadError(f"{file} ended {len(view) - done} bytes early while streaming an offloaded "
-                                       f"layer: the checkpoint changed during the run; copy it again and rerun")
-                done += got
+            missing = pread_into(fd, out, offset)
         finally:
             self.reading = None
+        if missing:
+            raise OffloadError(f"{file} ended {missing} bytes early while streaming an offloaded layer: the "
+                               f"checkpoint changed during the run; copy it again and rerun")
 

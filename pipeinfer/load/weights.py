@@ -105,16 +105,22 @@ def read_tensor(t, key: str, device: torch.device, dtype: torch.dtype | None = N
 
 
 def _pread(fd: int, out: torch.Tensor, offset: int, file: str, key: str) -> None:
-    """Fill the contiguous CPU tensor `out` with the file's bytes from `offset` on."""
-    if out.numel() == 0:
-        return
+    missing = pread_into(fd, out, offset)
+    if missing:
+        raise LoadError(f"{file} ended {missing} bytes early while reading {key}: the checkpoint changed after the "
+                        f"plan read its headers; copy it again and rerun")
+
+
+def pread_into(fd: int, out: torch.Tensor, offset: int) -> int:
+    """Fill the contiguous CPU tensor `out` with the file's bytes from `offset` on, with plain reads
+    (no mapping); returns how many bytes the file ended short of that (0: all read)."""
     view, done = memoryview(out.view(torch.uint8).numpy()).cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
-            raise LoadError(f"{file} ended {len(view) - done} bytes early while reading {key}: the checkpoint changed "
-                            f"after the plan read its headers; copy it again and rerun")
+            break
         done += got
+    return len(view) - done
 
 
 def from_pretrained(model_path: str, dmap: dict[str, str], dtype: torch.dtype, offload_folder: str,

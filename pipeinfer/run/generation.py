@@ -25,7 +25,7 @@ import torch
 
 from pipeinfer.run.comm import ABORT, STOP, Comm, pending_bound
 from pipeinfer.run.prompts import Batch, MicroBatches
-from pipeinfer.run.sampling import (NonFiniteLogits, SamplingParams, check_finite, checkpoint_processors,  # noqa: F401
+from pipeinfer.run.sampling import (SamplingParams, check_finite, checkpoint_processors,
                                     filter_rows, prompt_generator, row_settings, sample)
 from pipeinfer.run.scoring import prompt_logprobs
 from pipeinfer.load.stage import Stage
