@@ -1,6 +1,7 @@
 """Row-level refill against whole-micro-batch refill, on long-tailed per-prompt lengths.
 
     python bench/continuous.py [--smoke] [--json results/continuous.json] [--device cuda]
+                               [--pipeline-sizes 2] [--batch-sizes 8,32]
 
 Two workloads with the same prompts and the same total of new tokens (ignore_eos, so every prompt
 makes exactly its max_new_tokens):
@@ -95,11 +96,17 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pipeline-sizes", default=None, help="comma-separated (default 1,2)")
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,32; smoke 4)")
     args = ap.parse_args()
     smoke = args.smoke
     n = args.prompts or (8 if smoke else 96)
     lo, hi = (4, 16) if smoke else (4, 256)
     pps, batches = [1, 2], ([4] if smoke else [8, 32])
+    if args.pipeline_sizes:
+        pps = [int(v) for v in args.pipeline_sizes.split(",")]
+    if args.batch_sizes:
+        batches = [int(v) for v in args.batch_sizes.split(",")]
     work = args.workdir or tempfile.mkdtemp(prefix="continuous-")
     os.makedirs(work, exist_ok=True)
     model = os.path.join(work, "model")

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, MistralConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from pipeinfer.load.kvcache import PreallocatedLayer
+from pipeinfer.load.kvcache import PreallocatedLayer, add_rows, keep_rows, reserve_rows, take_rows
 from pipeinfer.plan.partition import StagePlan
 from pipeinfer.load.stage import Stage
 
@@ -84,6 +84,44 @@ def test_updates_after_dynamic_layer_methods(edit):
         ours.update(k, v)
         ref.update(k, v)
         assert _same(ours, ref), edit
+
+
+def _filled(rows: int, room: int, g: torch.Generator):
+    """A one-layer cache of `rows` rows (room for `room`) after a 4-position prefill and a decode step."""
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer(capacity=16)]
+    reserve_rows(cache, room)
+    for t in (4, 1):
+        cache.layers[0].update(*_kv(g, t, batch=rows))
+    return cache, cache.layers[0]
+
+
+def test_row_edits_keep_the_rows_and_the_buffer():
+    """The row schedule's edits (run/rows.py): rows dropped with the free ones filled from the end
+    move within the buffer; other orders copy; added rows are zeros in the spare rows; a moved
+    row's last positions land in an empty cache; and the next update appends to every row."""
+    g = torch.Generator().manual_seed(3)
+    cache, layer = _filled(4, 6, g)
+    assert layer._k.shape[0] == 6
+    buffer, before = layer._k.data_ptr(), layer.keys.clone()
+    keep_rows(cache, [0, 3, 2])  # row 1 ended: row 3 takes its place
+    k, v = _kv(g, 1, batch=3)
+    layer.update(k, v)
+    assert layer._k.data_ptr() == buffer and torch.equal(layer.keys[:, :, :5], before[[0, 3, 2]])
+    assert torch.equal(layer.keys[:, :, 5:], k)
+    add_rows(cache, 2)
+    assert layer._k.data_ptr() == buffer and layer.keys.shape[0] == 5 and not layer.keys[3:].any()
+    before = layer.keys.clone()
+    keep_rows(cache, [2, 0])  # any other order: a copy of the kept rows
+    assert torch.equal(layer.keys, before[[2, 0]])
+    dst = DynamicCache()
+    dst.layers = [PreallocatedLayer(capacity=16)]
+    take_rows(dst, cache, [1], 3)
+    assert torch.equal(dst.layers[0].keys, before[[0], :, 3:]) and torch.equal(dst.layers[0].values,
+                                                                              cache.layers[0].values[[1], :, 3:])
+    k, v = _kv(g, 1, batch=1)
+    dst.layers[0].update(k, v)
+    assert torch.equal(dst.layers[0].keys, torch.cat([before[[0], :, 3:], k], dim=2))
 
 
 def _stage(config, layers: range) -> Stage:

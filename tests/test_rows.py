@@ -135,3 +135,74 @@ def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pip
         errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
     assert "pipeline protocol error: the first stage's header says cache length" in outs[1][1]
+
+
+# Equal prompt lengths (byte tokenizer: no padding among joiners), so a stage's positions are known
+# exactly. Batch 4 at pipeline_size 2: slots of 2 rows; the short prompts of slot 1 end and the
+# queue runs dry while slot 0 still holds two long rows, one of which moves to the emptied slot.
+EVEN_TEXTS = ["abcdef", "ghijkl", "mnopqr", "stuvwx", "yz0123", "456789"]
+EVEN_NEW = [18, 15, 3, 3, 5, 2]
+
+
+def _even(tmp_path) -> str:
+    path = tmp_path / "even.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(EVEN_TEXTS, EVEN_NEW)))
+    return str(path)
+
+
+@pytest.mark.parametrize("pipeline_size", [1, 2])
+def test_only_live_rows_are_computed_and_rows_move_to_an_empty_slot(tiny_llama, tmp_path, pipeline_size):
+    """Every stage computes each prompt's own positions once and one decode row per token after
+    the first, nothing for finished or free rows; at pipeline_size 2, once the queue is dry, rows
+    of the slot still running move to the emptied one (the stage records count them). The tokens
+    equal generate()'s."""
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_even(tmp_path), max_new_tokens=18,
+                      pipeline_size=pipeline_size, batch_size=4, schedule="rows", ignore_eos=True)
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == [reference_outputs(tiny_llama, [p], n, ignore_eos=True)[0]
+                                                  for p, n in zip(EVEN_TEXTS, EVEN_NEW)]
+    assert len({p["prompt_tokens"] for p in prompts}) == 1  # no padding among joiners
+    useful = sum(p["prompt_tokens"] + p["new_tokens"] - 1 for p in prompts)
+    stages = [r for r in records if r["type"] == "stage"]
+    assert [s["rows_computed"] for s in stages] == [useful] * pipeline_size
+    assert all(0 < s["max_prompts_in_flight"] <= 4 for s in stages) and max_overlap(prompts) <= 4
+    assert [s["rows_moved"] > 0 for s in stages] == [pipeline_size > 1] * pipeline_size, stages
+
+
+MOVE_DISAGREE = textwrap.dedent('''
+    import os, runpy, sys
+    from pipeinfer.run import rows
+
+    if os.environ["RANK"] == "0":  # the first stage announces a wrong position for the first row it moves
+        real = rows.RowSchedule._header
+
+        def wrong(self, *a):
+            head = real(self, *a)
+            if head["move"]:
+                head["move"]["pos"][0] += 1
+            return head
+        rows.RowSchedule._header = wrong
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+''')
+
+
+def test_a_move_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_even(tmp_path), max_new_tokens=18,
+                      pipeline_size=2, batch_size=4, schedule="rows", ignore_eos=True, timeout_s=90)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "wrong.py").write_text(MOVE_DISAGREE)
+    port = free_port()
+    ranks = [start_rank([str(tmp_path / "wrong.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
+                        rank_env(r, 2, port)) for r in range(2)]
+    try:
+        outs = [r.communicate(timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [1, 1], [e[-1500:] for _, e in outs]
+    for _, err in outs:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
+    assert "pipeline protocol error: the first stage's header says moved rows' positions" in outs[1][1]

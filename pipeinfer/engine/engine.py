@@ -66,6 +66,7 @@ class Engine:
         self._wake = threading.Condition()
         self.rows_computed = 0                # positions run through this stage (rows schedule)
         self.kv_positions_max = 0             # the most positions a slot's KV cache held (rows schedule)
+        self.rows_moved = 0                   # rows moved to an empty slot once the queue ran dry (rows schedule)
         cfg = inputs.cfg
         self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
         if cfg.schedule == "rows" and not self.rows:
@@ -248,6 +249,7 @@ class Engine:
             self.max_in_flight = max(self.max_in_flight, sched.max_in_flight)
             self.rows_computed += sched.rows_computed
             self.kv_positions_max = max(self.kv_positions_max, sched.kv_positions_max)
+            self.rows_moved += sched.rows_moved
 
     def _make(self, indices: list[int]) -> Batch:
         return make_batch(self.prompts, indices, self.inputs.tokenizer.pad_token_id)

@@ -24,43 +24,63 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
-        self._k: torch.Tensor | None = None  # (B, heads, room, head_dim)
+        self.row_room = 0  # rows to make room for (run/rows.py: a slot's most rows); 0: the batch's own
+        self._k: torch.Tensor | None = None  # (rows, heads, room, head_dim)
         self._v: torch.Tensor | None = None
         self._view: torch.Tensor | None = None  # the `keys` the last update() handed out
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.keys is not self._view:
             self._adopt()
-        n, t = self.get_seq_length(), key_states.shape[-2]
-        if self._k is None or n + t > self._k.shape[-2]:
+        n, t, b = self.get_seq_length(), key_states.shape[-2], key_states.shape[0]
+        if self._k is None or n + t > self._k.shape[-2] or b > self._k.shape[0]:
             self._grow(n, n + t, key_states, value_states)
-        self._k[:, :, n:n + t] = key_states
-        self._v[:, :, n:n + t] = value_states
-        self.keys, self.values = self._k[:, :, :n + t], self._v[:, :, :n + t]
+        self._k[:b, :, n:n + t] = key_states
+        self._v[:b, :, n:n + t] = value_states
+        self.keys, self.values = self._k[:b, :, :n + t], self._v[:b, :, :n + t]
         self._view = self.keys
         # what DynamicLayer.lazy_initialization sets (dtype only in 4.57), kept true after a reset
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         return self.keys, self.values
 
     def _grow(self, n: int, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """A buffer with room for `needed` positions (at least capacity, or twice the old room),
-        holding the first n positions of the current keys/values."""
+        """A buffer with room for `needed` positions (at least capacity, or twice the old room) and
+        for at least row_room rows, holding the first n positions of the current keys/values."""
         room = max(needed, self.capacity, 2 * (0 if self._k is None else self._k.shape[-2]))
-        k = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[-1])
-        v = value_states.new_empty(*value_states.shape[:2], room, value_states.shape[-1])
+        rows = max(key_states.shape[0], self.row_room)
+        k = key_states.new_empty(rows, key_states.shape[1], room, key_states.shape[-1])
+        v = value_states.new_empty(rows, value_states.shape[1], room, value_states.shape[-1])
         if n:
-            k[:, :, :n], v[:, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
+            b = self.keys.shape[0]
+            k[:b, :, :n], v[:b, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
         self._k, self._v = k, v
 
     def _adopt(self) -> None:
-        """DynamicLayer's code replaced keys/values since the last update: follow them."""
+        """DynamicLayer's code (or a row helper below) replaced keys/values since the last update:
+        follow them. A view of the buffer's first rows and positions keeps the buffer."""
         keys = self.keys
         if not self.is_initialized or keys is None or keys.numel() == 0:
             self._k = self._v = None  # reset, or never filled: start over
         elif not (self._k is not None and keys.data_ptr() == self._k.data_ptr() and keys.stride() == self._k.stride()
-                  and keys.shape[:2] == self._k.shape[:2]):
+                  and keys.shape[1] == self._k.shape[1] and keys.shape[0] <= self._k.shape[0]):
             self._k = self._v = None  # not a prefix of the buffer (rows reordered, moved...): copied at _grow
             self._grow(keys.shape[-2], keys.shape[-2], keys, self.values)
+
+    def add_rows(self, n: int) -> bool:
+        """n more rows, zeroed, in the buffer's spare rows; False where there is no room (or nothing filled)."""
+        keys = self.keys
+        if not self.is_initialized or keys is None or keys.numel() == 0:
+            return False
+        b, L = keys.shape[0], keys.shape[2]
+        if keys is not self._view:
+            self._adopt()  # the buffer now holds keys
+        if b + n > self._k.shape[0]:
+            return False
+        self._k[b:b + n, :, :L] = 0  # masked positions: zeros, never the buffer's uninitialised bytes (NaN * 0)
+        self._v[b:b + n, :, :L] = 0
+        self.keys, self.values = self._k[:b + n, :, :L], self._v[:b + n, :, :L]
+        self._view = self.keys
+        return True
 
 
 # -- row-level refill (run/rows.py): a slot's cache has a fixed number of rows, each its own prompt --
@@ -106,3 +126,45 @@ def splice_rows(cache, src, rows: list[int], lengths: list[int]) -> None:
         for j, (r, n) in enumerate(zip(rows, lengths)):
             layer.keys[r, :, L - n:] = s.keys[j, :, T - n:]
             layer.values[r, :, L - n:] = s.values[j, :, T - n:]
+
+
+def reserve_rows(cache, rows: int) -> None:
+    """Room for `rows` rows in every layer's buffer (a slot's most rows), so that joining rows
+    widen a view (add_rows) instead of copying the cache."""
+    for layer in cache.layers:
+        if isinstance(layer, PreallocatedLayer):
+            layer.row_room = rows
+
+
+def add_rows(cache, n: int) -> None:
+    """n empty (zero, to be masked) rows after a filled cache's rows, at its current length."""
+    for layer in cache.layers:
+        if not (isinstance(layer, PreallocatedLayer) and layer.add_rows(n)):
+            k, v = layer.keys, layer.values
+            _set(layer, torch.cat([k, k.new_zeros(n, *k.shape[1:])]), torch.cat([v, v.new_zeros(n, *v.shape[1:])]))
+
+
+def keep_rows(cache, keep: list[int]) -> None:
+    """Row i becomes row keep[i]; the rows past len(keep) go. Where every row that changes place
+    comes from past len(keep) (free rows filled from the end), the rows move within the buffer,
+    one row each; any other order is a copy of the kept rows."""
+    m = len(keep)
+    in_place = all(r == i or r >= m for i, r in enumerate(keep))
+    idx = None if in_place else torch.tensor(keep, device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        if not in_place:
+            _set(layer, k[idx], v[idx])
+            continue
+        for i, r in enumerate(keep):
+            if r != i:
+                k[i], v[i] = k[r], v[r]
+        layer.keys, layer.values = k[:m], v[:m]  # PreallocatedLayer: a view of its buffer's first rows, kept
+
+
+def take_rows(dst, src, rows: list[int], n: int) -> None:
+    """An empty cache `dst` takes `src`'s rows `rows`, their last n positions (a row moved between slots)."""
+    idx = torch.tensor(rows, device=src.layers[0].keys.device)
+    for layer, s in zip(dst.layers, src.layers):
+        L = s.keys.shape[2]
+        _set(layer, s.keys[idx, :, L - n:], s.values[idx, :, L - n:])

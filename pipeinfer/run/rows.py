@@ -5,21 +5,25 @@ whose rows are independent prompts: row r holds its prompt's positions contiguou
 the cache's L positions, with a (R, L) attention mask that is 1 on them only, so attention sees
 only the row's own positions, and its own position ids (the family's own forward, as generate()
 runs a left-padded batch). Slots are visited round-robin as in generation.py; a visit is decided
-on the first stage and announced to every stage in a header (which rows decode at which position,
-which rows are freed, which prompts join which rows, the cache length), before its frame:
+on the first stage and announced to every stage in a header (the rows kept and moved, which rows
+decode at which position, which prompts join, the cache length), before its frame:
 
-  decode   one position for every row of the slot (rows that are not decoding are computed and
-           ignored), the new column masked in for the decoding rows only
+  reshape  the slot keeps only its live rows (finished rows go, the last rows fill their places:
+           one row copy each, kvcache.keep_rows), so a slot holds R live rows and computes R; once
+           nothing joins, half the live rows may move to an empty slot with no visit on its way
+           (kvcache.take_rows), so the last long rows keep a slot per stage in flight
+  decode   one position for every row of the slot, the new column masked in
   join     the joining prompts' prefill (left-padded among themselves, a cache of their own),
-           spliced into their rows at the end of the slot's positions (kvcache.splice_rows)
+           placed in rows after the live ones at the end of the slot's positions (kvcache.add_rows,
+           splice_rows)
 
-Both run in the same visit, so new rows' prefill interleaves with the others' decode; the frame
-carries the decode hidden states then the prefill's. The last stage samples each active row with
-its own generator and parameters, decides its stop code, and sends (R,) tokens and codes back; the
-first stage cuts each row at its own max_new_tokens or stop and hands the prompt back at once.
-Every stage checks the header against its own copy of the slot (cache length, rows, positions):
-a disagreement is a PipelineProtocolError. Only plain append-only KV layers qualify
-(kvcache.plain_rows); other families use generation.py's schedule.
+Decode and join run in the same visit, so new rows' prefill interleaves with the others' decode;
+the frame carries the decode hidden states then the prefill's. The last stage samples each active
+row with its own generator and parameters, decides its stop code, and sends (R,) tokens and codes
+back; the first stage cuts each row at its own max_new_tokens or stop and hands the prompt back at
+once. Every stage checks the header against its own copy of the slots (row counts, rows kept and
+moved, cache length, positions): a disagreement is a PipelineProtocolError. Only plain append-only
+KV layers qualify (kvcache.plain_rows); other families use generation.py's schedule.
 
 Over 300 lines: the first stage's decisions, the other stages' checks and one visit's compute
 share the slot state, and read best side by side.
@@ -35,7 +39,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeinfer.load.kvcache import drop_left, grow_left, splice_rows
+from pipeinfer.load.kvcache import add_rows, drop_left, grow_left, keep_rows, reserve_rows, splice_rows, take_rows
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
 from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
@@ -69,7 +73,7 @@ class _Row:
 
 @dataclass
 class _Slot:
-    size: int
+    cap: int                         # the most rows it holds (config.micro_batching)
     cache: object
     mask: torch.Tensor               # (R, L) 1 where a row's own positions are
     pos: list[int]                   # per row: its next position (its length so far)
@@ -77,6 +81,11 @@ class _Slot:
     firsts: list[_Row | None]        # first stage: what each row's prompt has produced
     tails: list[_Row | None]         # last stage: how each row samples
     busy: bool = False               # first stage: a visit is on its way round the pipe
+
+    @property
+    def size(self) -> int:
+        """The rows the cache holds now: the live ones after each visit's compaction, and joiners."""
+        return len(self.rows)
 
     @property
     def length(self) -> int:
@@ -93,12 +102,14 @@ class RowSchedule:
         self.stage, self.comm, self.gp, self.H, self.dtype, self.pad = stage, comm, gp, hidden_size, dtype, pad_id
         self.capacity = capacity  # the plan's KV positions per slot
         dev = comm.device
-        self.slots = [_Slot(n, stage.new_cache(capacity=capacity), torch.zeros(n, 0, dtype=torch.long, device=dev),
-                            [0] * n, [None] * n, [None] * n, [None] * n) for n in sizes]
+        self.slots = [_Slot(n, None, None, [], [], [], []) for n in sizes]
+        for s in self.slots:
+            self._clear(s)
         self.eos = torch.tensor(gp.eos_ids, dtype=torch.long, device=dev)
         self.rows_computed = 0     # positions run through this stage (decode rows + prompt positions)
         self.kv_positions_max = 0  # the most positions a slot's KV cache held (the plan's capacity bounds it)
         self.max_in_flight = 0
+        self.rows_moved = 0        # rows moved to an empty slot once the queue ran dry
         self.run_t0 = time.perf_counter()
         comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
 
@@ -119,27 +130,34 @@ class RowSchedule:
             s = self.slots[k]
             while s.busy:  # token messages come back in visit order
                 yield from self._receive(*inflight.popleft(), make)
-            joins = []
-            for r in range(s.size):
-                if s.firsts[r] is None and (got := take()) is not None:
-                    joins.append((r, *got))
-            decode = [r for r, row in enumerate(s.firsts) if row is not None]
-            if not decode and not joins:
+            live = [r for r, row in enumerate(s.firsts) if row is not None]
+            got = []
+            while len(live) + len(got) < s.cap and (one := take()) is not None:
+                got.append(one)
+            if not live and not got:
                 if not inflight and all(all(row is None for row in t.firsts) for t in self.slots):
                     self._announce({"kind": "done"})
                     self.comm.drain_sends()
                     return
                 k = (k + 1) % K
                 continue
-            head = self._header(k, s, decode, joins)
+            # The slot keeps only its live rows (the finished ones go, free rows filled from the end),
+            # and once nothing joins, half of them may move to an empty slot: both in one header.
+            move = None if got else self._move(k, s, live)
+            shape = {"n": s.size, "keep": _holes_filled([r for r in live if move is None or r not in move["rows"]]),
+                     "move": move}
+            self._reshape(s, shape)
+            decode = list(range(s.size))
+            joins = [(s.size + j, i, p) for j, (i, p) in enumerate(got)]  # joiners take rows after the live ones
+            head = self._header(k, s, decode, joins, shape)
             self._announce(head)
             for r, i, p in joins:
-                s.firsts[r] = _Row(i, len(p.ids), p.max_new_tokens(self.gp.max_new_tokens),
-                                 p.stops if (p.stops.strings or p.stops.token_ids) else None, time.perf_counter())
+                s.firsts.append(_Row(i, len(p.ids), p.max_new_tokens(self.gp.max_new_tokens),
+                                     p.stops if (p.stops.strings or p.stops.token_ids) else None, time.perf_counter()))
             self.max_in_flight = max(self.max_in_flight, sum(row is not None for t in self.slots for row in t.firsts))
             x_dec = None
             if decode:
-                last = [s.firsts[r].tokens[-1] if r in decode else self.pad for r in range(s.size)]
+                last = [s.firsts[r].tokens[-1] for r in decode]
                 x_dec = torch.tensor(last, dtype=torch.long, device=self.comm.device)[:, None]  # (R, 1)
             x_join = _left_padded([p.ids for _, _, p in joins], self.pad, self.comm.device) if joins else None
             local = self._visit(s, head, x_dec, x_join)
@@ -147,13 +165,60 @@ class RowSchedule:
             inflight.append((k, head, local))
             k = (k + 1) % K
 
-    def _header(self, k: int, s: _Slot, decode: list[int], joins: list) -> dict:
+    def _move(self, k: int, s: _Slot, live: list[int]) -> dict | None:
+        """Where the queue has run dry and another slot is empty, with no visit on its way, half of
+        this slot's live rows move there, so that the pipe keeps a slot per stage in flight instead
+        of running the last long rows in one (half the stages idle). Rows are dealt by what they
+        may still produce, longest first, alternately, so that both slots last about as long."""
+        if len(live) < 2:
+            return None
+        to = next((j for j, t in enumerate(self.slots) if j != k and not t.busy and all(f is None for f in t.firsts)),
+                  None)
+        if to is None:
+            return None
+        left = sorted(live, key=lambda r: s.firsts[r].max_new - len(s.firsts[r].tokens), reverse=True)
+        rows = sorted(left[1::2][:self.slots[to].cap])
+        return {"slot": to, "rows": rows, "n": self.slots[to].size, "pos": [s.pos[r] for r in rows]}
+
+    @torch.inference_mode()  # the caches are inference tensors: edited in place
+    def _reshape(self, s: _Slot, shape: dict) -> None:
+        """Every stage, before a visit's compute: move rows to an empty slot, then keep the live
+        rows (row i becomes row keep[i]); a slot left with no rows starts over with an empty cache."""
+        move = shape["move"]
+        if move is not None:
+            t, rows = self.slots[move["slot"]], move["rows"]
+            n = max(s.pos[r] for r in rows)  # a row's positions are the last pos[r] of the slot's
+            self._clear(t)
+            take_rows(t.cache, s.cache, rows, n)
+            t.mask = s.mask[rows, s.length - n:]
+            for name in ("pos", "rows", "firsts", "tails"):
+                setattr(t, name, [getattr(s, name)[r] for r in rows])
+            self.rows_moved += len(rows)
+        keep = shape["keep"]
+        if keep == list(range(s.size)):
+            return
+        if not keep:
+            self._clear(s)
+            return
+        keep_rows(s.cache, keep)
+        s.mask = s.mask[keep]
+        for name in ("pos", "rows", "firsts", "tails"):
+            setattr(s, name, [getattr(s, name)[r] for r in keep])
+
+    def _clear(self, s: _Slot) -> None:
+        """No rows, and a fresh cache with room for the slot's most rows (its buffer is allocated at the first join)."""
+        s.cache = self.stage.new_cache(capacity=self.capacity)
+        reserve_rows(s.cache, s.cap)
+        s.mask = torch.zeros(0, 0, dtype=torch.long, device=self.comm.device)
+        s.pos, s.rows, s.firsts, s.tails = [], [], [], []
+
+    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict) -> dict:
         first = min((int(s.mask[r].nonzero()[0]) for r in decode if s.mask[r].any()), default=s.length)
         # Drop what no live row attends to once there is enough of it, and always before the slot's cache
         # would outgrow the plan's capacity (a row spans at most prompt + max_new_tokens - 1 positions
         # before its last decode, so there is then something to drop; growing would double the cache).
         drop = first if first >= COMPACT or s.length + 1 > self.capacity else 0
-        return {"kind": "visit", "slot": k, "L": s.length, "drop": drop, "decode": decode,
+        return {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode,
                 "pos": [s.pos[r] for r in decode],
                 "join": [{"row": r, "index": i, "ids": p.ids, "stops": [list(p.stops.strings), list(p.stops.token_ids)],
                           "limits": [p.limits.max_new_tokens, p.limits.temperature, p.limits.top_p, p.limits.top_k,
@@ -222,6 +287,8 @@ class RowSchedule:
                                             f"schedule expects a visit of one of its {len(self.slots)} slots (a bug: "
                                             f"report it with every rank's log)")
             s = self.slots[head["slot"]]
+            self._check_shape(s, head)
+            self._reshape(s, head)
             self._check(s, head)
             R, J = s.size, len(head["join"])
             T = max((len(j["ids"]) for j in head["join"]), default=0)
@@ -231,15 +298,42 @@ class RowSchedule:
             x_join = frame[n - J * T * self.H:].view(J, T, self.H) if J else None
             self._visit(s, head, x_dec, x_join)
 
+    def _check_shape(self, s: _Slot, head: dict) -> None:
+        """Before the rows change: the slot's row count, the rows kept and moved, and the moved rows'
+        positions and destination as this stage has them."""
+        problems, n, keep, move = [], head["n"], head["keep"], head["move"]
+        if n != s.size:
+            problems.append(f"{n} rows (this stage has {s.size})")
+        moved = move["rows"] if move else []
+        if len(set(keep + moved)) < len(keep + moved) or not set(keep + moved) <= set(range(s.size)):
+            problems.append(f"rows kept {keep} and moved {moved} (this stage has rows 0..{s.size - 1})")
+        elif move:
+            to = move["slot"]
+            if to == head["slot"] or not 0 <= to < len(self.slots):
+                problems.append(f"a move to slot {to}")
+            elif move["n"] != self.slots[to].size or len(moved) > self.slots[to].cap:
+                problems.append(f"{len(moved)} rows moved to slot {to} of {move['n']} rows (this stage's has "
+                                f"{self.slots[to].size}, at most {self.slots[to].cap})")
+            elif move["pos"] != [s.pos[r] for r in moved]:
+                problems.append(f"moved rows' positions {move['pos']} (this stage has {[s.pos[r] for r in moved]})")
+        self._protocol(head, problems)
+
     def _check(self, s: _Slot, head: dict) -> None:
-        live = [r for r, row in enumerate(s.rows) if row is not None]
-        problems = []
+        """After: the cache length, every row decoding at its position, the joiners after them."""
+        problems, rows = [], list(range(s.size))
         if head["L"] != s.length:
             problems.append(f"cache length {head['L']} (this stage has {s.length})")
-        if not set(head["decode"]) <= set(live):
-            problems.append(f"decode rows {head['decode']} (this stage's live rows are {live})")
-        elif head["pos"] != [s.pos[r] for r in head["decode"]]:
-            problems.append(f"positions {head['pos']} (this stage has {[s.pos[r] for r in head['decode']]})")
+        if head["decode"] != rows:
+            problems.append(f"decode rows {head['decode']} (this stage's rows are {rows})")
+        elif head["pos"] != s.pos:
+            problems.append(f"positions {head['pos']} (this stage has {s.pos})")
+        joined = [j["row"] for j in head["join"]]
+        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) > s.cap:
+            problems.append(f"joining rows {joined} (this stage's slot has {s.size} rows, at most {s.cap})")
+        self._protocol(head, problems)
+
+    @staticmethod
+    def _protocol(head: dict, problems: list[str]) -> None:
         if problems:
             raise PipelineProtocolError(f"slot {head['slot']}: pipeline protocol error: the first stage's header says "
                                         f"{'; '.join(problems)}: the ranks disagree on the schedule (a bug: report "
@@ -253,10 +347,6 @@ class RowSchedule:
         Returns the token message when this stage is also the first."""
         stage, comm, gp = self.stage, self.comm, self.gp
         dev = comm.device
-        live = set(head["decode"])
-        for r in range(s.size):  # rows the first stage freed since the last visit
-            if r not in live:
-                s.rows[r] = s.tails[r] = None
         if head["drop"]:
             drop_left(s.cache, head["drop"])
             s.mask = s.mask[:, head["drop"]:]
@@ -264,7 +354,7 @@ class RowSchedule:
         with comm.timeline.span("decode" if head["decode"] else "prefill"):
             if head["decode"]:
                 mask = torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=dev)], dim=1)
-                pos = torch.tensor([s.pos[r] if r in live else 0 for r in range(s.size)], device=dev)[:, None]
+                pos = torch.tensor(s.pos, device=dev)[:, None]  # every row decodes: the slot holds live rows only
                 out = stage(x_dec.to(dev), None if bool(mask.all()) else mask, pos, s.cache)  # (R, 1, H) | (R, V)
                 s.mask = mask
                 for r in head["decode"]:
@@ -287,6 +377,13 @@ class RowSchedule:
                 if scoring:
                     ids = _left_padded([j["ids"] for j in joins], self.pad, dev)
                     out, join_lp = prompt_logprobs(stage.head, out, ids, gp.prompt_chunk)
+                if s.size:  # the joiners' rows after the live ones (an empty slot's cache is made by grow_left)
+                    add_rows(s.cache, len(joins))
+                s.mask = torch.cat([s.mask, torch.zeros(len(joins), s.length, dtype=s.mask.dtype, device=dev)])
+                s.pos += [0] * len(joins)
+                s.rows += [None] * len(joins)
+                s.tails += [None] * len(joins)
+                s.firsts += [None] * (s.size - len(s.firsts))  # the first stage has its joiners' already
                 if T > s.length:
                     grow_left(s.cache, s.size, T - s.length, tmp)
                     s.mask = torch.cat([torch.zeros(s.size, T - s.length, dtype=s.mask.dtype, device=dev), s.mask], 1)
@@ -363,6 +460,14 @@ class RowSchedule:
         full_t[idx], full_c[idx] = tokens, codes
         floats = [f.reshape(-1) for f in (logprobs, join_lp) if f is not None]
         return self.comm.send_tokens(full_t, full_c, False, torch.cat(floats) if floats else None)
+
+
+def _holes_filled(live: list[int]) -> list[int]:
+    """The order that keeps `live` rows (ascending) in the first len(live) rows: a row in place
+    stays, the free rows below len(live) take the live rows from past it (one row copy each)."""
+    m = len(live)
+    late = [r for r in live if r >= m]
+    return [r if r in live else late.pop() for r in range(m)]
 
 
 def _left_padded(rows: list[list[int]], pad: int, dev) -> torch.Tensor:
