@@ -55,8 +55,9 @@ class GenParams:
 
     def floats(self, step: int, B: int, T: int) -> int:
         """Length of the float message that goes with step `step`'s tokens of a (B, T) micro-batch:
-        (B, 1 + 2k) log-probabilities, then after the prefill (B, T - 1) prompt log-probabilities."""
-        return B * self.logprob_width + (B * (T - 1) if step == 0 and self.prompt_logprobs else 0)
+        (B, 1 + 2k) log-probabilities, then after the prefill (B, 2, T - 1) prompt log-probabilities
+        and greedy flags (scoring.prompt_logprobs)."""
+        return B * self.logprob_width + (B * 2 * (T - 1) if step == 0 and self.prompt_logprobs else 0)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class BatchResult:
     finish: list[tuple] = field(default_factory=list)  # per prompt: (finish_reason, matched stop or None)
     logprobs: list | None = None  # per prompt, per new token: a (1 + 2k,) row (see GenParams.logprob_width)
     prompt_logprobs: list | None = None  # per prompt: its (T - 1,) row of scoring.prompt_logprobs
+    prompt_greedy: list | None = None    # per prompt: (T - 1,) bools, each token the argmax of its position
 
 
 class Aborted(Exception):
@@ -97,7 +99,7 @@ class _Slot:
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
     codes: list = field(default_factory=list)     # first stage: (B,) stop codes per step
     logprobs: list = field(default_factory=list)  # first stage, with logprobs: (B, 1 + 2k) per step
-    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, T - 1)
+    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, 2, T - 1)
     arrivals: list = field(default_factory=list)  # first stage: seconds since t0
     local: torch.Tensor | None = None             # pipeline_size 1: tokens sampled by this same rank
     processors: list | None = None                # last stage: per row, transformers' LogitsProcessorList
@@ -271,7 +273,7 @@ def _keep_floats(s: _Slot, floats: torch.Tensor, gp: GenParams) -> None:
     if n:
         s.logprobs.append(floats[:n].reshape(B, gp.logprob_width))
     if floats.numel() > n:  # the prefill's message: the prompt log-probabilities follow
-        s.prompt_logprobs = floats[n:].reshape(B, T - 1)
+        s.prompt_logprobs = floats[n:].reshape(B, 2, T - 1)
 
 
 def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
@@ -286,7 +288,9 @@ def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
         finished.append(finish(codes[b][n - 1] if n else 0, s.batch.stops[b] if s.batch.stops else None))
         if logprobs is not None:
             logprobs.append([step[b] for step in s.logprobs[:n]])
-    prompt_lp = None
+    prompt_lp = greedy = None
     if gp.prompt_logprobs:  # (T - 1 = 0: one-token prompts sent no values)
-        prompt_lp = s.prompt_logprobs.tolist() if s.prompt_logprobs is not None else [[] for _ in ids]
-    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp)
+        scored = s.prompt_logprobs
+        prompt_lp = scored[:, 0].tolist() if scored is not None else [[] for _ in ids]
+        greedy = scored[:, 1].bool().tolist() if scored is not None else [[] for _ in ids]
+    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp, greedy)

@@ -60,6 +60,7 @@ class _Row:
     arrivals: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     prompt_lp: list | None = None
+    prompt_greedy: list | None = None
     new: int = 0          # last stage: tokens sampled so far
     params: object = None
     gen: object = None
@@ -179,9 +180,11 @@ class RowSchedule:
                 row.logprobs.append(lp[a * w:(a + 1) * w])
         if self.gp.prompt_logprobs and head["join"]:
             T = max(len(j["ids"]) for j in head["join"])
-            rest = lp[len(active) * w:].reshape(len(head["join"]), T - 1) if T > 1 else None
+            rest = lp[len(active) * w:].reshape(len(head["join"]), 2, T - 1) if T > 1 else None  # scoring.py
             for j, join in enumerate(head["join"]):
-                s.firsts[join["row"]].prompt_lp = rest[j].tolist() if rest is not None else []
+                row = s.firsts[join["row"]]
+                row.prompt_lp = rest[j, 0].tolist() if rest is not None else []
+                row.prompt_greedy = rest[j, 1].bool().tolist() if rest is not None else []
         for r in active:
             row = s.firsts[r]
             if row.codes[-1] or len(row.tokens) >= max(row.max_new, 1):
@@ -193,13 +196,14 @@ class RowSchedule:
         code = row.codes[n - 1] if n else 0
         return BatchResult([row.tokens[:n]], [row.arrivals[:n]], row.t0 - self.run_t0, [finish(code, row.stops)],
                            [[v.double() for v in row.logprobs[:n]]] if self.gp.logprobs else None,
-                           [row.prompt_lp] if self.gp.prompt_logprobs else None)
+                           [row.prompt_lp] if self.gp.prompt_logprobs else None,
+                           [row.prompt_greedy] if self.gp.prompt_logprobs else None)
 
     def _floats(self, head: dict) -> int:
         active = len(head["decode"]) + len(head["join"])
         n = active * self.gp.logprob_width
         if self.gp.prompt_logprobs and head["join"]:
-            n += len(head["join"]) * (max(len(j["ids"]) for j in head["join"]) - 1)
+            n += len(head["join"]) * 2 * (max(len(j["ids"]) for j in head["join"]) - 1)
         return n
 
     def _announce(self, head: dict) -> None:
