@@ -15,13 +15,19 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import ROOT, TINY, base_config, free_port, rank_env, start_rank
+from conftest import ROOT, base_config, free_port, rank_env, require, start_rank
+from test_pretrained import smollm2  # noqa: F401  (the real demo checkpoint, built once into models/)
 
-pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -r requirements-dev.txt")
+try:
+    import lm_eval  # noqa: F401
+    MISSING = None
+except ImportError:
+    MISSING = "lm-eval is a test dependency: pip install -r requirements-dev.txt"
 
 EVAL_MAIN = os.path.join(ROOT, "pipeinfer", "evaluate", "__main__.py")
 OFFLINE = dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -102,6 +108,7 @@ def task_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="module")
 def offline(tmp_path_factory):
+    require(MISSING)
     saved = {k: os.environ.get(k) for k in [*OFFLINE, "HF_DATASETS_CACHE"]}
     os.environ.update(OFFLINE, HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("hf-datasets")))
     yield
@@ -197,6 +204,7 @@ def assert_same(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
     for task in ("pi_mc", "pi_ppl"):
         assert len(got_s[task]) == len(want_s[task])
         for g, w in zip(got_s[task], want_s[task]):
+            assert len(_resps(g)) == len(_resps(w))
             for gr, wr in zip(_resps(g), _resps(w)):
                 if task == "pi_mc":  # (log-likelihood, is_greedy) per choice
                     assert float(gr[0]) == pytest.approx(float(wr[0]), rel=1e-4, abs=1e-4), (task, g["doc_id"])
@@ -227,3 +235,123 @@ def test_tiny_llama_equals_hf_backend(tiny_llama, task_dir, tmp_path, world):
 def test_tiny_neox_equals_hf_backend_on_micro_batches(tiny_neox, task_dir, tmp_path):
     """Another family (GPT-NeoX), on the micro_batches schedule (what sliding-window families use)."""
     assert_same(run_eval(tiny_neox, task_dir, tmp_path, 2, schedule="micro_batches"), reference(tiny_neox, task_dir))
+
+
+def test_demo_checkpoint_equals_hf_backend(smollm2, task_dir, tmp_path):  # noqa: F811
+    """The real SmolLM2-135M-Instruct, its own BPE tokenizer, at pipeline_size 2."""
+    assert_same(run_eval(smollm2, task_dir, tmp_path, 2), reference(smollm2, task_dir))
+
+
+BAD_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {kind}
+doc_to_text: "{{{{question}}}}"
+{rest}
+"""
+
+
+@pytest.mark.parametrize("name,kind,rest,needle", [
+    ("pi_empty", "loglikelihood", 'doc_to_target: ""\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc',
+     "the continuation tokenizes to nothing"),
+    ("pi_nofit", "generate_until", 'doc_to_target: "x"\ngeneration_kwargs:\n  max_gen_toks: 300\n'
+     "  do_sample: false\nmetric_list:\n  - metric: exact_match", "max_gen_toks=300"),
+])
+def test_a_request_that_cannot_run_is_one_line(tiny_llama, tmp_path, name, kind, rest, needle):
+    """An empty continuation, or a generation that leaves no room for its context (lm-eval's hf
+    backend fails an assertion on both; a multiple-choice task with an empty choice fails in the
+    harness itself, before any request): one line on the first rank, exit 2, every rank ends, and
+    no results file."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "Q"}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / f"{name}.yaml").write_text(BAD_TASK.format(name=name, data=data, kind=kind, rest=rest))
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=2)
+    got = finish(start_eval(cfg, tmp_path, 2, tasks=[name], task_dir=str(tmp_path / "tasks"),
+                            model_args=",max_gen_toks=300,max_new_tokens=8"), timeout=180)
+    assert got[0][0] == 2, got[0][1][-2000:]
+    errors = [line for line in got[0][1].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], got[0][1][-2000:]
+    assert "Traceback" not in got[0][1] and got[1][0] == 0, got
+    assert not glob.glob(str(tmp_path / "eval" / "**" / "results_*.json"), recursive=True)
+
+
+@pytest.mark.parametrize("model_args,needle", [(",no_such_key=1", "no_such_key"),
+                                               (",max_length=many", "max_length='many'")])
+def test_bad_model_args_are_one_line_on_every_rank(tiny_llama, task_dir, tmp_path, model_args, needle):
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=2)
+    got = finish(start_eval(cfg, tmp_path, 2, task_dir=task_dir, model_args=model_args), timeout=120)
+    for code, err in got:
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err[-2000:]
+
+
+def test_without_lm_eval_it_says_so(tmp_path):
+    fake = tmp_path / "lm_eval"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('lm_eval is not installed here')\n")
+    res = subprocess.run([sys.executable, "-m", "pipeinfer.evaluate", "--tasks", "x"], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"), timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: lm-eval is not installed: pip install 'lm_eval>=0.4,<0.5' (requirements-dev.txt)"], res.stderr
+
+
+SLOW_GEN = """task: pi_slow
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "x"
+generation_kwargs:
+  until: ["@@@@"]
+  max_gen_toks: 200
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_killed_stage_ends_every_rank_and_writes_no_results(tiny_llama, tmp_path):
+    """A middle stage killed during generate_until: the first and last ranks each end within
+    timeout_s with one line, and the harness writes no results file as if it had finished."""
+    timeout_s = 10
+    data = tmp_path / "slow.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Story {i}:"}) + "\n" for i in range(200)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "pi_slow.yaml").write_text(SLOW_GEN.format(data=data))
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=3, batch_size=1, timeout_s=timeout_s, ignore_eos=True)
+    procs = start_eval(cfg, tmp_path, 3, tasks=["pi_slow"], task_dir=str(tmp_path / "tasks"),
+                       model_args=",max_gen_toks=200")
+    try:
+        deadline = time.monotonic() + 180
+        while "pipeinfer generate_until" not in _stderr_so_far(procs[0]):
+            assert time.monotonic() < deadline and procs[0].poll() is None, _stderr_so_far(procs[0])[-2000:]
+            time.sleep(0.1)
+        time.sleep(1)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        survivors = finish([procs[0], procs[2]], timeout=timeout_s + 60)
+        assert time.monotonic() - t0 < timeout_s + 30
+    finally:
+        finish(procs, timeout=5)
+    for (code, err), peers in zip(survivors, (("rank 1", "rank 2"), ("rank 1",))):
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+        # names the peer it lost: the killed rank, or (rank 0) the last rank, which left when it lost rank 1
+        assert any(f"{p} is gone" in errors[0] or f"{p} " in errors[0].split(":", 2)[-1] for p in peers), errors
+    assert not glob.glob(str(tmp_path / "eval" / "**" / "results_*.json"), recursive=True)
+
+
+def _stderr_so_far(proc) -> str:
+    """A running rank's stderr (the test fork server writes it to a file)."""
+    try:
+        with open(proc.err, errors="replace") as f:
+            return f.read()
+    except (AttributeError, OSError):
+        return ""

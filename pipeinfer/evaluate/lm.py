@@ -254,7 +254,7 @@ class PipeinferLM(TemplateLM):
                         out[k] = result.output_ids[b]
                 bar.update(len(batch.indices))
         except (PeerFailure, NonFiniteLogits, OffloadError) as e:
+            bar.close()  # its line ends before the error's
             raise fail(f"rank {engine.inputs.rank}: {e}", 1) from None
-        finally:
-            bar.close()
+        bar.close()
         return out
