@@ -17,9 +17,8 @@ split across ranks, and is tokenized, truncated and windowed exactly as lm-eval'
   with the request's `until` strings (and EOS) as stops and max_gen_toks as its max_new_tokens;
   the text decoded and cut at the first stop string, as hf cuts it.
 
-A sequence is fed whole (up to max_length + 1 tokens, where hf feeds the first max_length and
-never uses the last position's logits): identical for rotary positions; for a family with learned
-positions (gpt2, opt) a sequence past the model's positions is refused in one line.
+A scored sequence runs without its last token, which is scored from the last position's logits
+(Prompt.score_next): the model sees at most max_length tokens, as hf feeds it.
 
 Failures end the evaluation on every rank with one line (a dead peer: exit 1, bad input: exit 2),
 raised as SystemExit through the harness, which then writes no results file.
@@ -45,8 +44,6 @@ from pipeinfer.run.comm import PeerFailure
 from pipeinfer.run.prompts import Limits, Prompt
 from pipeinfer.run.sampling import NonFiniteLogits
 from pipeinfer.run.stops import Stops
-
-LEARNED_POSITIONS = ("gpt2", "opt")  # families whose position table ends at the model's maximum
 
 _running: dict = {}  # the engine python -m pipeinfer.evaluate started on this rank, for the model it makes
 
@@ -190,7 +187,6 @@ class PipeinferLM(TemplateLM):
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         prompts, untils = [], []
         stopper = self.engine.inputs.gen.stopper
-        limit = self.engine.inputs.cfg.max_new_tokens
         for k, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -198,9 +194,6 @@ class PipeinferLM(TemplateLM):
             if kwargs.get("do_sample"):
                 raise fail(f"generate_until request {k} asks for sampling ({gen_kwargs}): this backend decodes "
                            f"greedily; give the task do_sample: false", 2)
-            if max_gen_toks > limit:
-                raise fail(f"generate_until request {k} asks for max_gen_toks={max_gen_toks} but the engine runs "
-                           f"with max_new_tokens={limit}: pass --model_args ...,max_gen_toks={max_gen_toks}", 2)
             budget = self.max_length - max_gen_toks
             if budget <= 0:
                 raise fail(f"generate_until request {k}: max_gen_toks={max_gen_toks} leaves no room for a context "
@@ -229,18 +222,17 @@ class PipeinferLM(TemplateLM):
     def _score(self, seqs: set, disable_tqdm: bool) -> dict:
         """{sequence: (log-probabilities, greedy flags)} of each token after the first."""
         order = sorted(seqs, key=lambda s: (-len(s), s))  # longest first, as hf batches: similar lengths together
-        positions = getattr(self.model_config, "max_position_embeddings", None)
-        if self.model_config.model_type in LEARNED_POSITIONS and positions and len(order[0]) > positions:
-            raise fail(f"a scored sequence of {len(order[0])} tokens passes the {self.model_config.model_type} "
-                       f"model's {positions} learned positions: pass --model_args ...,max_length={positions - 1}", 2)
-        prompts = [Prompt("", "", list(s), Stops(), Limits(max_new_tokens=0)) for s in order]
+        prompts = [Prompt("", "", list(s[:-1]), Stops(), Limits(max_new_tokens=0), score_next=s[-1]) for s in order]
         return dict(zip(order, self._run(prompts, "loglikelihood", disable_tqdm)))
 
     def _run(self, prompts: list[Prompt], kind: str, disable_tqdm: bool) -> list:
         """Submit every prompt at once, then collect: per prompt, (log-probabilities, greedy flags)
         of its scored tokens for a scored prompt, else its new token ids."""
         engine = self.engine
-        slot = {engine.submit(p): k for k, p in enumerate(prompts)}
+        try:
+            slot = {engine.submit(p): k for k, p in enumerate(prompts)}
+        except ConfigError as e:  # past the plan's rows: max_length above max_prompt_tokens
+            raise fail(f"{kind}: {e}", 2) from None
         out = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc=f"pipeinfer {kind}", disable=disable_tqdm)
         try:
@@ -248,7 +240,7 @@ class PipeinferLM(TemplateLM):
                 for b, i in enumerate(batch.indices):
                     k = slot[i]
                     if prompts[k].limits.max_new_tokens == 0:
-                        n = len(prompts[k].ids) - 1  # the row is left-padded to its visit's longest
+                        n = len(prompts[k].ids)  # its tokens after the first, and the next one
                         out[k] = (result.prompt_logprobs[b][-n:], result.prompt_greedy[b][-n:])
                     else:
                         out[k] = result.output_ids[b]

@@ -5,10 +5,13 @@ prefix_token_id). Read identically on every rank before any rank waits on anothe
     --model_args config=exp_config.json,pipeline_size=2,dtype=float32,max_length=2048
 
 Every key that is not the backend's is a config key (KEY=VALUE, as the runner's --set takes it),
-checked by the config's own rules when the engine starts. Three keys are the evaluation's own:
+checked by the config's own rules when the engine starts. Some keys are the evaluation's own:
 prompt_logprobs is always on (loglikelihood requests are scored prompts), do_sample is off
-(lm-eval's hf backend decodes greedily unless a task asks otherwise), and max_new_tokens is
-max_gen_toks unless given (every request's own max_gen_toks is at most that).
+(lm-eval's hf backend decodes greedily unless a task asks otherwise), the config's prompts are
+not read (the harness sends the requests), and max_new_tokens is 0: the plan then makes room
+for rows of the model's positions (max_prompt_tokens, unless given), which a scored sequence of
+max_length tokens fills, and a generation request takes max_length - max_gen_toks of them for
+its context and the rest for its new tokens, as lm-eval's hf backend budgets it.
 """
 
 from __future__ import annotations
@@ -53,9 +56,7 @@ class EvalSettings:
                 own[key] = value
             else:
                 args.pop(key, None)
-        given_max_new = args.get("max_new_tokens")
         overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in args.items()]
-        overrides += ["prompt_logprobs=true", "do_sample=false"]
-        if given_max_new is None:
-            overrides.append(f"max_new_tokens={own.get('max_gen_toks', 256)}")
+        overrides += ["prompt_logprobs=true", "do_sample=false", "max_new_tokens=0", "prompts=null",
+                      "prompts_file=null"]
         return cls(config, overrides, **own)

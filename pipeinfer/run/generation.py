@@ -53,11 +53,11 @@ class GenParams:
         """Floats per row of a step's log-probabilities: the chosen token's, then k ids, k values."""
         return 1 + 2 * self.logprobs if self.logprobs else 0
 
-    def floats(self, step: int, B: int, T: int) -> int:
+    def floats(self, step: int, B: int, T: int, score_next: bool = False) -> int:
         """Length of the float message that goes with step `step`'s tokens of a (B, T) micro-batch:
         (B, 1 + 2k) log-probabilities, then after the prefill (B, 2, T - 1) prompt log-probabilities
-        and greedy flags (scoring.prompt_logprobs)."""
-        return B * self.logprob_width + (B * 2 * (T - 1) if step == 0 and self.prompt_logprobs else 0)
+        and greedy flags (scoring.prompt_logprobs), (B, 2, T) when its prompts name a next token."""
+        return B * self.logprob_width + (B * 2 * (T - 1 + score_next) if step == 0 and self.prompt_logprobs else 0)
 
 
 @dataclass
@@ -175,13 +175,14 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
                         for j in list(range(k, len(slots))) + list(range(k)):
                             if slots[j] is not None and slots[j].step > 0 and slots[j].local is None:
                                 comm.recv_tokens(len(slots[j].batch.indices), None, "draining after a stop request",
-                                                 gp.floats(slots[j].step - 1, *slots[j].batch.input_ids.shape))
+                                                 gp.floats(slots[j].step - 1, *slots[j].batch.input_ids.shape,
+                                                           slots[j].batch.score_next is not None))
                         raise Aborted()
                     if s.step > 0:
                         tokens, codes, stop, floats = comm.recv_tokens(
                             len(s.batch.indices), s.local,
                             f"waiting for step {s.step - 1}'s tokens from the last stage",
-                            gp.floats(s.step - 1, *s.batch.input_ids.shape))
+                            gp.floats(s.step - 1, *s.batch.input_ids.shape, s.batch.score_next is not None))
                         s.tokens.append(tokens.cpu())
                         s.codes.append(codes.cpu())
                         if floats is not None:
@@ -226,7 +227,9 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
         scoring = comm.is_last and s.step == 0 and gp.prompt_logprobs
         out = stage(x, s.mask if s.padded else None, s.pos, s.cache, all_positions=scoring)
         if scoring:  # out: (B, T, H) final hidden states
-            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk)
+            nxt = s.batch.score_next
+            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk,
+                                             None if nxt is None else torch.tensor([t or 0 for t in nxt]))
         if comm.is_last:
             check_finite(out, s.step, s.batch.indices, dtype)
             if s.processors is not None:
@@ -273,7 +276,7 @@ def _keep_floats(s: _Slot, floats: torch.Tensor, gp: GenParams) -> None:
     if n:
         s.logprobs.append(floats[:n].reshape(B, gp.logprob_width))
     if floats.numel() > n:  # the prefill's message: the prompt log-probabilities follow
-        s.prompt_logprobs = floats[n:].reshape(B, 2, T - 1)
+        s.prompt_logprobs = floats[n:].reshape(B, 2, -1)  # (B, 2, T - 1), or T with next tokens
 
 
 def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
@@ -290,7 +293,17 @@ def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
             logprobs.append([step[b] for step in s.logprobs[:n]])
     prompt_lp = greedy = None
     if gp.prompt_logprobs:  # (T - 1 = 0: one-token prompts sent no values)
-        scored = s.prompt_logprobs
-        prompt_lp = scored[:, 0].tolist() if scored is not None else [[] for _ in ids]
-        greedy = scored[:, 1].bool().tolist() if scored is not None else [[] for _ in ids]
+        scored, T = s.prompt_logprobs, s.batch.input_ids.shape[1]
+        nxt = s.batch.score_next or [None] * len(ids)
+        prompt_lp = [scored_row(scored, b, T, t is not None, 0) for b, t in enumerate(nxt)]
+        greedy = [scored_row(scored, b, T, t is not None, 1) for b, t in enumerate(nxt)]
     return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp, greedy)
+
+
+def scored_row(scored: torch.Tensor | None, b: int, T: int, has_next: bool, what: int) -> list:
+    """Row b of a (B, 2, T - 1 | T) scoring message (scoring.prompt_logprobs): its log-probabilities
+    (what=0) or greedy flags (what=1), with the next token's value last when the prompt named one."""
+    if scored is None:
+        return []
+    values = scored[b, what, :T - 1 + has_next]
+    return values.bool().tolist() if what else values.tolist()
