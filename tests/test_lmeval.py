@@ -355,3 +355,71 @@ def _stderr_so_far(proc) -> str:
             return f.read()
     except (AttributeError, OSError):
         return ""
+
+
+def test_installed_package_runs_under_lm_evals_own_command(tiny_llama, task_dir, tmp_path):
+    """pip install of the package (a wheel built here, offline): lm-eval's own command line finds
+    --model pipeinfer (pipeinfer_lmeval.pth, evaluate/plugin.py) and, at pipeline_size 1 in one
+    process, gives the hf backend's numbers."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "requirements.txt"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    shutil.copytree(os.path.join(ROOT, "pipeinfer"), src / "pipeinfer", ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "wheels"), str(src)], capture_output=True, text=True, timeout=300)
+    require(None if built.returncode == 0 else f"cannot build the wheel offline: {built.stderr.strip()[-300:]}")
+    site_dir = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site_dir),
+                                *glob.glob(str(tmp_path / "wheels" / "*.whl"))], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    cfg = base_config(tiny_llama, tmp_path, dtype="float32", batch_size=4)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    # site.addsitedir reads the installed .pth as site-packages would; the checkout is not on the path
+    lm_eval_cli = (f"import site, sys; site.addsitedir({str(site_dir)!r}); import pipeinfer; "
+                   f"assert pipeinfer.__file__.startswith({str(site_dir)!r}), pipeinfer.__file__; "
+                   "from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; cli_evaluate()")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run([sys.executable, "-c", lm_eval_cli, "--model", "pipeinfer", "--model_args",
+                          f"config={tmp_path / 'cfg.json'}", "--tasks", ",".join(TASKS), "--include_path", task_dir,
+                          "--output_path", str(tmp_path / "eval"), "--log_samples"], cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same(read_eval(tmp_path / "eval"), reference(tiny_llama, task_dir))
+
+
+def test_submit_sbatch_eval_mode_starts_the_evaluation_on_every_rank(tmp_path):
+    """submit.sbatch with EVAL_ARGS (outside Slurm: scontrol and srun stand-ins, srun printing the
+    rank command): each rank runs run.sh with python -m pipeinfer.evaluate as its runner, the
+    config and the --set overrides as model args; bad extra arguments are one line, exit 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"scontrol": '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && { echo node1; echo node2; }\nexit 0\n',
+             "srun": '#!/bin/sh\necho "rank-runner $RUNNER"\nshift\necho "rank-args $*"\nexit 0\n'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "model").mkdir()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(model_path=str(tmp_path / "model"), pipeline_size=2,
+                                      output_path=str(tmp_path / "out" / "run.jsonl"))))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "APPTAINER", "RUNNER"))}
+    env.update(PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin", SLURM_JOB_ID="4242",
+               SLURM_NTASKS="2", SLURM_JOB_NODELIST="node[1-2]", CONTAINER_IMAGE="none", MODULES="",
+               EXP_CONFIG=str(config), PYTHON=sys.executable, EVAL_ARGS="--tasks pi_mc --output_path results/eval")
+
+    def job(*args):
+        return subprocess.run(["bash", os.path.join(ROOT, "submit.sbatch"), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    done = job("--set", "dtype=float32")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("rank-"))
+    assert lines["rank-runner"] == f"{sys.executable} -m pipeinfer.evaluate"
+    assert lines["rank-args"] == (f"{ROOT}/run.sh --model_args config={config},dtype=float32 --tasks pi_mc "
+                                  "--output_path results/eval")
+    assert "append-sacct" not in done.stdout
+    bad = job("--tasks", "x")  # lm-eval's arguments go in EVAL_ARGS; the config's checker refuses them here
+    assert bad.returncode == 2 and "unrecognized arguments: --tasks x" in bad.stderr, bad.stderr
