@@ -46,6 +46,7 @@ from pipeinfer.run.sampling import NonFiniteLogits
 from pipeinfer.run.stops import Stops
 
 _running: dict = {}  # the engine python -m pipeinfer.evaluate started on this rank, for the model it makes
+_broken: list = []   # the pipe failure that ended an evaluation (the engine then leaves without a clean end)
 
 
 def use_engine(engine: Engine, settings: EvalSettings) -> None:
@@ -57,6 +58,14 @@ def fail(message: str, code: int) -> SystemExit:
     """One line on stderr; the SystemExit passes through the harness, which writes nothing."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     return SystemExit(code)
+
+
+def _leave(ctx) -> None:
+    """At exit (lm_eval --model pipeinfer): end the other ranks' work, unless the pipe failed."""
+    if _broken:
+        ctx.__exit__(type(_broken[0]), _broken[0], None)
+    else:
+        ctx.__exit__(None, None, None)
 
 
 @register_model("pipeinfer")
@@ -88,16 +97,15 @@ class PipeinferLM(TemplateLM):
         except PeerFailure as e:
             raise fail(str(e), 1) from None
         if not engine.is_first:  # a later rank (torchrun lm_eval ...): serve the stage, then leave with rank 0
-            code = 0
             try:
                 engine.serve()
             except (PeerFailure, NonFiniteLogits, OffloadError) as e:
                 print(f"error: rank {engine.inputs.rank}: {e}", file=sys.stderr, flush=True)
-                code = 1
-            finally:
-                ctx.__exit__(*sys.exc_info())
-            raise SystemExit(code)
-        atexit.register(ctx.__exit__, None, None, None)
+                ctx.__exit__(type(e), e, e.__traceback__)
+                raise SystemExit(1) from None
+            ctx.__exit__(None, None, None)
+            raise SystemExit(0)
+        atexit.register(_leave, ctx)
         return engine
 
     # -- what lm-eval asks of a TemplateLM, as its hf backend answers -----------------------------
@@ -247,6 +255,7 @@ class PipeinferLM(TemplateLM):
                 bar.update(len(batch.indices))
         except (PeerFailure, NonFiniteLogits, OffloadError) as e:
             bar.close()  # its line ends before the error's
+            _broken.append(e)
             raise fail(f"rank {engine.inputs.rank}: {e}", 1) from None
         bar.close()
         return out
