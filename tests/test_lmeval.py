@@ -32,6 +32,7 @@ except ImportError:
 EVAL_MAIN = os.path.join(ROOT, "pipeinfer", "evaluate", "__main__.py")
 OFFLINE = dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 TASKS = ["pi_mc", "pi_ppl", "pi_gen"]
+SYSTEM = "Answer in one word."
 LONG = " ".join(f"word{i}" for i in range(90))  # ~530 bytes: past a tiny model's 256 positions (byte tokens)
 
 MC = [
@@ -119,14 +120,15 @@ def offline(tmp_path_factory):
             os.environ[k] = v
 
 
-def hf_reference(model: str, task_dir: str) -> tuple[dict, dict]:
+def hf_reference(model: str, task_dir: str, tasks=TASKS, chat: bool = False) -> tuple[dict, dict]:
     """lm-eval's own hf backend on the whole model, float32, in this process: (metrics, samples) per task."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32", tasks=TASKS,
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32", tasks=list(tasks),
                                   device="cpu", batch_size=1, log_samples=True,
-                                  task_manager=TaskManager(include_path=task_dir))
+                                  task_manager=TaskManager(include_path=task_dir), apply_chat_template=chat,
+                                  system_instruction=SYSTEM if chat else None)
     return out["results"], {t: _by_doc(s) for t, s in out["samples"].items()}
 
 
@@ -146,10 +148,11 @@ def tiny_neox(tmp_path_factory):
 _references: dict = {}
 
 
-def reference(model: str, task_dir: str):
-    if model not in _references:
-        _references[model] = hf_reference(model, task_dir)
-    return _references[model]
+def reference(model: str, task_dir: str, tasks=TASKS, chat: bool = False):
+    key = (model, tuple(tasks), chat)
+    if key not in _references:
+        _references[key] = hf_reference(model, task_dir, tasks, chat)
+    return _references[key]
 
 
 def start_eval(cfg: dict, tmp_path, world: int, args=(), tasks=TASKS, task_dir=None, model_args=""):
@@ -178,22 +181,22 @@ def finish(procs, timeout: float = 300) -> list[tuple[int, str]]:
     return out
 
 
-def read_eval(out_dir) -> tuple[dict, dict]:
+def read_eval(out_dir, tasks=TASKS) -> tuple[dict, dict]:
     """The harness's results file and its samples files, as it wrote them."""
     (results,) = glob.glob(os.path.join(out_dir, "**", "results_*.json"), recursive=True)
     with open(results) as f:
         metrics = json.load(f)["results"]
     samples = {}
-    for task in TASKS:
+    for task in tasks:
         (path,) = glob.glob(os.path.join(out_dir, "**", f"samples_{task}_*.jsonl"), recursive=True)
         with open(path) as f:
             samples[task] = _by_doc([json.loads(line) for line in f])
     return metrics, samples
 
 
-def assert_same(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
+def assert_same(got: tuple[dict, dict], want: tuple[dict, dict], tasks=TASKS) -> None:
     (got_m, got_s), (want_m, want_s) = got, want
-    for task in TASKS:
+    for task in tasks:
         for key, value in want_m[task].items():
             if "stderr" in key:  # bootstrapped: "N/A" for few samples
                 continue
@@ -201,7 +204,7 @@ def assert_same(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
                 assert got_m[task][key] == value, (task, key)
             else:
                 assert got_m[task][key] == pytest.approx(value, rel=1e-4), (task, key)
-    for task in ("pi_mc", "pi_ppl"):
+    for task in {"pi_mc", "pi_ppl"} & set(tasks):
         assert len(got_s[task]) == len(want_s[task])
         for g, w in zip(got_s[task], want_s[task]):
             assert len(_resps(g)) == len(_resps(w))
@@ -218,11 +221,11 @@ def _resps(sample: dict) -> list:
     return [r[0] for r in sample["resps"]]
 
 
-def run_eval(model: str, task_dir: str, tmp_path, world: int, **over) -> tuple[dict, dict]:
+def run_eval(model: str, task_dir: str, tmp_path, world: int, tasks=TASKS, args=(), **over) -> tuple[dict, dict]:
     cfg = base_config(model, tmp_path, pipeline_size=world, dtype="float32", batch_size=4, **over)
-    results = finish(start_eval(cfg, tmp_path, world, task_dir=task_dir, model_args=",max_gen_toks=32"))
+    results = finish(start_eval(cfg, tmp_path, world, args, tasks, task_dir=task_dir))
     assert [code for code, _ in results] == [0] * world, "\n".join(err[-3000:] for _, err in results)
-    return read_eval(tmp_path / "eval")
+    return read_eval(tmp_path / "eval", tasks)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -240,6 +243,14 @@ def test_tiny_neox_equals_hf_backend_on_micro_batches(tiny_neox, task_dir, tmp_p
 def test_demo_checkpoint_equals_hf_backend(smollm2, task_dir, tmp_path):  # noqa: F811
     """The real SmolLM2-135M-Instruct, its own BPE tokenizer, at pipeline_size 2."""
     assert_same(run_eval(smollm2, task_dir, tmp_path, 2), reference(smollm2, task_dir))
+
+
+def test_demo_checkpoint_with_its_chat_template(smollm2, task_dir, tmp_path):  # noqa: F811
+    """--apply_chat_template and --system_instruction: contexts rendered by the checkpoint's ChatML
+    template, as the hf backend renders them."""
+    tasks, args = ["pi_mc", "pi_gen"], ["--apply_chat_template", "--system_instruction", SYSTEM]
+    assert_same(run_eval(smollm2, task_dir, tmp_path, 2, tasks, args),
+                reference(smollm2, task_dir, tasks, chat=True), tasks)
 
 
 BAD_TASK = """task: {name}
