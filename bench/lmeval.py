@@ -9,7 +9,7 @@ generate_until on the same requests for both backends (float32, CPU, batch_size 
 both: the engine's rows, hf's batches), the other ranks serve their stage. The requests are made
 here, deterministic: multiple-choice style pairs (4 continuations per context, as hellaswag has),
 documents of ~600 tokens, and greedy generations of up to 32 tokens that stop at a blank line.
-Prints the median requests/s of --repeat runs per type, its spread, and the ratio.
+Prints the median requests/s of --repeat runs per type (interleaved), its spread, and the ratio.
 """
 
 from __future__ import annotations
@@ -48,12 +48,15 @@ def requests(n: int):
     return {"loglikelihood": ll, "loglikelihood_rolling": rolling, "generate_until": gen}
 
 
-def timed(lm, kind: str, reqs, repeat: int) -> list[float]:
-    rates = []
+def timed(models: dict, kind: str, reqs, repeat: int) -> dict[str, list[float]]:
+    """Requests/s of each model, the repeats interleaved (A B A B ...): on a shared machine a burst
+    of load then falls on both, not on one."""
+    rates = {name: [] for name in models}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        getattr(lm, kind)(reqs, disable_tqdm=True)
-        rates.append(len(reqs) / (time.perf_counter() - t0))
+        for name, lm in models.items():
+            t0 = time.perf_counter()
+            getattr(lm, kind)(reqs, disable_tqdm=True)
+            rates[name].append(len(reqs) / (time.perf_counter() - t0))
     return rates
 
 
@@ -88,7 +91,7 @@ def main() -> int:
               f"{os.cpu_count()} CPUs, median of {args.repeat} (spread min-max)")
         print(f"{'request type':24} {'n':>4} {'pipeinfer req/s':>22} {'hf req/s':>22} {'ratio':>6}")
         for kind, reqs in requests(args.requests).items():
-            got = {name: timed(model, kind, reqs, args.repeat) for name, model in (("pipeinfer", ours), ("hf", hf))}
+            got = timed({"pipeinfer": ours, "hf": hf}, kind, reqs, args.repeat)
             med = {k: statistics.median(v) for k, v in got.items()}
             cell = {k: f"{med[k]:.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in got.items()}
             print(f"{kind:24} {len(reqs):4d} {cell['pipeinfer']:>22} {cell['hf']:>22} "
