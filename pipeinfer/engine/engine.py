@@ -317,7 +317,8 @@ class _AnnouncedWork(MicroBatches):
         if head["kind"] != "batch":
             raise PipelineProtocolError(f"slot {slot}: pipeline protocol error: a {head['kind']!r} header where this "
                                         f"rank's schedule expects a micro-batch (a bug: report it with every rank's log)")
-        for i, ids, stops, limits, nxt in zip(head["indices"], head["ids"], head["stops"], head["limits"], head["next"]):
+        for i, ids, stops, limits, nxt in zip(head["indices"], head["ids"], head["stops"], head["limits"],
+                                              head["next"]):
             engine.prompts[i] = Prompt(None, "", ids, Stops(*map(tuple, stops)), Limits(*limits), score_next=nxt)
         self.todo = deque(head["indices"])
         return super().take(slot)

@@ -27,7 +27,7 @@ from pipeinfer.run.comm import ABORT, STOP, Comm, pending_bound
 from pipeinfer.run.prompts import Batch, MicroBatches
 from pipeinfer.run.sampling import (SamplingParams, check_finite, checkpoint_processors,
                                     filter_rows, prompt_generator, row_settings, sample)
-from pipeinfer.run.scoring import prompt_logprobs
+from pipeinfer.run.scoring import prompt_logprobs, scored_row
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.stops import Stopper, finish
 
@@ -227,9 +227,8 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
         scoring = comm.is_last and s.step == 0 and gp.prompt_logprobs
         out = stage(x, s.mask if s.padded else None, s.pos, s.cache, all_positions=scoring)
         if scoring:  # out: (B, T, H) final hidden states
-            nxt = s.batch.score_next
-            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk,
-                                             None if nxt is None else torch.tensor([t or 0 for t in nxt]))
+            nxt = None if s.batch.score_next is None else torch.tensor([t or 0 for t in s.batch.score_next])
+            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk, nxt)
         if comm.is_last:
             check_finite(out, s.step, s.batch.indices, dtype)
             if s.processors is not None:
@@ -299,11 +298,3 @@ def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
         greedy = [scored_row(scored, b, T, t is not None, 1) for b, t in enumerate(nxt)]
     return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp, greedy)
 
-
-def scored_row(scored: torch.Tensor | None, b: int, T: int, has_next: bool, what: int) -> list:
-    """Row b of a (B, 2, T - 1 | T) scoring message (scoring.prompt_logprobs): its log-probabilities
-    (what=0) or greedy flags (what=1), with the next token's value last when the prompt named one."""
-    if scored is None:
-        return []
-    values = scored[b, what, :T - 1 + has_next]
-    return values.bool().tolist() if what else values.tolist()

@@ -255,13 +255,11 @@ def make_batch(prompts: list[Prompt], indices: list[int], pad_id: int) -> Batch:
     for b, r in enumerate(rows):
         input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[b, T - len(r):] = 1
-    stops = [prompts[i].stops for i in indices]
-    limits = [prompts[i].limits for i in indices]
-    score_next = [prompts[i].score_next for i in indices]
+    stops, limits = [prompts[i].stops for i in indices], [prompts[i].limits for i in indices]
+    nxt = [prompts[i].score_next for i in indices]
     return Batch(list(indices), input_ids, mask, [len(r) for r in rows],
                  stops if any(st.strings or st.token_ids for st in stops) else None,
-                 limits if any(lim != NO_LIMITS for lim in limits) else None,
-                 score_next if any(t is not None for t in score_next) else None)
+                 limits if any(lim != NO_LIMITS for lim in limits) else None, nxt if set(nxt) != {None} else None)
 
 
 def make_batches(prompts: list[Prompt], indices: list[int], batch_size: int, pad_id: int) -> list[Batch]:

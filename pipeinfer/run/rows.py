@@ -38,10 +38,10 @@ import torch
 from pipeinfer.load.kvcache import drop_left, grow_left, splice_rows
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
-from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids, scored_row
+from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
 from pipeinfer.run.prompts import Batch, Limits, Prompt
 from pipeinfer.run.sampling import check_finite, checkpoint_processors, prompt_generator, row_settings, sample
-from pipeinfer.run.scoring import prompt_logprobs
+from pipeinfer.run.scoring import prompt_logprobs, scored_row
 from pipeinfer.run.stops import Stops, finish
 
 COMPACT = 64  # drop the leading positions no live row attends to once there are this many

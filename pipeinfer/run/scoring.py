@@ -38,3 +38,12 @@ def prompt_logprobs(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torc
         out[:, 0, c:e] = torch.log_softmax(logits, dim=-1).gather(-1, nxt[..., None])[..., 0]
         del logits  # else it lives on beside the next chunk's: 8 bytes per logit at the peak, not 10 (plan.py)
     return head(hidden[:, -1, :]).float(), out
+
+
+def scored_row(scored: torch.Tensor | None, b: int, T: int, has_next: bool, what: int) -> list:
+    """Row b of a (B, 2, T - 1 | T) scoring message (scoring.prompt_logprobs): its log-probabilities
+    (what=0) or greedy flags (what=1), with the next token's value last when the prompt named one."""
+    if scored is None:
+        return []
+    values = scored[b, what, :T - 1 + has_next]
+    return values.bool().tolist() if what else values.tolist()
