@@ -41,7 +41,7 @@ test-compat:
 	$(PY) -m venv $(VENV_ARGS) .venv-min
 	$(if $(TORCH),.venv-min/bin/)$(PIP_TORCH)
 	.venv-min/bin/pip install -q -r requirements.txt -r requirements-dev.txt "$(TF_MIN)"
-	.venv-min/bin/python -m pytest -q -rs $(XDIST) tests/test_equivalence.py tests/test_instruct.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py tests/test_quantization.py tests/test_offload.py::test_offloaded_stages_match_generate tests/test_rows.py tests/test_limits.py tests/test_engine.py
+	.venv-min/bin/python -m pytest -q -rs $(XDIST) tests/test_equivalence.py tests/test_instruct.py tests/test_families.py tests/test_split.py tests/test_layer_split_e2e.py tests/test_partition.py tests/test_sampling.py tests/test_kvcache.py tests/test_quantization.py tests/test_offload.py::test_offloaded_stages_match_generate tests/test_rows.py tests/test_limits.py tests/test_engine.py tests/test_lmeval.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/decode_scaling.py

@@ -93,8 +93,9 @@ def test_engine_refuses_a_bad_request_and_waits_for_late_ones(tiny_llama, tmp_pa
         with pytest.raises(ConfigError, match=r"has \d+ tokens, above the 48 the plan makes room for: shorten it, or "
                                               "raise max_prompt_tokens"):
             engine.submit(PROMPTS[-1] * 2)
-        with pytest.raises(ConfigError, match="max_new_tokens=6, above the 5 the plan makes room for"):
-            engine.submit(PromptSpec("a", limits=Limits(max_new_tokens=6)))
+        with pytest.raises(ConfigError, match=r"max_new_tokens=53 after a prompt of \d+ tokens, above the 53 positions "
+                                              "a row has in the plan"):
+            engine.submit(PromptSpec("a", limits=Limits(max_new_tokens=53)))
         with pytest.raises(ConfigError, match="max_new_tokens=-1 is out of range"):
             engine.submit(PromptSpec("a", limits=Limits(max_new_tokens=-1)))
         with pytest.raises(ConfigError, match="sets temperature but do_sample=false"):

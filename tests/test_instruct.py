@@ -536,8 +536,14 @@ def test_scoring_holds_at_most_a_chunk_of_logits():
     assert max(s[1] for s in shapes[:-1]) == chunk and len(shapes) == -(-(T - 1) // chunk) + 1
     with torch.no_grad():
         whole = torch.log_softmax(head(hidden).float(), -1)  # (B, T, V)
-    assert torch.allclose(got, whole[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double(), atol=1e-6)
+    assert torch.allclose(got[:, 0], whole[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double(), atol=1e-6)
+    assert torch.equal(got[:, 1], (whole[:, :-1].argmax(-1) == ids[:, 1:]).double())  # is_greedy
     assert torch.allclose(last, head(hidden[:, -1]).float())
+    nxt = torch.randint(0, V, (B,))  # the token after each row (Prompt.score_next): scored from the last position
+    _, with_next = prompt_logprobs(head, hidden, ids, chunk, nxt)
+    assert torch.equal(with_next[:, :, :T - 1], got)
+    want = torch.log_softmax(head(hidden[:, -1]).float(), -1).gather(-1, nxt[:, None])[:, 0].double()
+    assert torch.allclose(with_next[:, 0, T - 1], want, atol=1e-6)
 
 
 def test_sampled_logprobs_are_those_of_the_filtered_scores(tiny_llama, tmp_path):

@@ -183,10 +183,13 @@ class Engine:
         if len(prompt.ids) > self.max_prompt_tokens:
             raise ConfigError(f"the request's prompt has {len(prompt.ids)} tokens, above the {self.max_prompt_tokens} "
                               f"the plan makes room for: shorten it, or raise max_prompt_tokens in the config")
-        if prompt.max_new_tokens(inputs.cfg.max_new_tokens) > self.max_new_tokens:
-            raise ConfigError(f"the request asks for max_new_tokens={prompt.max_new_tokens(inputs.cfg.max_new_tokens)}, "
-                              f"above the {self.max_new_tokens} the plan makes room for: ask for fewer, or raise "
-                              f"max_new_tokens in the config")
+        # A row holds its prompt and its new tokens: a short prompt may ask for more than the config's
+        # max_new_tokens (an evaluation scores prompts of max_prompt_tokens and generates after short ones).
+        new, room = prompt.max_new_tokens(inputs.cfg.max_new_tokens), self.inputs.plan.capacity
+        if len(prompt.ids) + new > room:
+            raise ConfigError(f"the request asks for max_new_tokens={new} after a prompt of {len(prompt.ids)} tokens, "
+                              f"above the {room} positions a row has in the plan (max_prompt_tokens + max_new_tokens):"
+                              f" ask for fewer, or raise max_new_tokens in the config")
 
     def results(self, wait: bool = False) -> Iterator[tuple[Batch, BatchResult]]:
         """Each micro-batch as it finishes, with its result (generation.BatchResult), until nothing
@@ -316,8 +319,9 @@ class _AnnouncedWork(MicroBatches):
         if head["kind"] != "batch":
             raise PipelineProtocolError(f"slot {slot}: pipeline protocol error: a {head['kind']!r} header where this "
                                         f"rank's schedule expects a micro-batch (a bug: report it with every rank's log)")
-        for i, ids, stops, limits in zip(head["indices"], head["ids"], head["stops"], head["limits"]):
-            engine.prompts[i] = Prompt(None, "", ids, Stops(*map(tuple, stops)), Limits(*limits))
+        for i, ids, stops, limits, nxt in zip(head["indices"], head["ids"], head["stops"], head["limits"],
+                                              head["next"]):
+            engine.prompts[i] = Prompt(None, "", ids, Stops(*map(tuple, stops)), Limits(*limits), score_next=nxt)
         self.todo = deque(head["indices"])
         return super().take(slot)
 
@@ -334,6 +338,6 @@ def _describe(batch: Batch, prompts: dict[int, Prompt]) -> dict:
     return {"indices": batch.indices, "ids": [p.ids for p in rows],
             "stops": [[list(p.stops.strings), list(p.stops.token_ids)] for p in rows],
             "limits": [[p.limits.max_new_tokens, p.limits.temperature, p.limits.top_p, p.limits.top_k, p.limits.seed]
-                       for p in rows]}
+                       for p in rows], "next": [p.score_next for p in rows]}
 
 

@@ -27,7 +27,7 @@ from pipeinfer.run.comm import ABORT, STOP, Comm, pending_bound
 from pipeinfer.run.prompts import Batch, MicroBatches
 from pipeinfer.run.sampling import (SamplingParams, check_finite, checkpoint_processors,
                                     filter_rows, prompt_generator, row_settings, sample)
-from pipeinfer.run.scoring import prompt_logprobs
+from pipeinfer.run.scoring import prompt_logprobs, scored_row
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.stops import Stopper, finish
 
@@ -53,10 +53,11 @@ class GenParams:
         """Floats per row of a step's log-probabilities: the chosen token's, then k ids, k values."""
         return 1 + 2 * self.logprobs if self.logprobs else 0
 
-    def floats(self, step: int, B: int, T: int) -> int:
+    def floats(self, step: int, B: int, T: int, score_next: bool = False) -> int:
         """Length of the float message that goes with step `step`'s tokens of a (B, T) micro-batch:
-        (B, 1 + 2k) log-probabilities, then after the prefill (B, T - 1) prompt log-probabilities."""
-        return B * self.logprob_width + (B * (T - 1) if step == 0 and self.prompt_logprobs else 0)
+        (B, 1 + 2k) log-probabilities, then after the prefill (B, 2, T - 1) prompt log-probabilities
+        and greedy flags (scoring.prompt_logprobs), (B, 2, T) when its prompts name a next token."""
+        return B * self.logprob_width + (B * 2 * (T - 1 + score_next) if step == 0 and self.prompt_logprobs else 0)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class BatchResult:
     finish: list[tuple] = field(default_factory=list)  # per prompt: (finish_reason, matched stop or None)
     logprobs: list | None = None  # per prompt, per new token: a (1 + 2k,) row (see GenParams.logprob_width)
     prompt_logprobs: list | None = None  # per prompt: its (T - 1,) row of scoring.prompt_logprobs
+    prompt_greedy: list | None = None    # per prompt: (T - 1,) bools, each token the argmax of its position
 
 
 class Aborted(Exception):
@@ -97,7 +99,7 @@ class _Slot:
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
     codes: list = field(default_factory=list)     # first stage: (B,) stop codes per step
     logprobs: list = field(default_factory=list)  # first stage, with logprobs: (B, 1 + 2k) per step
-    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, T - 1)
+    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, 2, T - 1)
     arrivals: list = field(default_factory=list)  # first stage: seconds since t0
     local: torch.Tensor | None = None             # pipeline_size 1: tokens sampled by this same rank
     processors: list | None = None                # last stage: per row, transformers' LogitsProcessorList
@@ -173,13 +175,14 @@ def generate(stage: Stage, comm: Comm, work: MicroBatches, gp: GenParams, hidden
                         for j in list(range(k, len(slots))) + list(range(k)):
                             if slots[j] is not None and slots[j].step > 0 and slots[j].local is None:
                                 comm.recv_tokens(len(slots[j].batch.indices), None, "draining after a stop request",
-                                                 gp.floats(slots[j].step - 1, *slots[j].batch.input_ids.shape))
+                                                 gp.floats(slots[j].step - 1, *slots[j].batch.input_ids.shape,
+                                                           slots[j].batch.score_next is not None))
                         raise Aborted()
                     if s.step > 0:
                         tokens, codes, stop, floats = comm.recv_tokens(
                             len(s.batch.indices), s.local,
                             f"waiting for step {s.step - 1}'s tokens from the last stage",
-                            gp.floats(s.step - 1, *s.batch.input_ids.shape))
+                            gp.floats(s.step - 1, *s.batch.input_ids.shape, s.batch.score_next is not None))
                         s.tokens.append(tokens.cpu())
                         s.codes.append(codes.cpu())
                         if floats is not None:
@@ -224,7 +227,8 @@ def _step(stage: Stage, comm: Comm, s: _Slot, x: torch.Tensor, gp: GenParams, eo
         scoring = comm.is_last and s.step == 0 and gp.prompt_logprobs
         out = stage(x, s.mask if s.padded else None, s.pos, s.cache, all_positions=scoring)
         if scoring:  # out: (B, T, H) final hidden states
-            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk)
+            nxt = None if s.batch.score_next is None else torch.tensor([t or 0 for t in s.batch.score_next])
+            out, prompt_lp = prompt_logprobs(stage.head, out, s.batch.input_ids.to(out.device), gp.prompt_chunk, nxt)
         if comm.is_last:
             check_finite(out, s.step, s.batch.indices, dtype)
             if s.processors is not None:
@@ -271,7 +275,7 @@ def _keep_floats(s: _Slot, floats: torch.Tensor, gp: GenParams) -> None:
     if n:
         s.logprobs.append(floats[:n].reshape(B, gp.logprob_width))
     if floats.numel() > n:  # the prefill's message: the prompt log-probabilities follow
-        s.prompt_logprobs = floats[n:].reshape(B, T - 1)
+        s.prompt_logprobs = floats[n:].reshape(B, 2, -1)  # (B, 2, T - 1), or T with next tokens
 
 
 def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
@@ -286,7 +290,11 @@ def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
         finished.append(finish(codes[b][n - 1] if n else 0, s.batch.stops[b] if s.batch.stops else None))
         if logprobs is not None:
             logprobs.append([step[b] for step in s.logprobs[:n]])
-    prompt_lp = None
+    prompt_lp = greedy = None
     if gp.prompt_logprobs:  # (T - 1 = 0: one-token prompts sent no values)
-        prompt_lp = s.prompt_logprobs.tolist() if s.prompt_logprobs is not None else [[] for _ in ids]
-    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp)
+        scored, T = s.prompt_logprobs, s.batch.input_ids.shape[1]
+        nxt = s.batch.score_next or [None] * len(ids)
+        prompt_lp = [scored_row(scored, b, T, t is not None, 0) for b, t in enumerate(nxt)]
+        greedy = [scored_row(scored, b, T, t is not None, 1) for b, t in enumerate(nxt)]
+    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp, greedy)
+

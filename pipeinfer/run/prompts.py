@@ -67,6 +67,7 @@ class Prompt:
     limits: Limits = NO_LIMITS
     settings: dict = field(default_factory=dict)  # its own LINE_SETTINGS: recorded, and compared on resume
     where: str = ""
+    score_next: int | None = None  # with prompt_logprobs: the token after ids, scored without running it (scoring.py)
 
     def max_new_tokens(self, run_default: int) -> int:
         return run_default if self.limits.max_new_tokens is None else self.limits.max_new_tokens
@@ -215,6 +216,7 @@ class Batch:
     prompt_tokens: list[int]
     stops: list[Stops] | None = None  # per prompt; None when none of them has any
     limits: list[Limits] | None = None  # per prompt; None when none of them has its own
+    score_next: list[int | None] | None = None  # per prompt (Prompt.score_next); None when none has one
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -253,11 +255,11 @@ def make_batch(prompts: list[Prompt], indices: list[int], pad_id: int) -> Batch:
     for b, r in enumerate(rows):
         input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[b, T - len(r):] = 1
-    stops = [prompts[i].stops for i in indices]
-    limits = [prompts[i].limits for i in indices]
+    stops, limits = [prompts[i].stops for i in indices], [prompts[i].limits for i in indices]
+    nxt = [prompts[i].score_next for i in indices]
     return Batch(list(indices), input_ids, mask, [len(r) for r in rows],
                  stops if any(st.strings or st.token_ids for st in stops) else None,
-                 limits if any(lim != NO_LIMITS for lim in limits) else None)
+                 limits if any(lim != NO_LIMITS for lim in limits) else None, nxt if set(nxt) != {None} else None)
 
 
 def make_batches(prompts: list[Prompt], indices: list[int], batch_size: int, pad_id: int) -> list[Batch]:

@@ -45,7 +45,7 @@ from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
 from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
 from pipeinfer.run.prompts import Batch, Limits, Prompt
 from pipeinfer.run.sampling import check_finite, checkpoint_processors, prompt_generator, row_settings, sample
-from pipeinfer.run.scoring import prompt_logprobs
+from pipeinfer.run.scoring import prompt_logprobs, scored_row
 from pipeinfer.run.stops import Stops, finish
 
 COMPACT = 64  # drop the leading positions no live row attends to once there are this many
@@ -64,6 +64,7 @@ class _Row:
     arrivals: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     prompt_lp: list | None = None
+    prompt_greedy: list | None = None
     new: int = 0          # last stage: tokens sampled so far
     params: object = None
     gen: object = None
@@ -220,7 +221,8 @@ class RowSchedule:
         drop = first if first >= COMPACT or s.length + 1 > self.capacity else 0
         return {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode,
                 "pos": [s.pos[r] for r in decode],
-                "join": [{"row": r, "index": i, "ids": p.ids, "stops": [list(p.stops.strings), list(p.stops.token_ids)],
+                "join": [{"row": r, "index": i, "ids": p.ids, "next": p.score_next,
+                          "stops": [list(p.stops.strings), list(p.stops.token_ids)],
                           "limits": [p.limits.max_new_tokens, p.limits.temperature, p.limits.top_p, p.limits.top_k,
                                      p.limits.seed]} for r, i, p in joins]}
 
@@ -244,9 +246,12 @@ class RowSchedule:
                 row.logprobs.append(lp[a * w:(a + 1) * w])
         if self.gp.prompt_logprobs and head["join"]:
             T = max(len(j["ids"]) for j in head["join"])
-            rest = lp[len(active) * w:].reshape(len(head["join"]), T - 1) if T > 1 else None
+            width = T - 1 + any(j.get("next") is not None for j in head["join"])  # scoring.py: (J, 2, width)
+            rest = lp[len(active) * w:].reshape(len(head["join"]), 2, width) if width else None
             for j, join in enumerate(head["join"]):
-                s.firsts[join["row"]].prompt_lp = rest[j].tolist() if rest is not None else []
+                row, has_next = s.firsts[join["row"]], join.get("next") is not None
+                row.prompt_lp = scored_row(rest, j, T, has_next, 0)
+                row.prompt_greedy = scored_row(rest, j, T, has_next, 1)
         for r in active:
             row = s.firsts[r]
             if row.codes[-1] or len(row.tokens) >= max(row.max_new, 1):
@@ -258,13 +263,15 @@ class RowSchedule:
         code = row.codes[n - 1] if n else 0
         return BatchResult([row.tokens[:n]], [row.arrivals[:n]], row.t0 - self.run_t0, [finish(code, row.stops)],
                            [[v.double() for v in row.logprobs[:n]]] if self.gp.logprobs else None,
-                           [row.prompt_lp] if self.gp.prompt_logprobs else None)
+                           [row.prompt_lp] if self.gp.prompt_logprobs else None,
+                           [row.prompt_greedy] if self.gp.prompt_logprobs else None)
 
     def _floats(self, head: dict) -> int:
         active = len(head["decode"]) + len(head["join"])
         n = active * self.gp.logprob_width
         if self.gp.prompt_logprobs and head["join"]:
-            n += len(head["join"]) * (max(len(j["ids"]) for j in head["join"]) - 1)
+            nxt = any(j.get("next") is not None for j in head["join"])
+            n += len(head["join"]) * 2 * (max(len(j["ids"]) for j in head["join"]) - 1 + nxt)
         return n
 
     def _announce(self, head: dict) -> None:
@@ -376,7 +383,9 @@ class RowSchedule:
                             all_positions=scoring)
                 if scoring:
                     ids = _left_padded([j["ids"] for j in joins], self.pad, dev)
-                    out, join_lp = prompt_logprobs(stage.head, out, ids, gp.prompt_chunk)
+                    nxt = [j.get("next") for j in joins]
+                    nxt = torch.tensor([t or 0 for t in nxt], device=dev) if any(t is not None for t in nxt) else None
+                    out, join_lp = prompt_logprobs(stage.head, out, ids, gp.prompt_chunk, nxt)
                 if s.size:  # the joiners' rows after the live ones (an empty slot's cache is made by grow_left)
                     add_rows(s.cache, len(joins))
                 s.mask = torch.cat([s.mask, torch.zeros(len(joins), s.length, dtype=s.mask.dtype, device=dev)])
