@@ -118,9 +118,12 @@ def _serve_http(engine, sock: socket.socket, args) -> str | None:
     app = create_app(driver, engine, names, args.api_key)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: /health fails and new requests get 503 while draining
+        def handle_exit(self, sig, frame):
+            """SIGTERM/SIGINT: drain (/health fails, new requests get 503), then exit 0. Not
+            uvicorn's own, which raises the signal again once drained: the process would die of it."""
             driver.draining = True
-            super().handle_exit(sig, frame)
+            self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl+C: now
+            self.should_exit = True
 
     server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(cfg.timeout_s),
                                    timeout_keep_alive=5))
