@@ -127,7 +127,9 @@ class RowSchedule:
                 if row is not None and row.index in self.cancelled:  # freed here; the header drops it
                     self.cancelled.discard(row.index)
                     s.firsts[r] = None
-                    yield make([row.index]), self._result(row, aborted=True)
+                    result = self._result(row)
+                    result.finish[0] = ("abort", None)
+                    yield make([row.index]), result
             joins = []
             for r in range(s.size):
                 if s.firsts[r] is None and (got := take()) is not None:
@@ -200,11 +202,10 @@ class RowSchedule:
                 self.cancelled.discard(row.index)
                 yield make([row.index]), self._result(row)
 
-    def _result(self, row: _Row, aborted: bool = False) -> BatchResult:
+    def _result(self, row: _Row) -> BatchResult:
         n = min(next((i + 1 for i, c in enumerate(row.codes) if c), len(row.tokens)), row.max_new)
         code = row.codes[n - 1] if n else 0
-        end = ("abort", None) if aborted else finish(code, row.stops)
-        return BatchResult([row.tokens[:n]], [row.arrivals[:n]], row.t0 - self.run_t0, [end],
+        return BatchResult([row.tokens[:n]], [row.arrivals[:n]], row.t0 - self.run_t0, [finish(code, row.stops)],
                            [[v.double() for v in row.logprobs[:n]]] if self.gp.logprobs else None,
                            [row.prompt_lp] if self.gp.prompt_logprobs else None)
 
