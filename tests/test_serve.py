@@ -8,6 +8,7 @@ the server keeps serving, a dead peer ends every open stream with an error and e
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import threading
@@ -125,10 +126,13 @@ def reference(model):
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=True, dtype=torch.float32).eval()
 
-    def generate(ids: list[int], n: int) -> list[int]:
+    def generate(ids: list[int], n: int, ignore_eos: bool = False) -> list[int]:
+        gc = copy.deepcopy(lm.generation_config)
+        if ignore_eos:  # decode past EOS, as the server's ignore_eos does
+            gc.eos_token_id = None
         with torch.no_grad():
             out = lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
+                              generation_config=gc, do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
         return out[0, len(ids):].tolist()
 
     def chat_ids(messages) -> list[int]:
@@ -183,6 +187,27 @@ def test_chat_completions_equal_generate(server, reference, stream):
             text = out.choices[0].message.content
             assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(want))
         assert text == _text(tok, want)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_stop_string_ends_the_text_before_it(server, reference, stream):
+    """OpenAI's rule: the answer stops before the stop string, finish_reason "stop"."""
+    tok = reference.tok
+    for prompt in PROMPTS:  # a printable character the greedy answer makes after its first two
+        text = _text(tok, reference(tok(prompt)["input_ids"], 12))
+        stops = [c for c in text[2:] if c.isascii() and c.isprintable() and not c.isspace()]
+        if stops:
+            break
+    assert stops, "no greedy answer has a printable ASCII character to stop at"
+    want = text[:text.index(stops[0])]
+    out = server.client().completions.create(model="llama5", prompt=prompt, max_tokens=12, stop=[stops[0]],
+                                             stream=stream)
+    if stream:
+        chunks = list(out)
+        got, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        got, reason = out.choices[0].text, out.choices[0].finish_reason
+    assert (got, reason) == (want, "stop")
 
 
 def test_token_id_prompts_and_several_choices(server, reference):
@@ -292,10 +317,20 @@ def _first_chunks(client, n: int, max_tokens: int):
     return streams
 
 
-def test_sigterm_drains_running_streams_and_a_closed_stream_frees_its_row(model, tmp_path):
-    s = start_server(model, tmp_path, 2, max_new_tokens=150, ignore_eos=True, timeout_s=30)
+def test_sigterm_drains_running_streams_and_a_closed_stream_frees_its_row(model, tmp_path, reference):
+    """On a sampling server (do_sample=true) too: temperature 0 is greedy, a seed repeats an answer."""
+    s = start_server(model, tmp_path, 2, max_new_tokens=150, ignore_eos=True, timeout_s=30, do_sample=True)
     try:
         client = s.client()
+        tok = reference.tok
+        greedy = client.completions.create(model="llama5", prompt="Hello", max_tokens=8, temperature=0)
+        assert greedy.choices[0].text == tok.decode(reference(tok("Hello")["input_ids"], 8, ignore_eos=True),
+                                                    skip_special_tokens=True)
+        seeded = [client.completions.create(model="llama5", prompt="Hello", max_tokens=8, temperature=1.0,
+                                            seed=7).choices[0].text for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        code, err = s.post("/v1/completions", b'{"model": "llama5", "prompt": "Hi", "temperature": 0, "logprobs": 1}')
+        assert code == 400 and err["error"]["param"] == "temperature"
         gone = client.completions.create(model="llama5", prompt="Hello", max_tokens=150, stream=True)
         next(iter(gone))
         gone.close()  # the client goes away: its row is freed at its next visit, finish_reason "abort"

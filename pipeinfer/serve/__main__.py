@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, cfg = inputs.rank, inputs.cfg
-    if rank != 0:  # under srun every rank gets SIGTERM: the first drains, the others end when it ends the work
-        signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: rank %d ends when rank 0 has drained", rank))
+    if rank != 0:  # under srun every rank gets SIGTERM (and SIGUSR1 before the time limit): the first drains,
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the others end when it ends the work
+            signal.signal(sig, lambda s, _: log.info("signal %d: rank %d ends when rank 0 has drained", s, rank))
     sock, problem = (_listen(args.host, args.port) if rank == 0 else (None, None))
     try:
         comm = procgroup.init(rank, inputs.world_size, inputs.device, cfg.timeout_s, cfg.master_port,
@@ -132,6 +133,7 @@ def _serve_http(engine, sock: socket.socket, args) -> str | None:
         server.should_exit = True
 
     async def run():
+        signal.signal(signal.SIGUSR1, server.handle_exit)  # submit.sbatch's time-limit warning: drain too
         driver.start(asyncio.get_running_loop(), on_failure)
         host, port = sock.getsockname()[:2]
         print(f"pipeinfer.serve: ready: http://{host}:{port}/v1 serving {names[0]!r} on "

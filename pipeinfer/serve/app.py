@@ -114,8 +114,7 @@ def create_app(driver: Driver, engine, names: list[str], api_key: str | None) ->
         return body
 
     async def _stream(job: Job, opens: list, queue: asyncio.Queue, rid: str, created: int):
-        holdback = max((len(s) for s in job.stops), default=1) - 1
-        texts = [R.StreamText(tok, holdback) for _ in opens]
+        texts = [R.StreamText(tok, job.stops) for _ in opens]
         counted = [0] * len(opens)  # tokens whose log-probabilities were sent
         left, finished = len(opens), False
 

@@ -3,8 +3,8 @@ usage and log-probabilities in the shapes the official client and lm-eval read.
 
 The answer's text leaves out what ended it: EOS (as the batch runner's output_text), a stop token,
 and a stop string (OpenAI's rule; the batch runner's record keeps a stop string's text). A stream
-holds back as many characters as the longest stop string could still claim, and an incomplete
-UTF-8 character, so what it has sent is always a prefix of the final text.
+holds back what a stop string holds or could still claim, and an incomplete UTF-8 character, so
+what it has sent is always a prefix of the final text.
 """
 
 from __future__ import annotations
@@ -40,14 +40,18 @@ def answer_text(tok, ids: list[int], finish: tuple) -> str:
 class StreamText:
     """A choice's text as its tokens arrive: each delta safe to send now."""
     tok: object
-    holdback: int  # the longest stop string's length - 1
+    stops: tuple  # the request's stop strings
     ids: list = field(default_factory=list)
     sent: str = ""
 
     def add(self, token: int) -> str:
         self.ids.append(token)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
-        safe = text[:len(text) - self.holdback] if self.holdback else text
+        for s in self.stops:  # a stop string the text already holds is never sent (its token ends the answer)
+            if s in text:
+                text = text[:text.index(s)]
+        holdback = max((len(s) for s in self.stops), default=1) - 1  # what a stop string might still claim
+        safe = text[:len(text) - holdback] if holdback else text
         if safe.endswith("\ufffd"):  # half a UTF-8 character: the next token completes it
             safe = safe[:-1]
         if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
