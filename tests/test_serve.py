@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 SERVE = f"{ROOT}/pipeinfer/serve/__main__.py"
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-LONGEST = 100  # the config's one prompt: the plan sizes every row's KV cache for this many prompt tokens
+LONGEST = 100  # max_prompt_tokens: the plan sizes every row's KV cache for this many prompt tokens
 KEY = "test-key-123"
 CHATS = [[{"role": "user", "content": "Hello"}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]]
@@ -77,7 +77,7 @@ class Server:
 
 def start_server(model: str, tmp_path, world: int, key: str | None = None, **over) -> Server:
     (tmp_path / "chat.jinja").write_text(TEMPLATE)
-    cfg = dict(model_path=model, pipeline_size=world, prompts=["x" * (LONGEST - 1)], max_new_tokens=12, batch_size=4,
+    cfg = dict(model_path=model, pipeline_size=world, max_prompt_tokens=LONGEST, max_new_tokens=12, batch_size=4,
                logprobs=5, prompt_logprobs=True, chat_template=str(tmp_path / "chat.jinja"), timeout_s=60,
                max_queued_requests=32,
                output_path=str(tmp_path / "unused.jsonl"), offload_folder=str(tmp_path / "offload"))

@@ -42,7 +42,7 @@ def build(req: CompletionRequest | ChatRequest, engine, names: list[str]) -> Job
     if req.model not in names:
         raise ApiError(400, f"model={req.model!r} is not served here: this server serves {names[0]!r} "
                             f"(GET /v1/models)", "model", "model_not_found")
-    max_new = _max_tokens(req, cfg, chat)
+    max_new = _max_tokens(req, cfg.max_new_tokens, engine.max_new_tokens, chat)
     stops = _stops(req.stop)
     logprobs = _logprobs(req, cfg, chat)
     echo = not chat and req.echo
@@ -62,7 +62,7 @@ def build(req: CompletionRequest | ChatRequest, engine, names: list[str]) -> Job
     else:
         prompts = [_prepare(engine, PromptSpec(p, settings, where, limits), where) if isinstance(p, str)
                    else _ids_prompt(engine, p, settings, limits) for p in _prompt_list(req.prompt)]
-    limit = max_prompt_tokens(engine)
+    limit = engine.max_prompt_tokens
     for p in prompts:
         if len(p.ids) > limit:
             raise ApiError(400, f"the {where} has {len(p.ids)} tokens, more than the {limit} this server's plan holds "
@@ -74,20 +74,16 @@ def build(req: CompletionRequest | ChatRequest, engine, names: list[str]) -> Job
     return Job(prompts, chat, logprobs, echo, stops, req.stream, stream_usage)
 
 
-def max_prompt_tokens(engine) -> int:
-    """The longest prompt the plan sized every row's KV cache for."""
-    return getattr(engine, "max_prompt_tokens", None) or engine.inputs.plan.longest_prompt
-
-
-def _max_tokens(req, cfg, chat: bool) -> int:
+def _max_tokens(req, default: int, most: int, chat: bool) -> int:
+    """default: the config's max_new_tokens; most: what the plan makes room for."""
     name, n = "max_tokens", req.max_tokens
     if chat and req.max_completion_tokens is not None:
         name, n = "max_completion_tokens", req.max_completion_tokens
     if n is None:
-        return cfg.max_new_tokens
-    if n < 0 or n > cfg.max_new_tokens:
-        raise ApiError(400, f"{name}={n}: give 0 <= {name} <= {cfg.max_new_tokens}, the server's max_new_tokens "
-                            f"(its KV cache is planned for that many)", name)
+        return default
+    if n < 0 or n > most:
+        raise ApiError(400, f"{name}={n}: give 0 <= {name} <= {most}, what the server's plan makes room for "
+                            f"(its config's max_new_tokens)", name)
     return n
 
 
@@ -164,7 +160,7 @@ def _ids_prompt(engine, ids: list[int], settings: dict, limits: Limits) -> Promp
     prompt = dataclasses.replace(base, given=list(ids), text=tok.decode(ids), ids=list(ids))
     try:
         check_lengths([prompt], getattr(engine.inputs.model_config, "max_position_embeddings", None),
-                      engine.inputs.cfg.max_new_tokens)
+                      engine.inputs.cfg.max_new_tokens)  # the rest of the plan's checks: Engine.submit
     except ConfigError as e:
         raise ApiError(400, f"prompt: {e}", "prompt") from None
     return prompt
