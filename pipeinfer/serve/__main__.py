@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "or its last part)")
     args = ap.parse_args(argv)
     try:
-        inputs = read_inputs(args.config, args.set)
+        inputs = read_inputs(args.config, args.set, prompts_required=False)  # requests come over HTTP
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
