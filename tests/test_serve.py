@@ -253,6 +253,7 @@ def test_32_concurrent_clients(server, reference):
         got = list(pool.map(one, jobs))
     assert got == [_text(tok, reference(tok(p)["input_ids"], n)) for p, n in jobs]
     assert 0 < server.metric("pipeinfer_rows_in_flight_max") <= server.cfg["batch_size"]
+    assert 0 < server.metric("pipeinfer_kv_positions_max") <= LONGEST + server.cfg["max_new_tokens"]  # the plan's
     assert server.metric("pipeinfer_requests_running") == 0
 
 
@@ -306,6 +307,22 @@ def test_models_health_metrics(server):
                  "pipeinfer_time_to_first_token_seconds_bucket", "pipeinfer_time_per_output_token_seconds_count",
                  "pipeinfer_stage_seconds_total"):
         assert name in text
+
+
+def test_the_micro_batches_schedule_serves_too(model, tmp_path, reference):
+    """schedule "micro_batches" (the fallback for families rows cannot run): tokens reach a stream
+    when its prompt finishes, and answers still equal generate()."""
+    s = start_server(model, tmp_path, 2, KEY, schedule="micro_batches")
+    try:
+        tok, client = reference.tok, s.client()
+        for n, prompt in zip([12, 5], PROMPTS):
+            want = _text(tok, reference(tok(prompt)["input_ids"], n))
+            chunks = list(client.completions.create(model="llama5", prompt=prompt, max_tokens=n, stream=True))
+            assert "".join(c.choices[0].text for c in chunks) == want
+            assert client.completions.create(model="llama5", prompt=prompt, max_tokens=n).choices[0].text == want
+    finally:
+        codes = s.stop()
+    assert [c for c, _ in codes] == [0, 0], "\n".join(e[-2000:] for _, e in codes)
 
 
 def _first_chunks(client, n: int, max_tokens: int):

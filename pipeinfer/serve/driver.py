@@ -120,6 +120,8 @@ class Driver:
         lines = ["# TYPE pipeinfer_requests_running gauge", f"pipeinfer_requests_running {max(len(self.open) - waiting, 0)}",
                  "# TYPE pipeinfer_requests_waiting gauge", f"pipeinfer_requests_waiting {waiting}",
                  "# TYPE pipeinfer_rows_in_flight_max gauge", f"pipeinfer_rows_in_flight_max {self.engine.max_in_flight}",
+                 "# TYPE pipeinfer_kv_positions_max gauge",  # a slot's KV cache at its longest; the plan's capacity bounds it
+                 f"pipeinfer_kv_positions_max {self.engine.kv_positions_max}",
                  "# TYPE pipeinfer_prompt_tokens_total counter", f"pipeinfer_prompt_tokens_total {self.prompt_tokens}",
                  "# TYPE pipeinfer_generation_tokens_total counter", f"pipeinfer_generation_tokens_total {self.generated}",
                  "# TYPE pipeinfer_requests_finished_total counter"]
