@@ -13,12 +13,14 @@ takes requests and hands back results as they finish, the other ranks serve thei
 The batch runner (run_distributed_inference.py), an HTTP server or an evaluation backend are
 callers: submit() at any time (from any thread), results() yields each finished micro-batch;
 a request submitted while others run joins at the next slot that frees (generation.py's
-schedule). results(wait=True) keeps waiting for requests until close().
+schedule). results(wait=True) keeps waiting for requests until close(). on_token (a callback)
+sees each token as it arrives and cancel(index) ends a request early (rows schedule).
 
 Only the first rank knows the requests. Each micro-batch a slot takes is announced down the pipe
 in a small header (comm.send_bytes: the prompts' ids, stops and limits, as JSON), just before its
-prefill frame, and every stage forwards it on; so is the start of each round of the schedule and
-the end of the work. Every rank thus takes the same micro-batches in the same order, as
+prefill frame, and every stage forwards it on; so is the start of each round of the schedule, the
+end of the work, and while idle a keep-alive (every timeout_s / 4: no rank's bounded wait runs out
+on a quiet server, and a dead peer is found without a request). Every rank thus takes the same micro-batches in the same order, as
 generation.generate() requires, without ever being told a tensor's shape per step. With
 schedule "rows" (the default) run/rows.py runs the rounds instead, with a header per visit.
 
