@@ -143,6 +143,7 @@ def _serve_http(engine, sock: socket.socket, args) -> str | None:
     try:
         asyncio.run(run())
     finally:
+        driver.cancel(list(driver.open.values()))  # none once drained; past the drain's bound, rows free now
         engine.close()  # the engine thread finishes what runs, then ends the work on every rank
         driver.thread.join(cfg.timeout_s)
     return driver.failure
