@@ -94,6 +94,7 @@ class ExpConfig:
     quantization_options: dict | None = None
     replicas: int = 1
     replica: int = 0
+    max_queued_requests: int = 256  # the server (pipeinfer.serve): requests waiting for a row; more get a 429
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +164,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
                      f"one of {', '.join(QUANTIZATION)} (bitsandbytes, each rank quantizing its own layers)"),
     "quantization_options": ((dict,), lambda v: all(k in QUANT_OPTIONS and QUANT_OPTIONS[k][0](x) for k, x in v.items()),
                              "an object with " + ", ".join(f"{k} ({t})" for k, (_, t) in QUANT_OPTIONS.items())),
+    "max_queued_requests": (_INT, lambda v: v >= 1, "an integer >= 1: requests the server holds waiting for a row "
+                                                     "(one more is answered 429)"),
     "replicas": (_INT, lambda v: v >= 1, "an integer >= 1: independent pipelines, each on its own share of the prompts"),
     "replica": (_INT, lambda v: v >= 0, "an integer >= 0: which share this pipeline runs (submit.sbatch sets it from "
                                         "SLURM_ARRAY_TASK_ID)"),

@@ -99,3 +99,17 @@ def test_continuous_smoke_runs_and_rows_waste_less(tmp_path):
         assert c["rows_varied"]["new_tokens"] == c["rows_equal"]["new_tokens"] == result["total_new_tokens"]
         assert c["rows_varied"]["extra_rows_per_useful_token"] < c["micro_varied"]["extra_rows_per_useful_token"]
         assert c["rows_varied"]["max_prompts_in_flight"] <= 4
+
+
+def test_serving_bench_smoke(tmp_path):
+    """bench/serving.py --smoke: a real server at pipeline_size 2 under Poisson and saturating
+    arrivals from the openai client; its greedy texts equal the batch runner's (else exit 1)."""
+    pytest.importorskip("openai")
+    out = tmp_path / "serving.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "serving.py"), "--smoke", "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    cell = json.loads(out.read_text())["cells"][0]
+    assert cell["pipeline_size"] == 2 and cell["texts_equal_runner"] is True
+    assert [c["rate"] for c in cell["rates"]] == [8.0, "inf"]
+    assert all(c["tokens"] == 8 * 8 and set(c["ttft_s"]) == {"p50", "p90", "p99"} for c in cell["rates"])

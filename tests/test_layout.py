@@ -24,6 +24,7 @@ TIERS = {
     "pipeinfer.report": 6,               # entry points: read results files back
     "pipeinfer.sweep": 6,                # entry point: expands, plans and runs a grid of configs
     "pipeinfer.evaluate": 6,             # lm-eval's pipeinfer model and its launcher, a caller of the engine
+    "pipeinfer.serve": 6,                # entry point: the OpenAI-compatible server, a caller of the engine
     "run_distributed_inference": 6,      # the batch runner, a caller of the engine
 }
 ENTRY = 6         # any __main__ module is an entry point too (python -m pipeinfer.plan: the dry run)

@@ -13,12 +13,14 @@ takes requests and hands back results as they finish, the other ranks serve thei
 The batch runner (run_distributed_inference.py), an HTTP server or an evaluation backend are
 callers: submit() at any time (from any thread), results() yields each finished micro-batch;
 a request submitted while others run joins at the next slot that frees (generation.py's
-schedule). results(wait=True) keeps waiting for requests until close().
+schedule). results(wait=True) keeps waiting for requests until close(). on_token (a callback)
+sees each token as it arrives and cancel(index) ends a request early (rows schedule).
 
 Only the first rank knows the requests. Each micro-batch a slot takes is announced down the pipe
 in a small header (comm.send_bytes: the prompts' ids, stops and limits, as JSON), just before its
-prefill frame, and every stage forwards it on; so is the start of each round of the schedule and
-the end of the work. Every rank thus takes the same micro-batches in the same order, as
+prefill frame, and every stage forwards it on; so is the start of each round of the schedule, the
+end of the work, and while idle a keep-alive (every timeout_s / 4: no rank's bounded wait runs out
+on a quiet server, and a dead peer is found without a request). Every rank thus takes the same micro-batches in the same order, as
 generation.generate() requires, without ever being told a tensor's shape per step. With
 schedule "rows" (the default) run/rows.py runs the rounds instead, with a header per visit.
 
@@ -74,6 +76,13 @@ class Engine:
                         "using the micro_batches schedule", inputs.model_config.model_type)
         self._next = 0
         self._closed = self._ended = self._waiting = False
+        # first rank: called with (request index, token id, its log-probability row or None) as each
+        # token arrives (rows schedule; the micro_batches schedule hands tokens back at the end only)
+        self.on_token: Callable[[int, int, object], None] | None = None
+        self._cancelled: set[int] = set()  # running requests to end at their row's next visit
+        # while idle, a header this often keeps the other ranks' bounded waits from running out,
+        # and finds a dead peer (its send fails)
+        self.keepalive_s = inputs.cfg.timeout_s / 4
 
     @property
     def is_first(self) -> bool:
@@ -156,7 +165,7 @@ class Engine:
         index = self._next if index is None else index
         if index in self.prompts:
             raise ValueError(f"request index {index} was submitted before: give each request its own")
-        prompt = request if isinstance(request, Prompt) else self._prepare(request)
+        prompt = request if isinstance(request, Prompt) else self.prepare(request)
         self._check_room(prompt)
         self.prompts[index] = prompt
         self._next = max(self._next, index + 1)
@@ -165,7 +174,27 @@ class Engine:
             self._wake.notify_all()
         return index
 
-    def _prepare(self, request) -> Prompt:
+    def cancel(self, index: int) -> bool:
+        """End a request early (a client that went away). A queued one is forgotten at once, with no
+        result (True); a running one's row is freed at its next visit and results() yields what it
+        made, with finish_reason "abort" (rows schedule; the micro_batches schedule runs it to its end)."""
+        with self._wake:
+            if index in self._queue:
+                self._queue.remove(index)
+                self.prompts.pop(index, None)
+                return True
+            if index in self.prompts:
+                self._cancelled.add(index)
+            return False
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet taken into a row."""
+        return len(self._queue)
+
+    def prepare(self, request) -> Prompt:
+        """A request as submit() would queue it (rendered, tokenized, its limits checked);
+        ConfigError for one that cannot run."""
         spec = request if isinstance(request, PromptSpec) else PromptSpec(request)
         Limits.read(dataclasses.asdict(spec.limits), "request")  # each value by the config's own rule
         inputs = self.inputs
@@ -198,10 +227,15 @@ class Engine:
         self._waiting = wait
         while True:
             with self._wake:
-                while wait and not self._queue and not self._closed:
-                    self._wake.wait()
-                if not self._queue:
+                idle = False
+                while wait and not self._queue and not self._closed and not idle:
+                    idle = not self._wake.wait(self.keepalive_s)
+                if not self._queue and not idle:
                     break
+            if not self._queue:
+                self._announce({"kind": "alive"})
+                self.comm.drain_sends()  # a dead next rank fails it here, not at the next request
+                continue
             self._announce({"kind": "round"})
             for batch, result in self._round():
                 yield batch, result
@@ -238,7 +272,10 @@ class Engine:
 
     def serve(self) -> None:
         """The other ranks' loop: run each round the first rank announces, until it ends the work."""
-        while self._hear("waiting for the first rank's next work")["kind"] == "round":
+        while (kind := self._hear("waiting for the first rank's next work")["kind"]) in ("round", "alive"):
+            if kind == "alive":
+                self.comm.drain_sends()
+                continue
             for _ in self._round():
                 pass
 
@@ -260,11 +297,13 @@ class Engine:
     def _row_round(self) -> Iterator[tuple[Batch, BatchResult]]:
         inputs = self.inputs
         sched = RowSchedule(self.stage, self.comm, list(self.sizes), inputs.gen, inputs.model_config.hidden_size,
-                            inputs.dtype, inputs.plan.capacity, inputs.tokenizer.pad_token_id)
+                            inputs.dtype, inputs.plan.capacity, inputs.tokenizer.pad_token_id,
+                            self.on_token, self._cancelled)
         queue = self._queue
 
         def take():
-            return (i := queue.popleft(), self.prompts[i]) if queue else None
+            with self._wake:  # cancel() may remove from the queue on another thread
+                return (i := queue.popleft(), self.prompts[i]) if queue else None
 
         try:
             if self.is_first:

@@ -99,8 +99,12 @@ class RowSchedule:
     serve() on the others (until the first stage ends the round)."""
 
     def __init__(self, stage: Stage, comm: Comm, sizes: list[int], gp: GenParams, hidden_size: int,
-                 dtype: torch.dtype, capacity: int, pad_id: int):
+                 dtype: torch.dtype, capacity: int, pad_id: int,
+                 on_token: Callable[[int, int, object], None] | None = None, cancelled: set[int] | None = None):
         self.stage, self.comm, self.gp, self.H, self.dtype, self.pad = stage, comm, gp, hidden_size, dtype, pad_id
+        # first stage: each token as it arrives (index, token id, log-probability row or None); and
+        # the requests to end at their row's next visit (another thread adds to it: Engine.cancel)
+        self.on_token, self.cancelled = on_token, set() if cancelled is None else cancelled
         self.capacity = capacity  # the plan's KV positions per slot
         dev = comm.device
         self.slots = [_Slot(n, None, None, [], [], [], []) for n in sizes]
@@ -131,6 +135,13 @@ class RowSchedule:
             s = self.slots[k]
             while s.busy:  # token messages come back in visit order
                 yield from self._receive(*inflight.popleft(), make)
+            for r, row in enumerate(s.firsts):
+                if row is not None and row.index in self.cancelled:  # freed here; the header drops it
+                    self.cancelled.discard(row.index)
+                    s.firsts[r] = None
+                    result = self._result(row)
+                    result.finish[0] = ("abort", None)
+                    yield make([row.index]), result
             live = [r for r, row in enumerate(s.firsts) if row is not None]
             got = []
             while len(live) + len(got) < s.cap and (one := take()) is not None:
@@ -244,6 +255,8 @@ class RowSchedule:
             row.arrivals.append(now - row.t0)
             if w:
                 row.logprobs.append(lp[a * w:(a + 1) * w])
+            if self.on_token is not None and len(row.tokens) <= row.max_new:
+                self.on_token(row.index, tokens[r], row.logprobs[-1] if w else None)
         if self.gp.prompt_logprobs and head["join"]:
             T = max(len(j["ids"]) for j in head["join"])
             width = T - 1 + any(j.get("next") is not None for j in head["join"])  # scoring.py: (J, 2, width)
@@ -256,6 +269,7 @@ class RowSchedule:
             row = s.firsts[r]
             if row.codes[-1] or len(row.tokens) >= max(row.max_new, 1):
                 s.firsts[r] = None
+                self.cancelled.discard(row.index)
                 yield make([row.index]), self._result(row)
 
     def _result(self, row: _Row) -> BatchResult:
