@@ -470,3 +470,42 @@ def test_replicas_of_two_nodes_each_merge_equal_to_generate(tmp_path, model_dir,
     assert [r["prompt_index"] for r in merged] == list(range(len(PROMPTS))) and [r["replica"] for r in merged] == [0, 1, 0]
     assert {r["prompt_index"]: r["output_ids"] for r in merged} == reference
     assert [len(r["layers_per_rank"]) for r in records if r["type"] == "run"] == [2, 2]
+
+
+def test_serve_mode_prints_the_tunnel_and_drains_on_scancel(tmp_path, model_dir, reference):
+    """MODE=serve: once every rank loaded, the log names the node and port and the ssh -L command;
+    a completion over that port is generate()'s; scancel drains and both ranks exit 0."""
+    import urllib.request
+
+    from conftest import free_port
+    from transformers import AutoTokenizer
+
+    config = write_config(tmp_path / "config.json", model_dir, tmp_path / "unused.jsonl", prompts=None,
+                          max_prompt_tokens=64)
+    port = free_port()
+    env = job_env(CONTAINER_IMAGE="none", EXP_CONFIG=str(config), MODE="serve", SERVE_PORT=str(port))
+    job, _, log = sbatch(tmp_path, env, wait=False)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and "ssh -N -L" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.5)
+        tunnel = [line for line in log.read_text().splitlines() if "ssh -N -L" in line]
+        assert tunnel, log.read_text()[-3000:]
+        node = tunnel[0].split(" node ")[1].split()[0]
+        assert node in ("node1", "node2") and f"port {port};" in tunnel[0]
+        assert f"ssh -N -L {port}:127.0.0.1:{port} -J " in tunnel[0] and tunnel[0].rstrip().endswith("/v1")
+        body = json.dumps({"model": model_dir.name, "prompt": PROMPTS[0], "max_tokens": MAX_NEW_TOKENS}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text = json.loads(r.read())["choices"][0]["text"]
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        ids = reference[0][:-1] if reference[0][-1:] == [tok.eos_token_id] else reference[0]
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        slurm("scancel", job, check=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "srun exited with status" not in log.read_text():
+            time.sleep(0.5)
+        assert "srun exited with status 0" in log.read_text(), log.read_text()[-3000:]
+    finally:
+        slurm("scancel", job)

@@ -153,7 +153,7 @@ def _tunnel_hint(host: str, port: int) -> str:
     """Under Slurm: the node, and the ssh command that reaches the port from a login node."""
     if not os.environ.get("SLURM_JOB_ID"):
         return ""
-    node = socket.gethostname()
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the node's name as Slurm knows it
     target = "127.0.0.1" if host in ("127.0.0.1", "localhost") else node
     login = os.environ.get("SLURM_SUBMIT_HOST", "<login node>")
     return (f"\npipeinfer.serve: node {node} port {port}; from your machine: "
