@@ -10,8 +10,9 @@ decode at which position, which prompts join, the cache length), before its fram
 
   reshape  the slot keeps only its live rows (finished rows go, the last rows fill their places:
            one row copy each, kvcache.keep_rows), so a slot holds R live rows and computes R; once
-           nothing joins, half the live rows may move to an empty slot with no visit on its way
-           (kvcache.take_rows), so the last long rows keep a slot per stage in flight
+           the queue is dry, rows move to the slot with the fewest running rows until they differ
+           by at most one (kvcache.take_rows, copy_rows), so the last long rows keep a slot per
+           stage in flight
   decode   one position for every row of the slot, the new column masked in
   join     the joining prompts' prefill (left-padded among themselves, a cache of their own),
            placed in rows after the live ones at the end of the slot's positions (kvcache.add_rows,
