@@ -206,3 +206,56 @@ def test_a_move_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp
         errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
     assert "pipeline protocol error: the first stage's header says moved rows' positions" in outs[1][1]
+
+
+MOVES_SEEN = textwrap.dedent('''
+    import json, os, runpy, sys
+    from pipeinfer.run import rows
+
+    if os.environ["RANK"] == "0":  # every move the first stage announces, to a file
+        real = rows.RowSchedule._header
+
+        def seen(self, *a):
+            head = real(self, *a)
+            if head["move"]:
+                with open(os.environ["MOVES_FILE"], "a") as f:
+                    f.write(json.dumps(head["move"]) + "\\n")
+            return head
+        rows.RowSchedule._header = seen
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+''')
+
+
+def test_rows_move_into_a_slot_with_a_visit_on_its_way(tiny_llama, tmp_path):
+    """Batch 8 at pipeline_size 2 (slots of 4), nothing left in the queue: slot 1's short rows end
+    while slot 0 runs four long ones, so rows move to slot 1 while its own visit is on its way (they
+    go after its rows) until both hold as many; the tokens still equal generate()'s, and every stage
+    computed exactly the prompts' positions and one row per later token."""
+    texts, new = [f"prompt{i}" for i in range(8)], [30, 30, 30, 30, 2, 2, 20, 20]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(texts, new)))
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=str(path), max_new_tokens=30,
+                      pipeline_size=2, batch_size=8, schedule="rows", ignore_eos=True)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "seen.py").write_text(MOVES_SEEN)
+    port = free_port()
+    ranks = [start_rank([str(tmp_path / "seen.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
+                        dict(rank_env(r, 2, port), MOVES_FILE=str(tmp_path / "moves.jsonl"))) for r in range(2)]
+    try:
+        outs = [r.communicate(timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [0, 0], [e[-1500:] for _, e in outs]
+    moves = [json.loads(line) for line in (tmp_path / "moves.jsonl").read_text().splitlines()]
+    assert any(not m["clear"] and m["n"] > 0 for m in moves), moves
+    records = [json.loads(line) for line in open(cfg["output_path"], encoding="utf-8")]
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == [reference_outputs(tiny_llama, [p], n, ignore_eos=True)[0]
+                                                  for p, n in zip(texts, new)]
+    stages = [r for r in records if r["type"] == "stage"]
+    useful = sum(p["prompt_tokens"] + p["new_tokens"] - 1 for p in prompts)
+    assert [s["rows_computed"] for s in stages] == [useful] * 2
+    assert [s["rows_moved"] for s in stages] == [sum(len(m["rows"]) for m in moves)] * 2
+    assert max_overlap(prompts) <= 8

@@ -168,3 +168,13 @@ def take_rows(dst, src, rows: list[int], n: int) -> None:
     for layer, s in zip(dst.layers, src.layers):
         L = s.keys.shape[2]
         _set(layer, s.keys[idx, :, L - n:], s.values[idx, :, L - n:])
+
+
+def copy_rows(dst, src, rows: list[int], into, lengths: list[int]) -> None:
+    """dst's row into[j] takes the last lengths[j] positions of src's row rows[j], placed at the
+    end of dst's positions (a row moved into a slot that keeps its own rows)."""
+    for layer, s in zip(dst.layers, src.layers):
+        L, Ls = layer.keys.shape[2], s.keys.shape[2]
+        for r, d, n in zip(rows, into, lengths):
+            layer.keys[d, :, L - n:] = s.keys[r, :, Ls - n:]
+            layer.values[d, :, L - n:] = s.values[r, :, Ls - n:]

@@ -10,8 +10,9 @@ decode at which position, which prompts join, the cache length), before its fram
 
   reshape  the slot keeps only its live rows (finished rows go, the last rows fill their places:
            one row copy each, kvcache.keep_rows), so a slot holds R live rows and computes R; once
-           nothing joins, half the live rows may move to an empty slot with no visit on its way
-           (kvcache.take_rows), so the last long rows keep a slot per stage in flight
+           the queue is dry, rows move to the slot with the fewest running rows until they differ
+           by at most one (kvcache.take_rows, copy_rows), so the last long rows keep a slot per
+           stage in flight
   decode   one position for every row of the slot, the new column masked in
   join     the joining prompts' prefill (left-padded among themselves, a cache of their own),
            placed in rows after the live ones at the end of the slot's positions (kvcache.add_rows,
@@ -39,7 +40,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeinfer.load.kvcache import add_rows, drop_left, grow_left, keep_rows, reserve_rows, splice_rows, take_rows
+from pipeinfer.load.kvcache import (add_rows, copy_rows, drop_left, grow_left, keep_rows, reserve_rows, splice_rows,
+                                    take_rows)
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
 from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
@@ -124,6 +126,7 @@ class RowSchedule:
             abort_requested: Callable[[], bool]) -> Iterator[tuple[Batch, BatchResult]]:
         inflight: deque = deque()  # (slot, header, local token message) per visit on its way
         k, K = 0, len(self.slots)
+        dry = False  # the queue had nothing the last time a free row asked
         while True:
             if abort_requested():
                 self._announce({"kind": "abort"})
@@ -144,7 +147,9 @@ class RowSchedule:
                     yield make([row.index]), result
             live = [r for r, row in enumerate(s.firsts) if row is not None]
             got = []
-            while len(live) + len(got) < s.cap and (one := take()) is not None:
+            while len(live) + len(got) < s.cap:
+                if dry := (one := take()) is None:
+                    break
                 got.append(one)
             if not live and not got:
                 if not inflight and all(all(row is None for row in t.firsts) for t in self.slots):
@@ -155,7 +160,7 @@ class RowSchedule:
                 continue
             # The slot keeps only its live rows (the finished ones go, free rows filled from the end),
             # and once nothing joins, half of them may move to an empty slot: both in one header.
-            move = None if got else self._move(k, s, live)
+            move = self._move(k, s, live) if dry and not got else None
             shape = {"n": s.size, "keep": _holes_filled([r for r in live if move is None or r not in move["rows"]]),
                      "move": move}
             self._reshape(s, shape)
@@ -178,19 +183,24 @@ class RowSchedule:
             k = (k + 1) % K
 
     def _move(self, k: int, s: _Slot, live: list[int]) -> dict | None:
-        """Where the queue has run dry and another slot is empty, with no visit on its way, half of
-        this slot's live rows move there, so that the pipe keeps a slot per stage in flight instead
-        of running the last long rows in one (half the stages idle). Rows are dealt by what they
-        may still produce, longest first, alternately, so that both slots last about as long."""
-        if len(live) < 2:
+        """Once the queue has run dry, rows of this slot move to the slot with the fewest running
+        rows until the two differ by at most one, so that the pipe keeps a balanced slot per stage
+        in flight instead of running the last long rows in one (the other stages idle). A slot with
+        a visit on its way takes them after its rows (it decodes them at its next visit); one with
+        none running and none on its way starts over with them. Rows are dealt by what they may
+        still produce, longest first, alternately, so that both slots last about as long."""
+        if len(live) < 2 or len(self.slots) < 2:
             return None
-        to = next((j for j, t in enumerate(self.slots) if j != k and not t.busy and all(f is None for f in t.firsts)),
-                  None)
-        if to is None:
+        running = [sum(f is not None for f in t.firsts) for t in self.slots]
+        to = min((j for j in range(len(self.slots)) if j != k), key=lambda j: running[j])
+        t = self.slots[to]
+        clear = t.size == 0 or (not t.busy and not running[to])
+        count = min((len(live) - running[to]) // 2, t.cap - (0 if clear else t.size))
+        if count < 1:
             return None
         left = sorted(live, key=lambda r: s.firsts[r].max_new - len(s.firsts[r].tokens), reverse=True)
-        rows = sorted(left[1::2][:self.slots[to].cap])
-        return {"slot": to, "rows": rows, "n": self.slots[to].size, "pos": [s.pos[r] for r in rows]}
+        rows = sorted(left[1::2][:count])
+        return {"slot": to, "rows": rows, "n": t.size, "pos": [s.pos[r] for r in rows], "clear": clear}
 
     @torch.inference_mode()  # the caches are inference tensors: edited in place
     def _reshape(self, s: _Slot, shape: dict) -> None:
@@ -200,11 +210,23 @@ class RowSchedule:
         if move is not None:
             t, rows = self.slots[move["slot"]], move["rows"]
             n = max(s.pos[r] for r in rows)  # a row's positions are the last pos[r] of the slot's
-            self._clear(t)
-            take_rows(t.cache, s.cache, rows, n)
-            t.mask = s.mask[rows, s.length - n:]
+            if move["clear"]:
+                self._clear(t)
+                take_rows(t.cache, s.cache, rows, n)
+                t.mask = s.mask[rows, s.length - n:]
+            else:  # after t's rows: its cache grows on the left where a moved row is longer
+                if n > t.length:
+                    grow_left(t.cache, t.size, n - t.length, s.cache)
+                    t.mask = torch.cat([torch.zeros(t.size, n - t.length, dtype=t.mask.dtype, device=t.mask.device),
+                                        t.mask], 1)
+                b, L = t.size, t.length
+                add_rows(t.cache, len(rows))
+                copy_rows(t.cache, s.cache, rows, range(b, b + len(rows)), [s.pos[r] for r in rows])
+                t.mask = torch.cat([t.mask, torch.zeros(len(rows), L, dtype=t.mask.dtype, device=t.mask.device)])
+                for j, r in enumerate(rows):
+                    t.mask[b + j, L - s.pos[r]:] = 1
             for name in ("pos", "rows", "firsts", "tails"):
-                setattr(t, name, [getattr(s, name)[r] for r in rows])
+                getattr(t, name).extend(getattr(s, name)[r] for r in rows)
             self.rows_moved += len(rows)
         keep = shape["keep"]
         if keep == list(range(s.size)):
@@ -243,7 +265,7 @@ class RowSchedule:
         s.busy = False
         active = sorted(head["decode"] + [j["row"] for j in head["join"]])
         n_floats = self._floats(head)
-        tokens, codes, _, floats = self.comm.recv_tokens(s.size, local, f"waiting for slot {k}'s tokens", n_floats)
+        tokens, codes, _, floats = self.comm.recv_tokens(len(active), local, f"waiting for slot {k}'s tokens", n_floats)
         tokens, codes = tokens.tolist(), codes.tolist()
         w = self.gp.logprob_width
         lp = floats.cpu().reshape(-1) if floats is not None else None
@@ -332,7 +354,7 @@ class RowSchedule:
             to = move["slot"]
             if to == head["slot"] or not 0 <= to < len(self.slots):
                 problems.append(f"a move to slot {to}")
-            elif move["n"] != self.slots[to].size or len(moved) > self.slots[to].cap:
+            elif move["n"] != self.slots[to].size or len(moved) > self.slots[to].cap - (0 if move["clear"] else move["n"]):
                 problems.append(f"{len(moved)} rows moved to slot {to} of {move['n']} rows (this stage's has "
                                 f"{self.slots[to].size}, at most {self.slots[to].cap})")
             elif move["pos"] != [s.pos[r] for r in moved]:
