@@ -115,3 +115,25 @@ def test_engine_refuses_a_bad_request_and_waits_for_late_ones(tiny_llama, tmp_pa
         assert not t.is_alive()
         assert engine.prompts == {}  # handed back, then forgotten: a long-lived engine does not grow
     assert sorted(got) == list(enumerate(reference_outputs(tiny_llama, PROMPTS, 5)))
+
+
+@pytest.mark.parametrize("schedule", ["rows", "micro_batches"])
+def test_engine_room_by_schedule(tiny_llama, tmp_path, schedule):
+    """A row holds max_prompt_tokens + max_new_tokens positions: on the rows schedule a short prompt may
+    ask for more new tokens (its own row's room), which a micro-batch's cache, sized for its longest
+    prompt plus its largest max_new_tokens, cannot give; the answer equals generate()."""
+    from pipeinfer.config import ConfigError
+    from pipeinfer.engine import Engine
+    from pipeinfer.run.prompts import Limits, PromptSpec
+
+    cfg = base_config(tiny_llama, tmp_path, max_new_tokens=5, prompts=None, max_prompt_tokens=48, schedule=schedule)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with Engine.start(str(tmp_path / "cfg.json")) as engine:
+        request = PromptSpec(PROMPTS[0], limits=Limits(max_new_tokens=9))
+        if schedule == "micro_batches":
+            with pytest.raises(ConfigError, match='max_new_tokens=9, above the 5 the plan makes room for '
+                                                  r'\(schedule "micro_batches"\)'):
+                engine.submit(request)
+            return
+        got = [rec["output_ids"] for rec in engine.generate([request])]
+    assert got == reference_outputs(tiny_llama, [PROMPTS[0]], 9)

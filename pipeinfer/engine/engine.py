@@ -214,7 +214,13 @@ class Engine:
                               f"the plan makes room for: shorten it, or raise max_prompt_tokens in the config")
         # A row holds its prompt and its new tokens: a short prompt may ask for more than the config's
         # max_new_tokens (an evaluation scores prompts of max_prompt_tokens and generates after short ones).
+        # The micro_batches schedule sizes a micro-batch's cache for its longest prompt plus its largest
+        # max_new_tokens, so there a request may not trade the one for the other.
         new, room = prompt.max_new_tokens(inputs.cfg.max_new_tokens), self.inputs.plan.capacity
+        if not self.rows and new > self.max_new_tokens:
+            raise ConfigError(f"the request asks for max_new_tokens={new}, above the {self.max_new_tokens} the plan "
+                              f"makes room for (schedule \"micro_batches\"): ask for fewer, or raise max_new_tokens "
+                              f"in the config")
         if len(prompt.ids) + new > room:
             raise ConfigError(f"the request asks for max_new_tokens={new} after a prompt of {len(prompt.ids)} tokens, "
                               f"above the {room} positions a row has in the plan (max_prompt_tokens + max_new_tokens):"
