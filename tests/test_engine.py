@@ -119,21 +119,23 @@ def test_engine_refuses_a_bad_request_and_waits_for_late_ones(tiny_llama, tmp_pa
 
 @pytest.mark.parametrize("schedule", ["rows", "micro_batches"])
 def test_engine_room_by_schedule(tiny_llama, tmp_path, schedule):
-    """A row holds max_prompt_tokens + max_new_tokens positions: on the rows schedule a short prompt may
-    ask for more new tokens (its own row's room), which a micro-batch's cache, sized for its longest
-    prompt plus its largest max_new_tokens, cannot give; the answer equals generate()."""
-    from pipeinfer.config import ConfigError
+    """A row holds max_prompt_tokens + max_new_tokens positions: a short prompt may ask for more new
+    tokens. A micro-batch's cache holds its longest prompt plus its largest max_new_tokens, so on the
+    micro_batches schedule a long prompt and a short one asking for many tokens run in micro-batches of
+    their own, within the plan; either way the answers equal generate()."""
     from pipeinfer.engine import Engine
     from pipeinfer.run.prompts import Limits, PromptSpec
 
-    cfg = base_config(tiny_llama, tmp_path, max_new_tokens=5, prompts=None, max_prompt_tokens=48, schedule=schedule)
+    cfg = base_config(tiny_llama, tmp_path, max_new_tokens=2, prompts=None, max_prompt_tokens=45, schedule=schedule)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    wants = [(PROMPTS[3], 2), (PROMPTS[0], 30), (PROMPTS[2], 2)]  # 45 + 2 = the room; 5 + 30 fits, 45 + 30 does not
     with Engine.start(str(tmp_path / "cfg.json")) as engine:
-        request = PromptSpec(PROMPTS[0], limits=Limits(max_new_tokens=9))
-        if schedule == "micro_batches":
-            with pytest.raises(ConfigError, match='max_new_tokens=9, above the 5 the plan makes room for '
-                                                  r'\(schedule "micro_batches"\)'):
-                engine.submit(request)
-            return
-        got = [rec["output_ids"] for rec in engine.generate([request])]
-    assert got == reference_outputs(tiny_llama, [PROMPTS[0]], 9)
+        for p, n in wants:
+            engine.submit(PromptSpec(p, limits=Limits(max_new_tokens=n)))
+        got, batches = {}, []
+        for batch, result in engine.results():
+            batches.append(batch.indices)
+            got.update(zip(batch.indices, result.output_ids))
+    assert [got[i] for i in range(3)] == [reference_outputs(tiny_llama, [p], n)[0] for p, n in wants]
+    if schedule == "micro_batches":
+        assert batches == [[0], [1, 2]], batches  # 0 and 1 together would need 45 + 30 positions a row

@@ -30,6 +30,7 @@ Over 300 lines: the API, its two schedules' rounds and the announced work queue 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import threading
@@ -214,13 +215,7 @@ class Engine:
                               f"the plan makes room for: shorten it, or raise max_prompt_tokens in the config")
         # A row holds its prompt and its new tokens: a short prompt may ask for more than the config's
         # max_new_tokens (an evaluation scores prompts of max_prompt_tokens and generates after short ones).
-        # The micro_batches schedule sizes a micro-batch's cache for its longest prompt plus its largest
-        # max_new_tokens, so there a request may not trade the one for the other.
         new, room = prompt.max_new_tokens(inputs.cfg.max_new_tokens), self.inputs.plan.capacity
-        if not self.rows and new > self.max_new_tokens:
-            raise ConfigError(f"the request asks for max_new_tokens={new}, above the {self.max_new_tokens} the plan "
-                              f"makes room for (schedule \"micro_batches\"): ask for fewer, or raise max_new_tokens "
-                              f"in the config")
         if len(prompt.ids) + new > room:
             raise ConfigError(f"the request asks for max_new_tokens={new} after a prompt of {len(prompt.ids)} tokens, "
                               f"above the {room} positions a row has in the plan (max_prompt_tokens + max_new_tokens):"
@@ -355,7 +350,7 @@ class _AnnouncedWork(MicroBatches):
     def take(self, slot: int) -> Batch | None:
         engine = self.engine
         if engine.is_first:
-            batch = super().take(slot)
+            batch = super().take(slot, self._fitting(slot))
             engine._announce({"kind": "batch", **_describe(batch, engine.prompts)} if batch else {"kind": "retire"})
             return batch
         head = engine._hear(f"waiting for slot {slot}'s next micro-batch from the first rank")
@@ -369,6 +364,22 @@ class _AnnouncedWork(MicroBatches):
             engine.prompts[i] = Prompt(None, "", ids, Stops(*map(tuple, stops)), Limits(*limits), score_next=nxt)
         self.todo = deque(head["indices"])
         return super().take(slot)
+
+    def _fitting(self, slot: int) -> int:
+        """How many of the next queued prompts one micro-batch takes: its cache holds its longest
+        prompt plus its largest max_new_tokens, which must stay within the plan's positions per row
+        (a request may trade prompt room for new tokens, Engine._check_room: two such requests
+        in one micro-batch would need both). A prompt that does not fit waits for the next slot."""
+        engine = self.engine
+        room, default = engine.inputs.plan.capacity, engine.inputs.cfg.max_new_tokens
+        n = longest = most_new = 0
+        for i in itertools.islice(self.todo, self.sizes[slot]):
+            p = engine.prompts[i]
+            longest, most_new = max(longest, len(p.ids)), max(most_new, p.max_new_tokens(default))
+            if n and longest + most_new > room:
+                break
+            n += 1
+        return n
 
     def done(self, batch: Batch) -> None:
         super().done(batch)

@@ -282,11 +282,13 @@ class MicroBatches:
     max_in_flight: int = 0   # the most there ever were
     rows_computed: int = 0   # positions run through the stage (B * T per prefill, B per decode step)
 
-    def take(self, slot: int) -> Batch | None:
-        """The next micro-batch for `slot`, or None when every prompt has been taken."""
+    def take(self, slot: int, most: int | None = None) -> Batch | None:
+        """The next micro-batch for `slot` (at most `most` prompts, if given), or None when every
+        prompt has been taken."""
         if not self.todo:
             return None
-        batch = self.make([self.todo.popleft() for _ in range(min(self.sizes[slot], len(self.todo)))])
+        n = min(self.sizes[slot], len(self.todo), self.sizes[slot] if most is None else most)
+        batch = self.make([self.todo.popleft() for _ in range(n)])
         self.in_flight += len(batch.indices)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return batch
