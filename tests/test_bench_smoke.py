@@ -99,3 +99,23 @@ def test_continuous_smoke_runs_and_rows_waste_less(tmp_path):
         assert c["rows_varied"]["new_tokens"] == c["rows_equal"]["new_tokens"] == result["total_new_tokens"]
         assert c["rows_varied"]["extra_rows_per_useful_token"] < c["micro_varied"]["extra_rows_per_useful_token"]
         assert c["rows_varied"]["max_prompts_in_flight"] <= 4
+
+
+def test_profile_step_splits_every_stage_visit(tmp_path):
+    """bench/profile_step.py --smoke: the runner's torch.profiler traces, one and two stages, split
+    per decode visit into columns that add up to the visit (prefill visits left out)."""
+    out = tmp_path / "profile.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "profile_step.py"), "--smoke", "--compile", "false",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"off/1/2", "off/2/2"}
+    for key, cell in cells.items():
+        assert len(cell["stages"]) == int(key.split("/")[1])
+        for s in cell["stages"]:
+            assert s["visits"] >= 3, (key, s)
+            parts = [s[k] for k in ("matmul", "attention", "layers", "schedule", "sampling", "messages")]
+            assert min(parts) >= 0 and abs(sum(parts) - s["step"]) < 1e-6 and s["matmul"] > 0, (key, s)
+        assert cell["stages"][-1]["sampling"] > 0  # the last stage samples
+    assert "| off | 2 | 2 |" in res.stdout
