@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         gathered = comm.gather(dict(stage_record(rank, info.layer_ranges[rank], info.param_bytes, device, wall_s, comm,
                                                  engine.max_in_flight, stage.streamer and stage.streamer.record()),
                                     schedule="rows" if engine.rows else "micro_batches",
-                                    rows_computed=engine.rows_computed, kv_positions_max=engine.kv_positions_max))
+                                    rows_computed=engine.rows_computed, kv_positions_max=engine.kv_positions_max,
+                                    **({"compile": stage.compiled.record()} if stage.compiled else {})))
         done = len(mine) - len(todo) + finished
         if writer is not None:
             for rec in gathered:
