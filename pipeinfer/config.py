@@ -57,6 +57,9 @@ class ExpConfig:
     chat_template: str | None = None
     system_prompt: str | None = None
     max_new_tokens: int = 32
+    # the longest prompt a request may have (the engine's callers: a server, an evaluation);
+    # None: the longest given prompt, or with none the model's positions less max_new_tokens
+    max_prompt_tokens: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     logprobs: int = 0
@@ -110,6 +113,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "chat_template": (_STR, lambda v: v != "", "a path to a Jinja chat template file (default: the tokenizer's own)"),
     "system_prompt": (_STR, None, "a string: a system message put before every chat-messages prompt"),
     "max_new_tokens": (_INT, lambda v: v >= 0, "an integer >= 0 (0 only scores the prompts: prompt_logprobs=true)"),
+    "max_prompt_tokens": (_INT, lambda v: v >= 1, "an integer >= 1: the longest prompt, in tokens, the plan makes "
+                                                   "room for (requests longer than it are refused)"),
     "stop": ((list,), lambda v: all(isinstance(s, str) and s for s in v),
              'a list of non-empty strings, e.g. ["\\n\\n", "User:"]'),
     "stop_token_ids": ((list,), lambda v: all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v),
@@ -167,7 +172,7 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(ExpConfig)}
 
-_OPTIONAL = ("prompts", "prompts_file", "chat_template", "system_prompt", "stop", "stop_token_ids", "max_memory",
+_OPTIONAL = ("prompts", "prompts_file", "max_prompt_tokens", "chat_template", "system_prompt", "stop", "stop_token_ids", "max_memory",
              "max_cpu_memory", "quantization_options")
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -268,7 +273,7 @@ def build_config(raw: dict) -> ExpConfig:
     values = {key: _check_key(key, value) for key, value in raw.items()}
     if "model_path" not in values:
         raise ConfigError("model_path is missing: set it to a local model directory (weights are never downloaded)")
-    if (values.get("prompts") is None) == (values.get("prompts_file") is None):
+    if values.get("prompts") is not None and values.get("prompts_file") is not None:
         raise ConfigError("set exactly one of prompts (a list of strings) or prompts_file (a .jsonl or .txt path)")
     size = values.get("pipeline_size", 1)
     for key in ("layer_split", "max_memory", "max_cpu_memory"):

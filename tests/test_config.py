@@ -40,6 +40,9 @@ BAD = [
     ("max_memory infinite", {"max_memory": ["inf"]}, "max_memory"),
     ("timeout_s beyond timedelta", {"timeout_s": 1e300}, "timeout_s"),
     ("prompt with a lone surrogate", {"prompts": ["ab\ud800cd"]}, "prompt 0 is not valid Unicode"),
+    ("no prompts for the batch runner", {"prompts": None}, "set one of prompts (a list of strings) or prompts_file"),
+    ("max_prompt_tokens 0", {"max_prompt_tokens": 0}, "max_prompt_tokens=0 is out of range"),
+    ("a prompt above max_prompt_tokens", {"max_prompt_tokens": 4}, "above max_prompt_tokens=4: raise"),
 ]
 
 
@@ -263,3 +266,19 @@ def test_micro_batching_never_puts_more_than_batch_size_in_flight(batch_size, pi
         if (nxt := work.take(k)) is not None:
             running[k] = nxt
     assert work.max_in_flight == batch_size and work.in_flight == 0 and not work.todo
+
+
+def test_plan_room_without_prompts(tiny_llama, tmp_path):
+    """An engine's caller (a server, an evaluation) configures no prompts: the plan, and the dry run,
+    make room for max_prompt_tokens, else the model's positions less max_new_tokens."""
+    from transformers import AutoConfig
+
+    from pipeinfer.plan.__main__ import dry_run
+
+    positions = AutoConfig.from_pretrained(tiny_llama).max_position_embeddings
+    cfg = build_config(base_config(tiny_llama, tmp_path, prompts=None, max_new_tokens=8, max_prompt_tokens=20))
+    assert (dry_run(cfg)["longest_prompt"], dry_run(cfg)["capacity"]) == (20, 28)
+    cfg = build_config(base_config(tiny_llama, tmp_path, prompts=None, max_new_tokens=8))
+    assert dry_run(cfg)["capacity"] == positions
+    with pytest.raises(ConfigError, match=f"exceeds the model's {positions} positions: lower one of them"):
+        dry_run(build_config(base_config(tiny_llama, tmp_path, prompts=None, max_prompt_tokens=positions)))

@@ -53,7 +53,9 @@ def reference(tiny_llama):
 
 @pytest.mark.parametrize("pipeline_size,batch_size", [(1, 3), (2, 1), (2, 3), (3, 3)])
 def test_engine_from_python_matches_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size):
-    cfg = base_config(tiny_llama, tmp_path, pipeline_size=pipeline_size, batch_size=batch_size, max_new_tokens=4)
+    # no prompts in the config: the plan makes room for max_prompt_tokens + max_new_tokens per row
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=pipeline_size, batch_size=batch_size, max_new_tokens=12,
+                      prompts=None, max_prompt_tokens=48)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     (tmp_path / "req.json").write_text(json.dumps(REQUESTS))
     (tmp_path / "script.py").write_text(SCRIPT)
@@ -84,9 +86,15 @@ def test_engine_refuses_a_bad_request_and_waits_for_late_ones(tiny_llama, tmp_pa
     from pipeinfer.engine import Engine
     from pipeinfer.run.prompts import Limits, PromptSpec
 
-    cfg = base_config(tiny_llama, tmp_path, max_new_tokens=3)
+    cfg = base_config(tiny_llama, tmp_path, max_new_tokens=5, prompts=None, max_prompt_tokens=48)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with Engine.start(str(tmp_path / "cfg.json")) as engine:
+        assert (engine.max_prompt_tokens, engine.max_new_tokens) == (48, 5)
+        with pytest.raises(ConfigError, match=r"has \d+ tokens, above the 48 the plan makes room for: shorten it, or "
+                                              "raise max_prompt_tokens"):
+            engine.submit(PROMPTS[-1] * 2)
+        with pytest.raises(ConfigError, match="max_new_tokens=6, above the 5 the plan makes room for"):
+            engine.submit(PromptSpec("a", limits=Limits(max_new_tokens=6)))
         with pytest.raises(ConfigError, match="max_new_tokens=-1 is out of range"):
             engine.submit(PromptSpec("a", limits=Limits(max_new_tokens=-1)))
         with pytest.raises(ConfigError, match="sets temperature but do_sample=false"):
@@ -104,4 +112,5 @@ def test_engine_refuses_a_bad_request_and_waits_for_late_ones(tiny_llama, tmp_pa
         engine.close()
         t.join(timeout=120)
         assert not t.is_alive()
+        assert engine.prompts == {}  # handed back, then forgotten: a long-lived engine does not grow
     assert sorted(got) == list(enumerate(reference_outputs(tiny_llama, PROMPTS, 5)))

@@ -35,7 +35,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
-from pipeinfer.config import micro_batching
+from pipeinfer.config import ConfigError, micro_batching
 from pipeinfer.load.kvcache import plain_rows
 from pipeinfer.load.stage import LoadError, load_stage
 from pipeinfer.record.metrics import batch_records, reset_peak_memory
@@ -78,6 +78,16 @@ class Engine:
     def is_first(self) -> bool:
         return self.comm.is_first
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt a request may have: the plan made room for it (config max_prompt_tokens)."""
+        return self.inputs.plan.longest_prompt
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens a request may ask for: the plan's KV room beyond the longest prompt."""
+        return self.inputs.plan.capacity - self.inputs.plan.longest_prompt
+
     # -- starting ------------------------------------------------------------------------------
 
     @classmethod
@@ -114,7 +124,7 @@ class Engine:
               abort_requested: Callable[[], bool] = lambda: False) -> Iterator["Engine"]:
         """Read the config (ConfigError: bad input), join the ranks, load and warm up every stage;
         on leaving, end the work on every rank and leave the process group."""
-        inputs = read_inputs(config_path, list(overrides))
+        inputs = read_inputs(config_path, list(overrides), prompts_required=False)
         comm = procgroup.init(inputs.rank, inputs.world_size, inputs.device, inputs.cfg.timeout_s,
                               inputs.cfg.master_port, cls._timeline(inputs), inputs.cfg.comm_backend)
         clean = False
@@ -147,6 +157,7 @@ class Engine:
         if index in self.prompts:
             raise ValueError(f"request index {index} was submitted before: give each request its own")
         prompt = request if isinstance(request, Prompt) else self._prepare(request)
+        self._check_room(prompt)
         self.prompts[index] = prompt
         self._next = max(self._next, index + 1)
         with self._wake:
@@ -165,6 +176,18 @@ class Engine:
             inputs.gen.stopper.prepare(prompt.stops.strings)
         return prompt
 
+    def _check_room(self, prompt: Prompt) -> None:
+        """Past the plan, a row's KV cache and the prefill's activations would outgrow what every rank
+        budgeted (ConfigError)."""
+        inputs = self.inputs
+        if len(prompt.ids) > self.max_prompt_tokens:
+            raise ConfigError(f"the request's prompt has {len(prompt.ids)} tokens, above the {self.max_prompt_tokens} "
+                              f"the plan makes room for: shorten it, or raise max_prompt_tokens in the config")
+        if prompt.max_new_tokens(inputs.cfg.max_new_tokens) > self.max_new_tokens:
+            raise ConfigError(f"the request asks for max_new_tokens={prompt.max_new_tokens(inputs.cfg.max_new_tokens)}, "
+                              f"above the {self.max_new_tokens} the plan makes room for: ask for fewer, or raise "
+                              f"max_new_tokens in the config")
+
     def results(self, wait: bool = False) -> Iterator[tuple[Batch, BatchResult]]:
         """Each micro-batch as it finishes, with its result (generation.BatchResult), until nothing
         is queued or in flight; with wait=True, until close() (from another thread). Raises
@@ -177,7 +200,10 @@ class Engine:
                 if not self._queue:
                     break
             self._announce({"kind": "round"})
-            yield from self._round()
+            for batch, result in self._round():
+                yield batch, result
+                for i in batch.indices:  # handed back: a long-lived engine keeps only what is queued or running
+                    self.prompts.pop(i, None)
         if wait:
             self._end()
 

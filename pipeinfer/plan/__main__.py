@@ -26,7 +26,8 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
 
     The budget per rank: device_memory for every rank, else max_memory, else none (nothing can fail).
     The device: device_type, else cfg.device ("auto": cuda, the target the budget usually describes).
-    The longest prompt: prompt_tokens, else the configured prompts through the checkpoint's tokenizer.
+    The longest prompt: prompt_tokens, else max_prompt_tokens, else the configured prompts through the
+    checkpoint's tokenizer, else (none) the model's positions less max_new_tokens (inputs.prompt_room).
     """
     from pipeinfer.plan.model import read_model_config
 
@@ -40,10 +41,12 @@ def dry_run(cfg: ExpConfig, device_memory: int | None = None, device_type: str |
         from pipeinfer.plan.model import saved_dtype
         dtype = "bfloat16" if saved_dtype(model_config) == "bfloat16" else "float32"
     if prompt_tokens is None:
+        from pipeinfer.run.inputs import prompt_room
         from pipeinfer.run.prompts import check_lengths, load_prompts, load_tokenizer, prepare
-        prompts = prepare(load_tokenizer(cfg.model_path, cfg.trust_remote_code), load_prompts(cfg), cfg)
-        prompt_tokens = max(check_lengths(prompts, getattr(model_config, "max_position_embeddings", None),
-                                          cfg.max_new_tokens))
+        specs = load_prompts(cfg)
+        prompts = prepare(load_tokenizer(cfg.model_path, cfg.trust_remote_code), specs, cfg) if specs else []
+        max_positions = getattr(model_config, "max_position_embeddings", None)
+        prompt_tokens = prompt_room(cfg, check_lengths(prompts, max_positions, cfg.max_new_tokens), max_positions)
     budgets = None
     if device_memory is not None:
         budgets = [device_memory] * cfg.pipeline_size

@@ -73,6 +73,10 @@ class Prompt:
 
 
 def load_prompts(cfg: ExpConfig) -> list[PromptSpec]:
+    """The config's prompts (none when it sets neither prompts nor prompts_file: an engine's caller
+    hands it requests instead)."""
+    if cfg.prompts is None and cfg.prompts_file is None:
+        return []
     if cfg.prompts is not None:
         specs = [PromptSpec(p if isinstance(p, str) else check_messages(f"prompts[{i}]", p), where=f"prompts[{i}]")
                  for i, p in enumerate(cfg.prompts)]
