@@ -343,7 +343,8 @@ def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, 
     with open(cfg["output_path"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     summary = next(r for r in records if r["type"] == "summary")
-    stages = [{k: v for k, v in r.items() if isinstance(v, (int, float, str))} for r in records if r["type"] == "stage"]
+    stages = [{k: v for k, v in r.items() if isinstance(v, (int, float, str)) or k == "compile"} for r in records
+              if r["type"] == "stage"]
     return {"tokens_per_s": summary["new_tokens"] / summary["wall_s"], "new_tokens": summary["new_tokens"],
             "wall_s": summary["wall_s"], "micro_batch_size": micro, "stages": stages,
             "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}}
