@@ -20,8 +20,10 @@ greedy, a fixed number of new tokens (ignore_eos), batch 1, 8 and 32. Columns:
 Every cell runs --rounds times (each round every column at one batch size before the next); the
 table gives the best round and the spread (min-max). The runner's tokens/s is its summary's
 new_tokens / wall_s (generation only: loading and the warm-up, which compiles, excluded); the
-compile time is in its stage records. Targets (issue 24): pp1 >= vllm_1 at batch 1, pp2 >= vllm_pp2
-at batch 8 and 32, pp2 >= 1.5 x tf_pp2 at batch 8.
+compile time is in its stage records. Each cell records the cores' worth of CPU other processes
+used while it ran (others_cores): on a shared machine, compare cells measured alike. Targets
+(issue 24): pp1 >= vllm_1 at batch 1, pp2 >= vllm_pp2 at batch 8 and 32, pp2 >= 1.5 x tf_pp2 at
+batch 8.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import launch, run_runner, runner_config, tail, time_generate  # noqa: E402
+from throughput import Contention, launch, run_runner, runner_config, tail, time_generate  # noqa: E402
 
 PROMPT = "Explain in two sentences why pipeline parallel inference needs micro-batches to keep every stage busy."
 RUNNER = {"pp1": (1, False), "pp1c": (1, True), "pp2": (2, False), "pp2c": (2, True)}
@@ -214,23 +216,26 @@ def main() -> int:
     base = runner_config(args.model, [PROMPT] * max(batch_sizes), args.tokens, work, "cpu", args.dtype)
     for rnd in range(1, args.rounds + 1):
         for c in [c for c in columns if c.startswith("vllm") or c == "tf_pp2"]:  # all batch sizes in one launch
-            got = run_vllm(args.vllm_python, spec, 1 if c == "vllm_1" else 2, work, args.timeout) if c != "tf_pp2" \
-                else run_tf_pp(spec, work, args.timeout)
+            with Contention() as busy:
+                got = run_vllm(args.vllm_python, spec, 1 if c == "vllm_1" else 2, work, args.timeout) \
+                    if c != "tf_pp2" else run_tf_pp(spec, work, args.timeout)
             for b in batch_sizes:
-                runs[c][b].append(got.get(b) or {"error": got.get("error", "no result")})
+                runs[c][b].append(dict(got.get(b) or {"error": got.get("error", "no result")},
+                                       others_cores=busy.others_cores))
             print(f"round {rnd} {c}: " + ", ".join(f"b{b} {runs[c][b][-1].get('tokens_per_s', 0):.1f}"
                                                    for b in batch_sizes) + f" {got.get('error', '')[:300]}", flush=True)
         for b in batch_sizes:
             for c in [c for c in columns if c == "generate" or c in RUNNER]:
-                if c == "generate":
-                    cell = pinned_generate(b)
-                else:
-                    world, comp = RUNNER[c]
-                    cell = run_runner(dict(base, prompts=[PROMPT] * b, compile=comp), "pp1" if world == 1 else "pp2",
-                                      b, None, work, args.timeout)
-                runs[c][b].append(cell)
-                print(f"round {rnd} {c} b{b}: {cell.get('tokens_per_s', 0):.1f} tok/s {cell.get('error', '')[:300]}",
-                      flush=True)
+                with Contention() as busy:
+                    if c == "generate":
+                        cell = pinned_generate(b)
+                    else:
+                        world, comp = RUNNER[c]
+                        cell = run_runner(dict(base, prompts=[PROMPT] * b, compile=comp),
+                                          "pp1" if world == 1 else "pp2", b, None, work, args.timeout)
+                runs[c][b].append(dict(cell, others_cores=busy.others_cores))
+                print(f"round {rnd} {c} b{b}: {cell.get('tokens_per_s', 0):.1f} tok/s (others used "
+                      f"{busy.others_cores:.2f} cores) {cell.get('error', '')[:300]}", flush=True)
 
     table = {c: {b: [r["tokens_per_s"] for r in runs[c][b] if "tokens_per_s" in r] for b in batch_sizes}
              for c in columns}
