@@ -11,8 +11,8 @@
 #    agreement with generate() in float16 is recorded in float16.json;
 # 3b. compiled cell: the runner at pipeline_size 1 with compile=false, then true (load/compiled.py), float32,
 #    batch 1 and 8, against generate() (a difference fails the cell); the stage records hold the compile time;
-# 4. the benchmark (bench/throughput.py --device cuda; compile "auto", which is on for CUDA): generate() against the runner at
-#    pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
+# 4. the benchmark (bench/throughput.py --device cuda; compile "auto", which is on for CUDA): generate()
+#    against the runner at pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
 #    over 32 prompts x 32 new tokens, with the weight bandwidth at batch 1 against a measured copy.
 # 5. offload cell (bench/offload.py --device cuda --quick): the runner with half its layers streamed
 #    from pinned host memory (side CUDA stream) and from disk, against accelerate's CPU offload and the

@@ -76,7 +76,8 @@ def split_trace(path: str) -> list[dict]:
         attention = sum(e["dur"] for e in outermost(inside([e for e in mine if e["name"] in ATTENTION], forward)))
         compute = sum(e["dur"] for e in forward)
         messages = sum(e["dur"] for e in named["send"] + named["recv"])
-        sampling = sum(e["dur"] for e in named["sample"]) - sum(e["dur"] for e in inside(named["send"], named["sample"]))
+        sampled_sends = inside(named["send"], named["sample"])
+        sampling = sum(e["dur"] for e in named["sample"]) - sum(e["dur"] for e in sampled_sends)
         row = {"matmul": matmul, "attention": attention, "layers": compute - matmul - attention,
                "sampling": sampling, "messages": messages,
                "schedule": step["dur"] - compute - messages - sampling, "step": step["dur"]}

@@ -102,8 +102,8 @@ class Engine:
         if ok:
             try:
                 stage, info = load_stage(inputs.plan, inputs.rank, inputs.model_config, inputs.device, inputs.dtype,
-                                         f"{cfg.offload_folder}/rank{inputs.rank}", cfg.trust_remote_code, cfg.timeout_s,
-                                         cfg.compile)
+                                         f"{cfg.offload_folder}/rank{inputs.rank}", cfg.trust_remote_code,
+                                         cfg.timeout_s, cfg.compile)
             except LoadError as e:
                 problem = str(e)
             ok = comm.all_ok(problem is None, f"agreeing that every rank loaded its stage (a rank that loads for longer "
@@ -114,7 +114,8 @@ class Engine:
 
     def warm_up(self) -> None:
         """One forward and one message per link, off the clock; then memory peaks count from here."""
-        self.stage.warm_up(self.inputs.model_config.hidden_size, self.inputs.dtype, self.inputs.device, tuple(self.sizes))
+        self.stage.warm_up(self.inputs.model_config.hidden_size, self.inputs.dtype, self.inputs.device,
+                           tuple(self.sizes))  # compile on: a decode step per slot size traces it
         self.comm.warm_up_links(self.inputs.dtype)  # NCCL builds a pair's communicator at its first message
         reset_peak_memory(self.inputs.device)
 
