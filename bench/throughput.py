@@ -318,10 +318,10 @@ def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], token
 # -- this runner ---------------------------------------------------------------------------------
 
 def runner_config(model_path: str, prompts: list[str], tokens: int, work: str, device: str = "cpu",
-                  dtype: str = "float32") -> dict:
+                  dtype: str = "float32", compile_: bool | str = "auto") -> dict:
     return dict(model_path=model_path, prompts=prompts, max_new_tokens=tokens, ignore_eos=True, dtype=dtype,
                 device=device, do_sample=False, offload_folder=os.path.join(work, "offload"), timeout_s=60,
-                progress=False, nvtx=False)
+                progress=False, nvtx=False, compile=compile_)
 
 
 def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, work: str, timeout: float) -> dict:
@@ -343,7 +343,8 @@ def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, 
     with open(cfg["output_path"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     summary = next(r for r in records if r["type"] == "summary")
-    stages = [{k: v for k, v in r.items() if isinstance(v, (int, float, str))} for r in records if r["type"] == "stage"]
+    stages = [{k: v for k, v in r.items() if isinstance(v, (int, float, str)) or k == "compile"} for r in records
+              if r["type"] == "stage"]
     return {"tokens_per_s": summary["new_tokens"] / summary["wall_s"], "new_tokens": summary["new_tokens"],
             "wall_s": summary["wall_s"], "micro_batch_size": micro, "stages": stages,
             "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}}
@@ -507,6 +508,8 @@ def main() -> int:
                          "8.0, else float16); on CPU float32 always")
     ap.add_argument("--fail-fast", action="store_true",
                     help="exit 1 at the first cell that fails or differs from generate() (the GPU check's smoke cell)")
+    ap.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                    help="the runner's compile setting (load/compiled.py)")
     ap.add_argument("--tf-pp-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tf_pp_worker:
@@ -562,7 +565,8 @@ def main() -> int:
             torch.set_num_threads(threads)
             os.sched_setaffinity(0, affinity)
 
-    base = runner_config(model_path, prompts, args.tokens, work, args.device, dtype)
+    base = runner_config(model_path, prompts, args.tokens, work, args.device, dtype,
+                         {"true": True, "false": False}.get(args.compile, "auto"))
 
     def cell_fn(name: str, b: int):
         if name == "generate":

@@ -84,6 +84,7 @@ class ExpConfig:
     resume: bool = True
     nvtx: bool | str = "auto"
     profile_steps: int = 0
+    compile: bool | str = "auto"
     progress: bool = True
     layer_split: str | list[int] = "even"
     max_memory: list[int | str] | int | str | None = None
@@ -147,6 +148,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "nvtx": ((bool, str), lambda v: v in (True, False, "auto"),
              '"auto" (on when Nsight Systems runs the job), true or false'),
     "profile_steps": (_INT, lambda v: v >= 0, "an integer >= 0: steps to trace with torch.profiler (0 = off)"),
+    "compile": ((bool, str), lambda v: v in (True, False, "auto"),
+                '"auto" (on CUDA only), true (compile the decode step\'s norms and MLPs with torch.compile) or false'),
     "progress": (_BOOL, None, "true or false (a progress bar on rank 0 when stderr is a terminal)"),
     "layer_split": ((str, list), lambda v: v in ("even", "auto") if isinstance(v, str) else
                     len(v) > 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v),

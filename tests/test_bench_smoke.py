@@ -113,3 +113,41 @@ def test_serving_bench_smoke(tmp_path):
     assert cell["pipeline_size"] == 2 and cell["texts_equal_runner"] is True
     assert [c["rate"] for c in cell["rates"]] == [8.0, "inf"]
     assert all(c["tokens"] == 8 * 8 and set(c["ttft_s"]) == {"p50", "p90", "p99"} for c in cell["rates"])
+
+
+def test_profile_step_splits_every_stage_visit(tmp_path):
+    """bench/profile_step.py --smoke: the runner's torch.profiler traces, one and two stages, split
+    per decode visit into columns that add up to the visit (prefill visits left out)."""
+    out = tmp_path / "profile.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "profile_step.py"), "--smoke", "--compile", "false",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"off/1/2", "off/2/2"}
+    for key, cell in cells.items():
+        assert len(cell["stages"]) == int(key.split("/")[1])
+        for s in cell["stages"]:
+            assert s["visits"] >= 3, (key, s)
+            parts = [s[k] for k in ("matmul", "attention", "layers", "schedule", "sampling", "messages")]
+            assert min(parts) >= 0 and abs(sum(parts) - s["step"]) < 1e-6 and s["matmul"] > 0, (key, s)
+        assert cell["stages"][-1]["sampling"] > 0  # the last stage samples
+    assert "| off | 2 | 2 |" in res.stdout
+
+
+def test_peers_smoke_runs_without_vllm(tmp_path):
+    """bench/peers.py --smoke: no vLLM (the column is skipped, and it says so); transformers' PP mode
+    and the runner with compile on and off each measure tokens/s, and the ratios print."""
+    out = tmp_path / "peers.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "peers.py"), "--smoke", "--only",
+                          "vllm_1,generate,tf_pp2,pp1c,pp2", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "vLLM columns skipped: no --vllm-python given" in res.stdout
+    got = json.loads(out.read_text())
+    assert got["vllm_skipped"] == "no --vllm-python given"
+    assert set(got["best"]) == {"generate", "tf_pp2", "pp1c", "pp2"}
+    assert all(v["2"] > 0 for v in got["best"].values()), got["best"]
+    assert {r["ratio"] for r in got["ratios"]} == {"pp2/tf_pp2", "pp1c/generate"}
+    compiled = got["runs"]["pp1c"]["2"][0]["stages"][0]["compile"]
+    assert compiled["compile_s"] > 0 and compiled["eager_fallback"] is None

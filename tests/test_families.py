@@ -200,3 +200,23 @@ def test_float16_on_a_bfloat16_checkpoint_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="pipeinfer.load.stage"):
         partition_model(path, StagePlan(0, 1, range(0)), torch.device("cpu"), torch.float16, str(tmp_path / "o"))
     assert "bfloat16 checkpoint in float16" in caplog.text and "overflow" in caplog.text
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_MODELS))
+def test_every_family_attends_through_sdpa(models, model_type, monkeypatch):
+    """Attention runs through torch's scaled_dot_product_attention in every layer (transformers picks
+    "sdpa" for every family here; the equality tests above hold on it), not the eager matmul-softmax."""
+    from pipeinfer.models.tiny import make_tokenizer
+
+    (stage, _), = stages_of(models[model_type], 1)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    enc = make_tokenizer()(PROMPTS[:1], return_tensors="pt")
+    stage(enc["input_ids"], None, torch.arange(enc["input_ids"].shape[1])[None], stage.new_cache())
+    assert stage.config._attn_implementation == "sdpa"
+    assert len(calls) == len(stage.base.get_submodule(FAMILY_LAYERS[model_type]))
+
+
+FAMILY_LAYERS = {mt: "h" if mt == "gpt2" else "layers" for mt in FAMILY_MODELS}

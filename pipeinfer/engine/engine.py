@@ -113,7 +113,8 @@ class Engine:
         if ok:
             try:
                 stage, info = load_stage(inputs.plan, inputs.rank, inputs.model_config, inputs.device, inputs.dtype,
-                                         f"{cfg.offload_folder}/rank{inputs.rank}", cfg.trust_remote_code, cfg.timeout_s)
+                                         f"{cfg.offload_folder}/rank{inputs.rank}", cfg.trust_remote_code,
+                                         cfg.timeout_s, cfg.compile)
             except LoadError as e:
                 problem = str(e)
             ok = comm.all_ok(problem is None, f"agreeing that every rank loaded its stage (a rank that loads for longer "
@@ -124,7 +125,9 @@ class Engine:
 
     def warm_up(self) -> None:
         """One forward and one message per link, off the clock; then memory peaks count from here."""
-        self.stage.warm_up(self.inputs.model_config.hidden_size, self.inputs.dtype, self.inputs.device)
+        self.stage.warm_up(self.inputs.model_config.hidden_size, self.inputs.dtype, self.inputs.device,
+                           tuple(range(1, max(self.sizes) + 1)))  # compile on: a decode step per row count
+                           # a slot may hold (rows leave and join it) traces it before the clock starts
         self.comm.warm_up_links(self.inputs.dtype)  # NCCL builds a pair's communicator at its first message
         reset_peak_memory(self.inputs.device)
 

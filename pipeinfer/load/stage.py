@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeinfer.config import ExpConfig
 from pipeinfer.load import LoadError
+from pipeinfer.load.compiled import compile_stage
 from pipeinfer.models.families import Family, family_for
 from pipeinfer.plan.partition import StagePlan
 from pipeinfer.load.quantize import held_bytes
@@ -65,6 +66,7 @@ class Stage(nn.Module):
         # this stage's own plus placeholders.
         self.__dict__["lm"] = lm
         self.streamer = None  # offload.Streamer when the plan streams some of the stage's layers
+        self.compiled = None  # compiled.Compiled when compile is on (compiled.py)
         params = inspect.signature(base.forward).parameters
         # transformers >= 5.2x names the cache argument `cache`; earlier releases `past_key_values`.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -83,17 +85,23 @@ class Stage(nn.Module):
                         for layer in cache.layers[self.plan.layers.start:self.plan.layers.stop]]
         return cache
 
-    def warm_up(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def warm_up(self, hidden_size: int, dtype: torch.dtype, device: torch.device, rows: tuple[int, ...] = ()) -> None:
         """One prefill and one decode step on dummy inputs, this stage alone (no communication), so
-        that one-time costs (kernel selection, allocator growth) stay out of the measured run."""
-        cache = self.new_cache()
-        for step, length in enumerate((4, 1)):
-            if self.plan.is_first:
-                x = torch.zeros(1, length, dtype=torch.long, device=device)  # (1, T)
-            else:
-                x = torch.zeros(1, length, hidden_size, dtype=dtype, device=device)  # (1, T, H)
-            pos = torch.arange(step * 4, step * 4 + length, device=device)[None]
-            self(x, None, pos, cache)
+        that one-time costs (kernel selection, allocator growth) stay out of the measured run. With
+        compile on, also a decode step at each slot size in `rows`, which traces and compiles it."""
+        sizes = [1] + ([r for r in dict.fromkeys(rows) if r != 1] if self.compiled is not None else [])
+        for b in sizes:
+            cache = self.new_cache()
+            for step, length in enumerate((4, 1)):
+                if self.plan.is_first:
+                    x = torch.zeros(b, length, dtype=torch.long, device=device)  # (B, T)
+                else:
+                    x = torch.zeros(b, length, hidden_size, dtype=dtype, device=device)  # (B, T, H)
+                pos = torch.arange(step * 4, step * 4 + length, device=device)[None].expand(b, length)
+                if length == 1 and self.compiled is not None:
+                    self.compiled.timed(lambda: self(x, None, pos, cache))
+                else:
+                    self(x, None, pos, cache)
         if self.streamer is not None:
             self.streamer.reset_stats()
 
@@ -148,11 +156,12 @@ def partition_model(model_path: str, plan: StagePlan, device: torch.device, dtyp
     except ConfigError as e:
         raise LoadError(str(e)) from None
     return load_stage(the_plan, plan.rank, config, device, dtype, offload_folder, cfg.trust_remote_code,
-                      cfg.timeout_s)
+                      cfg.timeout_s, cfg.compile)
 
 
 def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch.dtype, offload_folder: str,
-               trust_remote_code: bool = False, timeout_s: float = ExpConfig.timeout_s) -> tuple[Stage, StageInfo]:
+               trust_remote_code: bool = False, timeout_s: float = ExpConfig.timeout_s,
+               compile: bool | str = False) -> tuple[Stage, StageInfo]:
     """Build rank `rank`'s Stage as `plan` (a plan.Plan) says, reading only its own tensors.
 
     From safetensors: the model's skeleton on the meta device (buffers real, built as from_pretrained
@@ -161,6 +170,7 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
     go before the next one: bytes read and peak memory follow the stage, not the checkpoint. A
     pickle checkpoint (allow_pickle) goes through from_pretrained with the plan's device_map.
     timeout_s (the run's) bounds an offloaded stage's every wait for its weights (load/streamer.py).
+    compile (the config's): compile the decode step's norms and MLPs (load/compiled.py).
     """
     config = model_config
     family = family_for(config.model_type)
@@ -200,6 +210,9 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
     if streamed:
         stage.streamer = Streamer.attach(list(layers), mine, plan, device, dtype, f"{family.base}.{family.layers}.",
                                          timeout_s)
+    why_not = "offloaded layers stream in per step" if streamed else \
+        ("quantized layers" if plan.quantization else None)
+    stage.compiled = compile_stage(stage, layers, compile, device, why_not)
     param_bytes = held_bytes(stage)
     log.info("rank %d holds %d bytes of parameters%s", rank, param_bytes,
              f" ({plan.quantization.method}, {plan.quantization.source})" if plan.quantization else "")

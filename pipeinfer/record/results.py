@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = frozenset({"output_path", "timeout_s", "offload_folder", "ma
                                "layer_split", "max_memory", "max_cpu_memory", "nvtx", "profile_steps", "progress",
                                *GEOMETRY})
 # Config keys added after results files were first written, with their defaults.
-NEWER_KEYS = {"replicas": 1, "replica": 0}
+NEWER_KEYS = {"replicas": 1, "replica": 0, "compile": "auto"}
 
 
 class ResultsError(ValueError):

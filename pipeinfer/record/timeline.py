@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -79,13 +79,19 @@ class Timeline:
             PROFILERS_KEPT.append(self._profiler)
             self._profiler = None
 
+    def label(self, kind: str):
+        """A named range in the torch.profiler trace while one is recording (bench/profile_step.py
+        splits a step by these), else nothing."""
+        return torch.profiler.record_function(kind) if self._profiler is not None else nullcontext()
+
     @contextmanager
     def span(self, kind: str):
         if self.nvtx:
             torch.cuda.nvtx.range_push(f"stage{self.rank}:{kind}")
         t0 = time.time()
         try:
-            yield
+            with self.label(kind):
+                yield
         finally:
             if self.sync and kind in COMPUTE:
                 torch.cuda.current_stream(self.device).synchronize()

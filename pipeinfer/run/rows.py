@@ -453,7 +453,8 @@ class RowSchedule:
             comm.send_hidden(torch.cat(outs), f"sending slot {head['slot']}'s hidden states")
             comm.timeline.step()
             return None
-        local = self._sample(s, head, dec_logits, join_logits, join_lp)
+        with comm.timeline.label("sample"):  # for bench/profile_step.py
+            local = self._sample(s, head, dec_logits, join_logits, join_lp)
         comm.timeline.step()
         return local
 
