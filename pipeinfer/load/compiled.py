@@ -9,8 +9,8 @@ and compacted in Python (kvcache.py); a whole-model graph either retraces every 
 minute per trace of SmolLM2's 30 layers on one core here) or, traced with dynamic shapes, fails
 inside inductor for bfloat16 on torch 2.13 ("Expected !size_bytes_is_heap_allocated_"). The
 parts compiled here see the same shape at every decode step of a slot, (rows, 1, hidden), so each
-traces once per row count a slot may hold (1 to its most rows: rows leave and join), and one trace serves all layers (torch.compile inlines nn.Modules and
-passes the weights as inputs). Prefill (more than one position) stays eager: its length changes
+traces once per row count a slot may hold (1 to its most rows: rows leave and join), and one trace
+serves all layers (torch.compile inlines nn.Modules and passes the weights as inputs). Prefill (more than one position) stays eager: its length changes
 with every join, and it is a small share of a generation's steps.
 
 A compile that fails (an operator inductor cannot lower, a quantized layer) logs one line and the
