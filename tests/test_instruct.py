@@ -524,7 +524,7 @@ def test_bad_instruct_input_exits_2_with_one_line(tiny_llama, tmp_path, name, ov
 def test_scoring_holds_at_most_a_chunk_of_logits():
     """scoring.prompt_logprobs never asks the lm_head for more than (B, chunk) positions, and its
     values equal log_softmax over the whole (B, T, V) logits at once."""
-    from pipeinfer.run.scoring import prompt_logprobs
+    from pipeinfer.run.scoring import greedy_row, prompt_logprobs
 
     torch.manual_seed(0)
     B, T, H, V, chunk = 2, 23, 8, 50, 5
@@ -537,7 +537,9 @@ def test_scoring_holds_at_most_a_chunk_of_logits():
     with torch.no_grad():
         whole = torch.log_softmax(head(hidden).float(), -1)  # (B, T, V)
     assert torch.allclose(got[:, 0], whole[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double(), atol=1e-6)
-    assert torch.equal(got[:, 1], (whole[:, :-1].argmax(-1) == ids[:, 1:]).double())  # is_greedy
+    top = whole[:, :-1].max(-1)  # each position's argmax (id and log-probability): what greedy_row compares
+    assert torch.equal(got[:, 1], top.indices.double()) and torch.equal(got[:, 2], top.values.double())
+    assert greedy_row(got[0, 1].long().tolist(), ids[0].tolist(), None) == (top.indices[0] == ids[0, 1:]).tolist()
     assert torch.allclose(last, head(hidden[:, -1]).float())
     nxt = torch.randint(0, V, (B,))  # the token after each row (Prompt.score_next): scored from the last position
     _, with_next = prompt_logprobs(head, hidden, ids, chunk, nxt)

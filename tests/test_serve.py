@@ -139,7 +139,11 @@ def reference(model):
         text = tok.apply_chat_template(messages, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    generate.tok, generate.chat_ids = tok, chat_ids
+    def log_softmax(ids: list[int]):
+        with torch.no_grad():
+            return torch.log_softmax(lm(torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
+
+    generate.tok, generate.chat_ids, generate.log_softmax = tok, chat_ids, log_softmax
     return generate
 
 
@@ -219,9 +223,10 @@ def test_token_id_prompts_and_several_choices(server, reference):
     assert [c.text for c in out.choices] == [_text(tok, reference(i, 6)) for i in ids]
 
 
-def test_echo_logprobs_equal_the_batch_runners_prompt_logprobs(server, model, tmp_path):
+def test_echo_logprobs_equal_the_batch_runners_prompt_logprobs(server, model, reference, tmp_path):
     """lm-eval's loglikelihood request (echo, logprobs=1, max_tokens 1 or 0) against the batch
-    runner's prompt_logprobs for the same prompts."""
+    runner's prompt_logprobs for the same prompts; each prompt token's top_logprobs holds its
+    position's argmax as whole-model log-softmax has it, and the token itself."""
     cfg = dict(model_path=model, prompts=PROMPTS, max_new_tokens=1, prompt_logprobs=True, batch_size=2,
                output_path=str(tmp_path / "run.jsonl"), offload_folder=str(tmp_path / "off"), timeout_s=60)
     runner = prompt_records(run_pipeline(cfg, tmp_path, 1))
@@ -233,6 +238,14 @@ def test_echo_logprobs_equal_the_batch_runners_prompt_logprobs(server, model, tm
             lp = choice.logprobs.token_logprobs
             assert len(lp) == n + max_tokens and lp[0] is None
             assert lp[1:n] == pytest.approx(rec["prompt_logprobs"][1:], abs=1e-5)
+            ids = reference.tok(prompt)["input_ids"]
+            whole, tops = reference.log_softmax(ids), choice.logprobs.top_logprobs
+            assert tops[0] is None and len(ids) == n
+            for j in range(1, n):
+                best = whole[j - 1].max(-1)
+                want = {reference.tok.decode([int(best.indices)]): float(best.values)}
+                want.setdefault(choice.logprobs.tokens[j], lp[j])
+                assert tops[j] == pytest.approx(want, abs=1e-5), (prompt, j)
             assert choice.text.startswith(prompt)
             if max_tokens:
                 assert choice.text == prompt + rec["output_text"]

@@ -165,11 +165,12 @@ def score_chunk(cfg) -> int:
 
 def scoring_bytes(m: ModelShape, b: int, t: int, itemsize: int, chunk: int) -> int:
     """What scoring.prompt_logprobs holds at its peak for a (b, t) prefill: the (b, t, H) final hidden
-    states, the (b, 2, t - 1) float64 result (log-probabilities, greedy flags), and one chunk's (b, c, V) logits, 8 bytes each at the peak
+    states, the (b, 3, t - 1) float64 result (log-probabilities, argmax ids and theirs: scoring.FIELDS),
+    and one chunk's (b, c, V) logits, 8 bytes each at the peak
     (float32 and their float32 log-softmax; a 16-bit head's output is gone by then)."""
     if not chunk or t < 2:
         return 0
-    return b * t * m.hidden * itemsize + b * 2 * (t - 1) * 8 + b * min(chunk, t - 1) * m.vocab * 8
+    return b * t * m.hidden * itemsize + b * 3 * (t - 1) * 8 + b * min(chunk, t - 1) * m.vocab * 8
 
 
 def transient_bytes(m: ModelShape, b: int, t: int, itemsize: int, last: bool, chunk: int) -> int:

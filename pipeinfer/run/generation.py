@@ -27,7 +27,7 @@ from pipeinfer.run.comm import ABORT, STOP, Comm, pending_bound
 from pipeinfer.run.prompts import Batch, MicroBatches
 from pipeinfer.run.sampling import (SamplingParams, check_finite, checkpoint_processors,
                                     filter_rows, prompt_generator, row_settings, sample)
-from pipeinfer.run.scoring import prompt_logprobs, scored_row
+from pipeinfer.run.scoring import FIELDS, prompt_logprobs, scored_fields
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.stops import Stopper, finish
 
@@ -55,9 +55,9 @@ class GenParams:
 
     def floats(self, step: int, B: int, T: int, score_next: bool = False) -> int:
         """Length of the float message that goes with step `step`'s tokens of a (B, T) micro-batch:
-        (B, 1 + 2k) log-probabilities, then after the prefill (B, 2, T - 1) prompt log-probabilities
-        and greedy flags (scoring.prompt_logprobs), (B, 2, T) when its prompts name a next token."""
-        return B * self.logprob_width + (B * 2 * (T - 1 + score_next) if step == 0 and self.prompt_logprobs else 0)
+        (B, 1 + 2k) log-probabilities, then after the prefill (B, FIELDS, T - 1) prompt log-probabilities
+        and argmaxes (scoring.prompt_logprobs), (B, FIELDS, T) when its prompts name a next token."""
+        return B * self.logprob_width + (B * FIELDS * (T - 1 + score_next) if step == 0 and self.prompt_logprobs else 0)
 
 
 @dataclass
@@ -71,6 +71,7 @@ class BatchResult:
     logprobs: list | None = None  # per prompt, per new token: a (1 + 2k,) row (see GenParams.logprob_width)
     prompt_logprobs: list | None = None  # per prompt: its (T - 1,) row of scoring.prompt_logprobs
     prompt_greedy: list | None = None    # per prompt: (T - 1,) bools, each token the argmax of its position
+    prompt_argmax: list | None = None    # per prompt: (T - 1,) (id, log-probability) of each position's argmax
 
 
 class Aborted(Exception):
@@ -99,7 +100,7 @@ class _Slot:
     tokens: list = field(default_factory=list)    # first stage: (B,) per step
     codes: list = field(default_factory=list)     # first stage: (B,) stop codes per step
     logprobs: list = field(default_factory=list)  # first stage, with logprobs: (B, 1 + 2k) per step
-    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, 2, T - 1)
+    prompt_logprobs: torch.Tensor | None = None   # first stage, with prompt_logprobs: (B, FIELDS, T - 1)
     arrivals: list = field(default_factory=list)  # first stage: seconds since t0
     local: torch.Tensor | None = None             # pipeline_size 1: tokens sampled by this same rank
     processors: list | None = None                # last stage: per row, transformers' LogitsProcessorList
@@ -275,7 +276,7 @@ def _keep_floats(s: _Slot, floats: torch.Tensor, gp: GenParams) -> None:
     if n:
         s.logprobs.append(floats[:n].reshape(B, gp.logprob_width))
     if floats.numel() > n:  # the prefill's message: the prompt log-probabilities follow
-        s.prompt_logprobs = floats[n:].reshape(B, 2, -1)  # (B, 2, T - 1), or T with next tokens
+        s.prompt_logprobs = floats[n:].reshape(B, FIELDS, -1)  # (B, FIELDS, T - 1), or T with next tokens
 
 
 def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
@@ -290,11 +291,10 @@ def _result(s: _Slot, gp: GenParams, start_s: float) -> BatchResult:
         finished.append(finish(codes[b][n - 1] if n else 0, s.batch.stops[b] if s.batch.stops else None))
         if logprobs is not None:
             logprobs.append([step[b] for step in s.logprobs[:n]])
-    prompt_lp = greedy = None
+    prompt_lp = greedy = argmax = None
     if gp.prompt_logprobs:  # (T - 1 = 0: one-token prompts sent no values)
-        scored, T = s.prompt_logprobs, s.batch.input_ids.shape[1]
-        nxt = s.batch.score_next or [None] * len(ids)
-        prompt_lp = [scored_row(scored, b, T, t is not None, 0) for b, t in enumerate(nxt)]
-        greedy = [scored_row(scored, b, T, t is not None, 1) for b, t in enumerate(nxt)]
-    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp, greedy)
+        prompts, nxt = s.batch.input_ids.tolist(), s.batch.score_next or [None] * len(ids)
+        fields = [scored_fields(s.prompt_logprobs, b, len(p), p, t) for b, (p, t) in enumerate(zip(prompts, nxt))]
+        prompt_lp, greedy, argmax = (list(f) for f in zip(*fields))
+    return BatchResult(ids, times, start_s, finished, logprobs, prompt_lp, greedy, argmax)
 

@@ -47,7 +47,7 @@ from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
 from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
 from pipeinfer.run.prompts import Batch, Limits, Prompt
 from pipeinfer.run.sampling import check_finite, checkpoint_processors, prompt_generator, row_settings, sample
-from pipeinfer.run.scoring import prompt_logprobs, scored_row
+from pipeinfer.run.scoring import FIELDS, prompt_logprobs, scored_fields
 from pipeinfer.run.stops import Stops, finish
 
 COMPACT = 64  # drop the leading positions no live row attends to once there are this many
@@ -67,6 +67,7 @@ class _Row:
     logprobs: list = field(default_factory=list)
     prompt_lp: list | None = None
     prompt_greedy: list | None = None
+    prompt_argmax: list | None = None
     new: int = 0          # last stage: tokens sampled so far
     params: object = None
     gen: object = None
@@ -281,12 +282,12 @@ class RowSchedule:
                 self.on_token(row.index, tokens[r], row.logprobs[-1] if w else None)
         if self.gp.prompt_logprobs and head["join"]:
             T = max(len(j["ids"]) for j in head["join"])
-            width = T - 1 + any(j.get("next") is not None for j in head["join"])  # scoring.py: (J, 2, width)
-            rest = lp[len(active) * w:].reshape(len(head["join"]), 2, width) if width else None
+            width = T - 1 + any(j.get("next") is not None for j in head["join"])  # scoring.py: (J, FIELDS, width)
+            rest = lp[len(active) * w:].reshape(len(head["join"]), FIELDS, width) if width else None
             for j, join in enumerate(head["join"]):
-                row, has_next = s.firsts[join["row"]], join.get("next") is not None
-                row.prompt_lp = scored_row(rest, j, T, has_next, 0)
-                row.prompt_greedy = scored_row(rest, j, T, has_next, 1)
+                row = s.firsts[join["row"]]
+                row.prompt_lp, row.prompt_greedy, row.prompt_argmax = scored_fields(rest, j, T, join["ids"],
+                                                                                    join.get("next"))
         for r in active:
             row = s.firsts[r]
             if row.codes[-1] or len(row.tokens) >= max(row.max_new, 1):
@@ -300,14 +301,15 @@ class RowSchedule:
         return BatchResult([row.tokens[:n]], [row.arrivals[:n]], row.t0 - self.run_t0, [finish(code, row.stops)],
                            [[v.double() for v in row.logprobs[:n]]] if self.gp.logprobs else None,
                            [row.prompt_lp] if self.gp.prompt_logprobs else None,
-                           [row.prompt_greedy] if self.gp.prompt_logprobs else None)
+                           [row.prompt_greedy] if self.gp.prompt_logprobs else None,
+                           [row.prompt_argmax] if self.gp.prompt_logprobs else None)
 
     def _floats(self, head: dict) -> int:
         active = len(head["decode"]) + len(head["join"])
         n = active * self.gp.logprob_width
         if self.gp.prompt_logprobs and head["join"]:
             nxt = any(j.get("next") is not None for j in head["join"])
-            n += len(head["join"]) * 2 * (max(len(j["ids"]) for j in head["join"]) - 1 + nxt)
+            n += len(head["join"]) * FIELDS * (max(len(j["ids"]) for j in head["join"]) - 1 + nxt)
         return n
 
     def _announce(self, head: dict) -> None:

@@ -106,7 +106,8 @@ def create_app(driver: Driver, engine, names: list[str], api_key: str | None) ->
                 ch["text"] = prefix + text
                 ch["logprobs"] = R.completion_logprobs(
                     tok, d.ids, d.logprobs, job.logprobs, len(prefix),
-                    p.ids if job.echo else None, d.prompt_logprobs) if job.logprobs is not None else None
+                    p.ids if job.echo else None, d.prompt_logprobs, d.prompt_argmax) \
+                    if job.logprobs is not None else None
             choices.append(ch)
         body = R.envelope(job.chat, model, False, rid, created)
         body.update(choices=choices, usage=R.usage(sum(len(p.ids) for p in job.prompts),

@@ -159,7 +159,8 @@ class Driver:
                     if o is not None:
                         self._post(o, "done", Done(result.output_ids[b], result.finish[b],
                                                    result.logprobs[b] if result.logprobs is not None else None,
-                                                   result.prompt_logprobs[b] if result.prompt_logprobs else None))
+                                                   result.prompt_logprobs[b] if result.prompt_logprobs else None,
+                                                   result.prompt_argmax[b] if result.prompt_argmax else None))
         except Exception as e:  # PeerFailure, NonFiniteLogits...: every open request ends with it
             self.failure = first_line(e, 300)
             log.error("rank 0: %s", self.failure)

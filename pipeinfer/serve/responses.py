@@ -24,6 +24,7 @@ class Done:
     finish: tuple            # (engine finish_reason, matched stop or None)
     logprobs: list | None    # per new token, the (1 + 2K,) row (generation.logprob_rows)
     prompt_logprobs: list | None  # the prompt's (T - 1,) row, left-padded (scoring.prompt_logprobs)
+    prompt_argmax: list | None = None  # beside it: each position's (argmax id, its log-probability)
 
 
 def answer_text(tok, ids: list[int], finish: tuple) -> str:
@@ -76,21 +77,25 @@ def top_pairs(row, k: int) -> list[tuple[int, float]]:
     return [(int(row[1 + j]), _lp(row[1 + K + j])) for j in range(k)]
 
 
-def completion_logprobs(tok, ids: list[int], rows: list, k: int, offset: int = 0,
-                        prompt_ids: list[int] | None = None, prompt_row: list | None = None) -> dict:
-    """The completions API's logprobs object; with echo, the prompt's tokens first (the first has
-    no log-probability; the others their own, with no alternatives, which the engine does not score)."""
+def completion_logprobs(tok, ids: list[int], rows: list, k: int, offset: int = 0, prompt_ids: list[int] | None = None,
+                        prompt_row: list | None = None, prompt_argmax: list | None = None) -> dict:
+    """The completions API's logprobs object; with echo, the prompt's tokens first: the first has
+    no log-probability (and top_logprobs null); each other its own and, as its top_logprobs, its
+    position's most likely token and the token itself (the engine scores only the argmax of a
+    prompt position: logprobs above 1 give the generated tokens k alternatives, the prompt's one).
+    lm-eval's local-completions model reads is_greedy there: the token's value is the entry's max."""
     tokens, token_lps, tops, offsets = [], [], [], []
     if prompt_ids is not None:
         n = len(prompt_ids)
-        values = [float(v) for v in prompt_row[len(prompt_row) - (n - 1):]] if n > 1 else []
+        values = [_lp(v) for v in prompt_row[len(prompt_row) - (n - 1):]] if n > 1 else []
+        best = prompt_argmax[len(prompt_argmax) - (n - 1):] if n > 1 else []
         for j, t in enumerate(prompt_ids):
             text = tok.decode([t])
             tokens.append(text)
             offsets.append(offset)
             offset += len(text)
             token_lps.append(None if j == 0 else values[j - 1])
-            tops.append(None)
+            tops.append(None if j == 0 else _prompt_top(tok, text, values[j - 1], *best[j - 1]))
     for t, row in zip(ids, rows):
         text = tok.decode([t])
         tokens.append(text)
@@ -101,6 +106,15 @@ def completion_logprobs(tok, ids: list[int], rows: list, k: int, offset: int = 0
         top.setdefault(text, _lp(row[0]))  # the chosen token always (OpenAI: up to logprobs + 1 entries)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompt_top(tok, text: str, value: float, argmax: int, argmax_value: float) -> dict:
+    """A prompt token's top_logprobs entry: its position's argmax, then the token itself (OpenAI: up
+    to logprobs + 1 entries, the chosen one among them). Two ids with the same text keep the
+    argmax's value, so the token counts as greedy only when it is the argmax (or ties its value)."""
+    top = {tok.decode([int(argmax)]): _lp(argmax_value)}
+    top.setdefault(text, value)
+    return top
 
 
 def chat_logprobs(tok, ids: list[int], rows: list, k: int) -> dict:
