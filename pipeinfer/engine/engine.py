@@ -69,7 +69,7 @@ class Engine:
         self._wake = threading.Condition()
         self.rows_computed = 0                # positions run through this stage (rows schedule)
         self.kv_positions_max = 0             # the most positions a slot's KV cache held (rows schedule)
-        self.rows_moved = 0                   # rows moved to an empty slot once the queue ran dry (rows schedule)
+        self.rows_moved = 0                   # rows moved between slots once the queue ran dry (rows schedule)
         cfg = inputs.cfg
         self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
         if cfg.schedule == "rows" and not self.rows:

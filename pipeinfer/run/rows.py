@@ -117,7 +117,7 @@ class RowSchedule:
         self.rows_computed = 0     # positions run through this stage (decode rows + prompt positions)
         self.kv_positions_max = 0  # the most positions a slot's KV cache held (the plan's capacity bounds it)
         self.max_in_flight = 0
-        self.rows_moved = 0        # rows moved to an empty slot once the queue ran dry
+        self.rows_moved = 0        # rows moved between slots once the queue ran dry
         self.run_t0 = time.perf_counter()
         comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
 
@@ -160,7 +160,7 @@ class RowSchedule:
                 k = (k + 1) % K
                 continue
             # The slot keeps only its live rows (the finished ones go, free rows filled from the end),
-            # and once nothing joins, half of them may move to an empty slot: both in one header.
+            # and once the queue is dry some may move to the slot with the fewest: both in one header.
             move = self._move(k, s, live) if dry and not got else None
             shape = {"n": s.size, "keep": _holes_filled([r for r in live if move is None or r not in move["rows"]]),
                      "move": move}
@@ -205,7 +205,7 @@ class RowSchedule:
 
     @torch.inference_mode()  # the caches are inference tensors: edited in place
     def _reshape(self, s: _Slot, shape: dict) -> None:
-        """Every stage, before a visit's compute: move rows to an empty slot, then keep the live
+        """Every stage, before a visit's compute: move rows to another slot, then keep the live
         rows (row i becomes row keep[i]); a slot left with no rows starts over with an empty cache."""
         move = shape["move"]
         if move is not None:
