@@ -270,9 +270,7 @@ def make_batches(prompts: list[Prompt], indices: list[int], batch_size: int, pad
 @dataclass
 class MicroBatches:
     """The prompts still to run, handed out in order as micro-batches: slot k takes the next
-    sizes[k] prompts (fewer at the end), so the prompts in flight never exceed sum(sizes).
-
-    Every rank builds the same one and takes from it in the same order (the schedule's visit
+    sizes[k] prompts (fewer at the end), so the prompts in flight never exceed sum(sizes). Every rank builds the same one and takes from it in the same order (the schedule's visit
     order), so every stage knows each micro-batch's shape without being told. `make` turns
     prompt indices into a Batch (make_batch with the run's prompts)."""
     todo: deque
@@ -283,11 +281,10 @@ class MicroBatches:
     rows_computed: int = 0   # positions run through the stage (B * T per prefill, B per decode step)
 
     def take(self, slot: int, most: int | None = None) -> Batch | None:
-        """The next micro-batch for `slot` (at most `most` prompts, if given), or None when every
-        prompt has been taken."""
+        """The next micro-batch for `slot` (at most `most` prompts), or None when all were taken."""
         if not self.todo:
             return None
-        n = min(self.sizes[slot], len(self.todo), self.sizes[slot] if most is None else most)
+        n = min(self.sizes[slot], len(self.todo), len(self.todo) if most is None else most)
         batch = self.make([self.todo.popleft() for _ in range(n)])
         self.in_flight += len(batch.indices)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
