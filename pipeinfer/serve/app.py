@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -20,6 +21,7 @@ from pipeinfer.serve.driver import Driver
 from pipeinfer.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from pipeinfer.serve.requests import Job, build
 
+log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a whole-answer request checks that its client is still there
 
 
@@ -31,6 +33,11 @@ def create_app(driver: Driver, engine, names: list[str], api_key: str | None) ->
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _bug(_, e: Exception):  # a bug, not the request's fault: still OpenAI's error shape, one line
+        log.exception("request failed")
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}"[:300]).body(), status_code=500)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -155,9 +162,8 @@ def create_app(driver: Driver, engine, names: list[str], api_key: str | None) ->
                         yield chunk(c, delta, rows)
                 elif kind == "done":
                     d: R.Done = rest[0]
-                    texts[c].ids = list(d.ids) if len(d.ids) >= len(texts[c].ids) else texts[c].ids[:len(d.ids)]
+                    texts[c].ids = list(d.ids)  # the answer's own ids (a micro_batches schedule streamed none)
                     rows = (d.logprobs or [])[counted[c]:] if job.logprobs is not None else []
-                    counted[c] = min(counted[c], len(d.ids))
                     yield chunk(c, texts[c].finish(R.answer_text(tok, d.ids, d.finish)), rows,
                                 R.FINISH[d.finish[0]])
                     left -= 1
