@@ -145,6 +145,15 @@ def tiny_neox(tmp_path_factory):
                       max_position_embeddings=256)
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    from pipeinfer.models.tiny import make_model
+
+    return make_model(str(tmp_path_factory.mktemp("models") / "qwen2"), seed=5, model_type="qwen2",
+                      hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+
+
 _references: dict = {}
 
 
@@ -236,14 +245,23 @@ def test_tiny_llama_equals_hf_backend(tiny_llama, task_dir, tmp_path, world):
     assert_same(run_eval(tiny_llama, task_dir, tmp_path, world), reference(tiny_llama, task_dir))
 
 
-def test_tiny_neox_equals_hf_backend_on_micro_batches(tiny_neox, task_dir, tmp_path):
-    """Another family (GPT-NeoX), on the micro_batches schedule (what sliding-window families use)."""
-    assert_same(run_eval(tiny_neox, task_dir, tmp_path, 2, schedule="micro_batches"), reference(tiny_neox, task_dir))
+@pytest.mark.parametrize("world,schedule", [(1, "rows"), (2, "micro_batches"), (3, "rows")])
+def test_tiny_neox_equals_hf_backend(tiny_neox, task_dir, tmp_path, world, schedule):
+    """Another family (GPT-NeoX), at pipeline_size 1, 2 and 3; at 2 on the micro_batches schedule
+    (what sliding-window families use)."""
+    assert_same(run_eval(tiny_neox, task_dir, tmp_path, world, schedule=schedule), reference(tiny_neox, task_dir))
 
 
-def test_demo_checkpoint_equals_hf_backend(smollm2, task_dir, tmp_path):  # noqa: F811
-    """The real SmolLM2-135M-Instruct, its own BPE tokenizer, at pipeline_size 2."""
-    assert_same(run_eval(smollm2, task_dir, tmp_path, 2), reference(smollm2, task_dir))
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_tiny_qwen2_equals_hf_backend(tiny_qwen2, task_dir, tmp_path, world):
+    """A third family (Qwen2: biases on q, k, v), at pipeline_size 1, 2 and 3."""
+    assert_same(run_eval(tiny_qwen2, task_dir, tmp_path, world), reference(tiny_qwen2, task_dir))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_demo_checkpoint_equals_hf_backend(smollm2, task_dir, tmp_path, world):  # noqa: F811
+    """The real SmolLM2-135M-Instruct, its own BPE tokenizer, at pipeline_size 1, 2 and 3."""
+    assert_same(run_eval(smollm2, task_dir, tmp_path, world), reference(smollm2, task_dir))
 
 
 def test_demo_checkpoint_with_its_chat_template(smollm2, task_dir, tmp_path):  # noqa: F811
