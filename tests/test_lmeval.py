@@ -453,3 +453,37 @@ def test_submit_sbatch_eval_mode_starts_the_evaluation_on_every_rank(tmp_path):
     assert "append-sacct" not in done.stdout
     bad = job("--tasks", "x")  # lm-eval's arguments go in EVAL_ARGS; the config's checker refuses them here
     assert bad.returncode == 2 and "unrecognized arguments: --tasks x" in bad.stderr, bad.stderr
+
+
+SLOW_TASK = """task: pi_slow
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: !function slow.text
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_a_long_pause_in_the_harness_keeps_every_rank(tiny_llama, task_dir, tmp_path):
+    """The harness builds its requests for longer than timeout_s (a slow doc_to_text, as a large
+    suite's task loading is) before its first call: the other ranks, waiting on rank 0, hear
+    keep-alive headers meanwhile, and the evaluation ends with hf's numbers."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
+    (d / "slow.py").write_text("import time\n\n\ndef text(doc):\n    time.sleep(1.5)\n    return doc['question']\n")
+    (d / "pi_slow.yaml").write_text(SLOW_TASK.format(data=d))
+    cfg = base_config(tiny_llama, tmp_path, pipeline_size=2, dtype="float32", batch_size=4, timeout_s=4)
+    results = finish(start_eval(cfg, tmp_path, 2, tasks=["pi_slow"], task_dir=str(d)))
+    assert [code for code, _ in results] == [0, 0], "\n".join(err[-3000:] for _, err in results)
+    metrics, samples = read_eval(tmp_path / "eval", ["pi_slow"])
+    assert_same(({"pi_mc": dict(metrics["pi_slow"], alias="pi_mc", name="pi_mc")}, {"pi_mc": samples["pi_slow"]}),
+                reference(tiny_llama, task_dir, ["pi_mc"]), ["pi_mc"])

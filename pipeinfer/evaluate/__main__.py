@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 failed = sys.exc_info()[1]
                 pipe_failed = isinstance(failed, PeerFailure) or (isinstance(failed, SystemExit) and failed.code == 1)
-                if not healthy and not pipe_failed:
-                    engine.close()  # the harness or its input failed, not the pipe: the other ranks leave now
+                if healthy or not pipe_failed:  # done, or the harness or its input failed (not the pipe):
+                    lm.stop_engine_loop()       # the other ranks leave now, before the process group goes
+                    engine.close()
         return 0
     except (ConfigError, StartError) as e:
         print(f"error: {e}", file=sys.stderr)

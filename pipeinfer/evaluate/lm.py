@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeinfer.config import ConfigError
 from pipeinfer.engine import Engine, StartError
+from pipeinfer.evaluate.loop import EngineLoop
 from pipeinfer.evaluate.settings import EvalSettings
 from pipeinfer.load.streamer import OffloadError
 from pipeinfer.run.comm import PeerFailure
@@ -52,6 +53,22 @@ _broken: list = []   # the pipe failure that ended an evaluation (the engine the
 def use_engine(engine: Engine, settings: EvalSettings) -> None:
     """The launcher's engine (already started on every rank) for the model lm-eval constructs next."""
     _running.update(engine=engine, settings=settings)
+    engine_loop(engine)  # from now: the harness loads its tasks while the other ranks hear keep-alives
+
+
+def engine_loop(engine: Engine) -> EngineLoop:
+    """Rank 0's engine loop (loop.py), started once per engine."""
+    if _running.get("loop") is None:
+        _running["loop"] = EngineLoop(engine)
+    return _running["loop"]
+
+
+def stop_engine_loop() -> None:
+    """End the evaluation's engine loop (the other ranks leave serve()) before the process group
+    goes; a loop that does not end within timeout_s is a failure (exit 1)."""
+    loop = _running.pop("loop", None)
+    if loop is not None and not loop.stop(loop.engine.inputs.cfg.timeout_s + 10):
+        raise fail(f"rank {loop.engine.inputs.rank}: the engine did not finish within timeout_s", 1)
 
 
 def fail(message: str, code: int) -> SystemExit:
@@ -65,6 +82,7 @@ def _leave(ctx) -> None:
     if _broken:
         ctx.__exit__(type(_broken[0]), _broken[0], None)
     else:
+        stop_engine_loop()
         ctx.__exit__(None, None, None)
 
 
@@ -106,6 +124,7 @@ class PipeinferLM(TemplateLM):
             ctx.__exit__(None, None, None)
             raise SystemExit(0)
         atexit.register(_leave, ctx)
+        engine_loop(engine)
         return engine
 
     # -- what lm-eval asks of a TemplateLM, as its hf backend answers -----------------------------
@@ -237,22 +256,26 @@ class PipeinferLM(TemplateLM):
         """Submit every prompt at once, then collect: per prompt, (log-probabilities, greedy flags)
         of its scored tokens for a scored prompt, else its new token ids."""
         engine = self.engine
+        loop = engine_loop(engine)
+        slot = {}
         try:
-            slot = {engine.submit(p): k for k, p in enumerate(prompts)}
+            for k, p in enumerate(prompts):
+                slot[engine.submit(p)] = k
         except ConfigError as e:  # past the plan's rows: max_length above max_prompt_tokens
+            for i in slot:  # what was queued before it: never run
+                engine.cancel(i)
             raise fail(f"{kind}: {e}", 2) from None
         out = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc=f"pipeinfer {kind}", disable=disable_tqdm)
         try:
-            for batch, result in engine.results():
-                for b, i in enumerate(batch.indices):
-                    k = slot[i]
-                    if prompts[k].limits.max_new_tokens == 0:
-                        n = len(prompts[k].ids)  # its tokens after the first, and the next one
-                        out[k] = (result.prompt_logprobs[b][-n:], result.prompt_greedy[b][-n:])
-                    else:
-                        out[k] = result.output_ids[b]
-                bar.update(len(batch.indices))
+            for i, b, result in loop.take(set(slot)):
+                k = slot[i]
+                if prompts[k].limits.max_new_tokens == 0:
+                    n = len(prompts[k].ids)  # its tokens after the first, and the next one
+                    out[k] = (result.prompt_logprobs[b][-n:], result.prompt_greedy[b][-n:])
+                else:
+                    out[k] = result.output_ids[b]
+                bar.update(1)
         except (PeerFailure, NonFiniteLogits, OffloadError) as e:
             bar.close()  # its line ends before the error's
             _broken.append(e)
