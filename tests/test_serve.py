@@ -285,6 +285,7 @@ BAD = [  # (path, body, field named, status)
     ("/v1/completions", b'{"model": "llama5", "prompt": [99999]}', "prompt", 400),
     ("/v1/completions", b'{"model": "llama5", "prompt": "Hi", "max_tokens": 0}', "max_tokens", 400),
     ("/v1/completions", b'[1, 2]', None, 400),
+    ("/v1/completions", b'{"model": "llama5", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}', "stop", 400),
     ("/v1/chat/completions", b'{"model": "llama5", "messages": []}', "messages", 400),
     ("/v1/chat/completions", b'{"model": "llama5", "messages": [{"role": "user"}]}', "messages.0.content", 400),
     ("/v1/completions", json.dumps({"model": "llama5", "prompt": ["Hi"] * 33}).encode(), None, 429),

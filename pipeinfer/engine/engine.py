@@ -187,7 +187,7 @@ class Engine:
                 self._queue.remove(index)
                 self.prompts.pop(index, None)
                 return True
-            if index in self.prompts:
+            if index in self.prompts and self.rows:  # the micro_batches schedule runs it to its end
                 self._cancelled.add(index)
             return False
 
@@ -245,6 +245,7 @@ class Engine:
                 yield batch, result
                 for i in batch.indices:  # handed back: a long-lived engine keeps only what is queued or running
                     self.prompts.pop(i, None)
+                    self._cancelled.discard(i)  # a cancel that came as it finished
         if wait:
             self._end()
 
@@ -353,7 +354,9 @@ class _AnnouncedWork(MicroBatches):
     def take(self, slot: int) -> Batch | None:
         engine = self.engine
         if engine.is_first:
-            batch = super().take(slot, self._fitting(slot))
+            with engine._wake:  # submit() and cancel() change the queue from other threads
+                most = self._fitting(slot)
+                batch = super().take(slot, most) if most else None
             engine._announce({"kind": "batch", **_describe(batch, engine.prompts)} if batch else {"kind": "retire"})
             return batch
         head = engine._hear(f"waiting for slot {slot}'s next micro-batch from the first rank")

@@ -10,8 +10,9 @@ minute per trace of SmolLM2's 30 layers on one core here) or, traced with dynami
 inside inductor for bfloat16 on torch 2.13 ("Expected !size_bytes_is_heap_allocated_"). The
 parts compiled here see the same shape at every decode step of a slot, (rows, 1, hidden), so each
 traces once per row count a slot may hold (1 to its most rows: rows leave and join), and one trace
-serves all layers (torch.compile inlines nn.Modules and passes the weights as inputs). Prefill (more than one position) stays eager: its length changes
-with every join, and it is a small share of a generation's steps.
+serves all layers (torch.compile inlines nn.Modules and passes the weights as inputs). Prefill
+(more than one position) stays eager: its length changes with every join, and it is a small share
+of a generation's steps.
 
 A compile that fails (an operator inductor cannot lower, a quantized layer) logs one line and the
 stage runs eager from then on, never a failure: the compiled parts are pure functions of their
@@ -107,9 +108,10 @@ def _default_cache_dir() -> str:
 
 
 def compile_stage(stage: nn.Module, layers: nn.ModuleList, setting: bool | str, device: torch.device,
-                  why_not: str | None = None) -> Compiled | None:
+                  why_not: str | None = None, rows: int = 64) -> Compiled | None:
     """Compile the stage's decode parts when `setting` asks for it; None when it stays eager.
-    why_not: a feature of this stage that compiling does not cover (offloaded or quantized layers)."""
+    why_not: a feature of this stage that compiling does not cover (offloaded or quantized layers).
+    rows: the most rows a slot holds (the plan's largest slot)."""
     if not wanted(setting, device):
         return None
     if why_not:
@@ -119,5 +121,5 @@ def compile_stage(stage: nn.Module, layers: nn.ModuleList, setting: bool | str, 
     # rows) and per part class; past the limit dynamo would silently run a new shape eager.
     conf = torch._dynamo.config
     name = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
-    setattr(conf, name, max(getattr(conf, name), 72))
+    setattr(conf, name, max(getattr(conf, name), rows + 8))
     return Compiled(compiled_parts(stage, layers))

@@ -41,6 +41,9 @@ def finish(code: int, stops: Stops | None) -> tuple[str, str | int | None]:
     return "stop", stops.matched(code)
 
 
+MAX_MATCHERS = 256  # stop strings whose matchers (vocabulary-sized tables each) are kept
+
+
 class Stopper:
     """On the last stage: each row's code for the token just sampled."""
 
@@ -56,6 +59,10 @@ class Stopper:
         from transformers import StopStringCriteria
 
         for s in sorted(set(strings)):
+            if s in self._criteria:
+                continue
+            if len(self._criteria) >= MAX_MATCHERS:  # a server's clients choose them: the oldest goes
+                self._criteria.pop(next(iter(self._criteria)))  # (rebuilt if asked again, _matches)
             try:
                 self._criteria[s] = StopStringCriteria(self.tokenizer, [s])
             except Exception as e:  # whatever the tokenizer's vocabulary makes it raise

@@ -146,6 +146,8 @@ def _serve_http(engine, sock: socket.socket, args) -> str | None:
         driver.cancel(list(driver.open.values()))  # none once drained; past the drain's bound, rows free now
         engine.close()  # the engine thread finishes what runs, then ends the work on every rank
         driver.thread.join(cfg.timeout_s)
+    if driver.failure is None and driver.thread.is_alive():  # never leave the process group under a running engine
+        return f"the requests still running did not finish within timeout_s={cfg.timeout_s:g} of the drain"
     return driver.failure
 
 

@@ -87,15 +87,15 @@ class Driver:
 
     def submit(self, prompts: list, queue: asyncio.Queue) -> list[Open]:
         """Queue a request's prompts; ApiError 503 while ending, 429 when the queue is full."""
-        if self.failure is not None:
-            raise ApiError(503, f"the pipeline failed ({self.failure}): the server is ending")
         if self.draining:
             raise ApiError(503, "the server is shutting down (SIGTERM): send the request to another server")
         if self.engine.waiting + len(prompts) > self.max_queued:
             raise ApiError(429, f"{self.engine.waiting} requests are waiting, the server's max_queued_requests is "
                                 f"{self.max_queued}: retry later")
         opens = []
-        with self.lock:
+        with self.lock:  # with _run's failure: a request is either in its snapshot or refused here
+            if self.failure is not None:
+                raise ApiError(503, f"the pipeline failed ({self.failure}): the server is ending")
             for c, _ in enumerate(prompts):
                 opens.append(Open(self.next_index, c, queue, time.perf_counter()))
                 self.open[self.next_index] = opens[-1]
@@ -162,8 +162,10 @@ class Driver:
                                                    result.prompt_logprobs[b] if result.prompt_logprobs else None,
                                                    result.prompt_argmax[b] if result.prompt_argmax else None))
         except Exception as e:  # PeerFailure, NonFiniteLogits...: every open request ends with it
-            self.failure = first_line(e, 300)
+            with self.lock:
+                self.failure = first_line(e, 300)
+                failed = list(self.open.values())
             log.error("rank 0: %s", self.failure)
-            for o in list(self.open.values()):
+            for o in failed:
                 self._post(o, "error", self.failure)
             self.loop.call_soon_threadsafe(self.on_failure)

@@ -9,10 +9,11 @@ OpenAI does not define is refused too, as OpenAI refuses it.
 from __future__ import annotations
 
 import json
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+MAX_STOPS = 4  # stop strings per request, OpenAI's own bound (each builds a matcher on two ranks)
 MAX_TOP_LOGPROBS = 20  # OpenAI's own bound for chat's top_logprobs (and vLLM's for completions' logprobs)
 
 
@@ -42,7 +43,7 @@ class _Common(_Strict):
     temperature: StrictFloat | None = Field(None, ge=0, le=2)
     top_p: StrictFloat | None = Field(None, gt=0, le=1)
     seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
