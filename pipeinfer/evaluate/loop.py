@@ -31,6 +31,7 @@ class EngineLoop:
                     for b, i in enumerate(batch.indices):
                         self.finished[i] = (b, result)
                     self.cond.notify_all()
+            raise RuntimeError("the engine was closed while requests were waiting for results")  # to a take()
         except BaseException as e:  # noqa: BLE001 -- handed to the caller waiting for results
             with self.cond:
                 self.error = e

@@ -212,7 +212,8 @@ def load_stage(plan, rank: int, model_config, device: torch.device, dtype: torch
                                          timeout_s)
     why_not = "offloaded layers stream in per step" if streamed else \
         ("quantized layers" if plan.quantization else None)
-    stage.compiled = compile_stage(stage, layers, compile, device, why_not, max(getattr(plan, "slots", None) or [64]))
+    most_rows = max(getattr(plan, "slots", None) or [64])  # a slot's rows: the row counts compile traces
+    stage.compiled = compile_stage(stage, layers, compile, device, why_not, most_rows)
     param_bytes = held_bytes(stage)
     log.info("rank %d holds %d bytes of parameters%s", rank, param_bytes,
              f" ({plan.quantization.method}, {plan.quantization.source})" if plan.quantization else "")
