@@ -544,7 +544,8 @@ def test_scoring_holds_at_most_a_chunk_of_logits():
     assert torch.allclose(last, head(hidden[:, -1]).float())
     nxt = torch.randint(0, V, (B,))  # the token after each row (Prompt.score_next): scored from the last position
     _, with_next = prompt_logprobs(head, hidden, ids, chunk, nxt)
-    assert torch.equal(with_next[:, :, :T - 1], got)
+    assert torch.equal(with_next[:, 1, :T - 1], got[:, 1])  # the argmax ids; values as rounded per chunk shape
+    assert torch.allclose(with_next[:, ::2, :T - 1], got[:, ::2], atol=1e-6)
     want = torch.log_softmax(head(hidden[:, -1]).float(), -1).gather(-1, nxt[:, None])[:, 0].double()
     assert torch.allclose(with_next[:, 0, T - 1], want, atol=1e-6)
 
