@@ -48,22 +48,27 @@ GEN = [{"question": "Q: What is one plus one?\nA:", "answer": " two"},
        {"question": "Once upon a time", "answer": " there"},
        {"question": "List: a, b, c,", "answer": " d"}]
 
-YAML = {
-    "pi_mc": """task: pi_mc
+def mc_task(name: str, doc_to_text: str = '"{{{{question}}}}"') -> str:
+    """A multiple-choice task over {data}/mc.jsonl (a format string: .format(data=DIR))."""
+    return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {data}/mc.jsonl
+    test: {{data}}/mc.jsonl
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
+doc_to_text: {doc_to_text}
+doc_to_choice: "{{{{{{{{choices}}}}}}}}"
 doc_to_target: answer
 target_delimiter: ""
 metric_list:
   - metric: acc
   - metric: acc_norm
-""",
+"""
+
+
+YAML = {
+    "pi_mc": mc_task("pi_mc"),
     "pi_ppl": """task: pi_ppl
 dataset_path: json
 dataset_kwargs:
@@ -455,21 +460,7 @@ def test_submit_sbatch_eval_mode_starts_the_evaluation_on_every_rank(tmp_path):
     assert bad.returncode == 2 and "unrecognized arguments: --tasks x" in bad.stderr, bad.stderr
 
 
-SLOW_TASK = """task: pi_slow
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/mc.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: !function slow.text
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+SLOW_TASK = mc_task("pi_slow", "!function slow.text")
 
 
 def test_a_long_pause_in_the_harness_keeps_every_rank(tiny_llama, task_dir, tmp_path):

@@ -16,7 +16,7 @@ from importlib.util import find_spec
 import pytest
 
 from conftest import require
-from test_lmeval import MISSING, _by_doc, _resps, run_eval
+from test_lmeval import MISSING, _by_doc, _resps, mc_task, run_eval
 from test_serve import start_server
 
 MC = [
@@ -29,21 +29,7 @@ API_MISSING = next((f"lm-eval's local-completions model needs {p}: pip install -
                     for p in ("tenacity", "aiohttp") if find_spec(p) is None), None)
 GREEDY_FROM = ["Hello", "Once upon a time", "The quick brown fox"]  # + the model's own greedy continuation
 
-YAML = """task: pi_mc_api
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/mc.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+YAML = mc_task("pi_mc_api")
 
 
 def greedy_docs(model: str) -> list[dict]:
