@@ -57,14 +57,17 @@ def lengths(n: int, lo: int, hi: int, seed: int = 0) -> tuple[list[int], list[in
     return varied, equal
 
 
-def run_cell(model: str, work: str, prompts: list[str], max_new: list[int], schedule: str, pp: int, batch: int,
-             device: str, timeout: float) -> dict:
-    tag = f"{schedule}-pp{pp}-b{batch}-{'v' if len(set(max_new)) > 2 else 'e'}"
+def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule: str, pp: int, batch: int,
+             device: str, timeout: float, ignore_eos: bool = True, name: str = "", dtype: str = "auto", equal: bool = False) -> dict:
+    """One run of the batch runner; prompts are texts or chat messages (lists of {role, content})."""
+    tag = f"{name}{schedule}-pp{pp}-b{batch}-{'e' if equal else 'v'}"
     pfile = os.path.join(work, f"{tag}.jsonl")
     with open(pfile, "w") as f:
-        f.writelines(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(prompts, max_new))
+        f.writelines(json.dumps({"messages" if isinstance(p, list) else "prompt": p, "max_new_tokens": n}) + "\n"
+                     for p, n in zip(prompts, max_new))
     cfg = dict(model_path=model, pipeline_size=pp, prompts_file=pfile, max_new_tokens=max(max_new), batch_size=batch,
-               schedule=schedule, ignore_eos=True, device=device, output_path=os.path.join(work, f"{tag}.out.jsonl"),
+               schedule=schedule, ignore_eos=ignore_eos, device=device, dtype=dtype,
+               output_path=os.path.join(work, f"{tag}.out.jsonl"),
                offload_folder=os.path.join(work, "offload"), timeout_s=600, progress=False)
     if os.path.exists(cfg["output_path"]):  # a fresh run, never a resume of an earlier one in this workdir
         os.remove(cfg["output_path"])
@@ -90,6 +93,47 @@ def run_cell(model: str, work: str, prompts: list[str], max_new: list[int], sche
             "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}}
 
 
+TOPICS = ["the moon", "bread", "a river", "music", "a computer", "the ocean", "winter", "a library", "trains", "bees",
+          "a volcano", "chess"]
+ASKS = ["Answer with one word: is {t} usually bigger than a cat?", "Give a one-sentence definition of {t}.",
+        "List five facts about {t}.", "Write a short story about {t}.",
+        "Explain to a ten-year-old, in detail and step by step, everything about {t}."]
+
+
+def eos_prompts(n: int) -> list[list[dict]]:
+    """n chat requests whose answers an instruct model ends at EOS after a word to a few hundred tokens."""
+    return [[{"role": "user", "content": ASKS[i % len(ASKS)].format(t=TOPICS[(i // len(ASKS)) % len(TOPICS)])}]
+            for i in range(n)]
+
+
+def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repeat: int) -> None:
+    """The pair's ratios, printed; greedy tokens must agree between the schedules (float32: a difference
+    is a bug on the geometric workload; on the eos one a near-tie may flip, so it is counted and printed)."""
+    pp, batch = row["pipeline_size"], row["batch_size"]
+    a, b = row["micro_varied"]["output_ids"], row["rows_varied"]["output_ids"]
+    differ = sum(a[i] != b[i] for i in b)
+    row["prompts_differing"] = differ
+    if differ and lengths is not None:
+        bad.append(f"{tag}pp{pp} b{batch}: the schedules' greedy tokens differ in {differ} prompts")
+    if lengths is not None:
+        assert all(len(b[i]) == m for i, m in enumerate(lengths))
+    row["varied_over_equal"] = row["rows_varied"]["tokens_per_s"] / row["rows_equal"]["tokens_per_s"]
+    row["rows_over_micro_batches"] = row["rows_varied"]["tokens_per_s"] / row["micro_varied"]["tokens_per_s"]
+    cells = ("rows_varied", "rows_equal", "micro_varied")
+    for k in cells:
+        row[k].pop("output_ids")
+    if repeat > 1:
+        print(f"{tag}pp{pp} b{batch:>2}: runs (tok/s) " + "; ".join(
+            f"{k} " + " ".join(f"{v:.1f}" for v in row[k]["runs_tokens_per_s"]) for k in cells), flush=True)
+    print(f"{tag}pp{pp} b{batch:>2}: rows varied {row['rows_varied']['tokens_per_s']:8.1f} tok/s "
+          f"({row['rows_varied']['extra_rows_per_useful_token']:.2f} extra rows/token), equal "
+          f"{row['rows_equal']['tokens_per_s']:8.1f} ({row['rows_equal']['extra_rows_per_useful_token']:.2f}), "
+          f"micro_batches varied {row['micro_varied']['tokens_per_s']:8.1f} "
+          f"({row['micro_varied']['extra_rows_per_useful_token']:.2f}); varied/equal "
+          f"{row['varied_over_equal']:.2f}, rows/micro_batches {row['rows_over_micro_batches']:.2f}"
+          + (f"; {differ} prompts' tokens differ between the schedules" if differ else ""), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, few short prompts: seconds, for the tests")
@@ -102,6 +146,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the three cells of a (pipeline, batch) pair round-robin this many times; each cell "
                          "reports its best tokens/s (the least disturbed by a shared host) and the spread")
+    ap.add_argument("--workload", choices=("geometric", "eos", "both"), default="geometric",
+                    help="geometric: the tiny model, lengths drawn, ignore_eos; eos: the demo instruct checkpoint "
+                         "(float32) answering chat requests until EOS (at most --eos-max-new), against the same total "
+                         "in equal lengths; both")
+    ap.add_argument("--eos-model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
+    ap.add_argument("--eos-prompts", type=int, default=40)
+    ap.add_argument("--eos-max-new", type=int, default=256)
     args = ap.parse_args()
     smoke = args.smoke
     n = args.prompts or (8 if smoke else 96)
@@ -118,46 +169,51 @@ def main() -> int:
         make_model(model, seed=0, **(SMOKE_SHAPE if smoke else SHAPE))
     prompts = make_prompts(n)
     varied, equal = lengths(n, lo, hi)
+    workloads = [("geometric", model, prompts, varied, True, "auto")]
+    if args.workload in ("eos", "both"):
+        if not os.path.exists(os.path.join(args.eos_model, "config.json")):
+            print(f"error: no model at {args.eos_model}: run `make demo` (it fetches the demo checkpoint) or pass "
+                  f"--eos-model", file=sys.stderr)
+            return 2
+        asks = eos_prompts(args.eos_prompts)
+        workloads.append(("eos", args.eos_model, asks, [args.eos_max_new] * len(asks), False, "float32"))
+    if args.workload == "eos":
+        workloads = workloads[1:]
     cells, bad = [], []
-    for pp in pps:
-        for batch in batches:
-            row = {"pipeline_size": pp, "batch_size": batch}
-            for _ in range(args.repeat):
-                for name, schedule, max_new in (("rows_varied", "rows", varied), ("rows_equal", "rows", equal),
-                                                ("micro_varied", "micro_batches", varied)):
-                    got = run_cell(model, work, prompts, max_new, schedule, pp, batch, args.device, 3600)
-                    if "error" in got:
-                        bad.append(f"{name} pp{pp} b{batch}: {got['error']}")
-                        row[name] = got
-                    elif "error" not in row.get(name, {}):
-                        runs = row.get(name, {}).get("runs_tokens_per_s", []) + [got["tokens_per_s"]]
-                        if name in row and row[name]["output_ids"] != got["output_ids"]:
-                            bad.append(f"{name} pp{pp} b{batch}: a repeat's greedy tokens differ")
-                        if name not in row or got["tokens_per_s"] > row[name]["tokens_per_s"]:
+    for wname, wmodel, wprompts, wvaried, wignore, wdtype in workloads:
+        tag = "" if wname == "geometric" else f"{wname}-"
+        for pp in pps:
+            for batch in batches:
+                row = {"workload": wname, "pipeline_size": pp, "batch_size": batch}
+                cells.append(row)
+                wequal = None  # eos: the rows schedule's first run decides the total to spread equally
+                for _ in range(args.repeat):
+                    for name, schedule in (("rows_varied", "rows"), ("rows_equal", "rows"), ("micro_varied", "micro_batches")):
+                        if name == "rows_equal":
+                            if wequal is None:
+                                if "error" in row.get("rows_varied", {"error": ""}):
+                                    continue
+                                total = row["rows_varied"]["new_tokens"]
+                                wequal = [total // len(wprompts) + (1 if i < total % len(wprompts) else 0)
+                                          for i in range(len(wprompts))] if not wignore else equal
+                            max_new, ignore_eos = wequal, True
+                        else:
+                            max_new, ignore_eos = wvaried, wignore
+                        got = run_cell(wmodel, work, wprompts, max_new, schedule, pp, batch, args.device, 3600,
+                                       ignore_eos, tag, wdtype, name == "rows_equal")
+                        if "error" in got:
+                            bad.append(f"{tag}{name} pp{pp} b{batch}: {got['error']}")
                             row[name] = got
-                        row[name]["runs_tokens_per_s"] = runs
-            ok = all("error" not in row[k] for k in ("rows_varied", "rows_equal", "micro_varied"))
-            if ok:
-                if row["micro_varied"]["output_ids"] != row["rows_varied"]["output_ids"]:
-                    bad.append(f"pp{pp} b{batch}: the schedules' greedy tokens differ")
-                assert all(len(row["rows_varied"]["output_ids"][i]) == m for i, m in enumerate(varied))
-                row["varied_over_equal"] = row["rows_varied"]["tokens_per_s"] / row["rows_equal"]["tokens_per_s"]
-                row["rows_over_micro_batches"] = row["rows_varied"]["tokens_per_s"] / row["micro_varied"]["tokens_per_s"]
-                for k in ("rows_varied", "rows_equal", "micro_varied"):
-                    row[k].pop("output_ids")
-                if args.repeat > 1:
-                    print(f"pp{pp} b{batch:>2}: runs (tok/s) " + "; ".join(
-                        f"{k} " + " ".join(f"{v:.1f}" for v in row[k]["runs_tokens_per_s"])
-                        for k in ("rows_varied", "rows_equal", "micro_varied")), flush=True)
-                print(f"pp{pp} b{batch:>2}: rows varied {row['rows_varied']['tokens_per_s']:8.1f} tok/s "
-                      f"({row['rows_varied']['extra_rows_per_useful_token']:.2f} extra rows/token), equal "
-                      f"{row['rows_equal']['tokens_per_s']:8.1f} ({row['rows_equal']['extra_rows_per_useful_token']:.2f}), "
-                      f"micro_batches varied {row['micro_varied']['tokens_per_s']:8.1f} "
-                      f"({row['micro_varied']['extra_rows_per_useful_token']:.2f}); varied/equal "
-                      f"{row['varied_over_equal']:.2f}, rows/micro_batches {row['rows_over_micro_batches']:.2f}",
-                      flush=True)
-            cells.append(row)
-    result = {"prompts": n, "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,
+                        elif "error" not in row.get(name, {}):
+                            runs = row.get(name, {}).get("runs_tokens_per_s", []) + [got["tokens_per_s"]]
+                            if name in row and row[name]["output_ids"] != got["output_ids"]:
+                                bad.append(f"{tag}{name} pp{pp} b{batch}: a repeat's greedy tokens differ")
+                            if name not in row or got["tokens_per_s"] > row[name]["tokens_per_s"]:
+                                row[name] = got
+                            row[name]["runs_tokens_per_s"] = runs
+                if all(k in row and "error" not in row[k] for k in ("rows_varied", "rows_equal", "micro_varied")):
+                    report(row, tag, bad, wvaried if wignore else None, args.repeat)
+    result = {"prompts": n, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0, "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,
               "smoke": smoke, "cells": cells, "errors": bad}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -9,8 +9,10 @@
 #    first failure or difference stops the check (exit 1), before minutes go into the benchmark;
 # 3. float16 cell (the T4 path, forced): the runner's non-finite logits check is on, as always;
 #    agreement with generate() in float16 is recorded in float16.json;
-# 3b. compiled cell: the runner at pipeline_size 1 with compile=false, then true (load/compiled.py), float32,
+# 3b. compiled cell: the runner at pipeline_size 1 with compile=false, true, then "cudagraphs" (load/compiled.py), float32,
 #    batch 1 and 8, against generate() (a difference fails the cell); the stage records hold the compile time;
+# 3c. continuous cell (bench/continuous.py, quick form): the rows schedule against micro_batches on 32
+#    prompts of long-tailed lengths, pipeline_size 1 and 2, batch 8; the schedules' greedy tokens must agree;
 # 4. the benchmark (bench/throughput.py --device cuda; compile "auto", which is on for CUDA): generate()
 #    against the runner at pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
 #    over 32 prompts x 32 new tokens, with the weight bandwidth at batch 1 against a measured copy.
@@ -70,10 +72,15 @@ bench float16 $(( DEADLINE_S - SECONDS < 100 ? DEADLINE_S - SECONDS : 100 )) --d
     --batch-sizes 8 --prompts 8 --tokens 16 --cell-timeout 60
 f16=$?
 crc=0
-for c in false true; do  # compile off, then on: tokens/s side by side, outputs against generate()
+for c in false true cudagraphs; do  # compile off, on, on with CUDA graphs: tokens/s side by side, outputs against generate()
     bench compiled_$c 60 --only pp1 --dtype float32 --batch-sizes 1,8 --prompts 8 --tokens 32 --compile $c \
         --fail-fast --cell-timeout 50 || crc=$?
 done
+echo "+ python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8"
+# SIGINT, not SIGTERM, at the cut: the script's own cleanup then stops the cell's rank processes
+timeout -s INT 90 python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --workdir "$work/continuous" \
+    --json "$out/continuous_gpu.json" 2>&1 | grep --line-buffered -v "it/s]" | tee "$out/continuous_gpu.log"
+brc=${PIPESTATUS[0]}
 QUANT_S=${QUANT_S:-90}  # kept back for the quantized cell
 OFFLOAD_S=${OFFLOAD_S:-120}  # and for the offload cell
 bench throughput_gpu $(( DEADLINE_S - SECONDS - QUANT_S - OFFLOAD_S )) --prompts 32 --tokens 32 --cell-timeout 120
@@ -92,5 +99,5 @@ if python3 -c "import bitsandbytes" 2>/dev/null; then
 else
     echo "skipped the quantized cell: bitsandbytes is not installed (carry its wheel)" | tee "$out/quantization_gpu.log"
 fi
-echo "done in ${SECONDS}s: float16 cell exit $f16, compiled cell exit $crc, benchmark exit $rc, offload cell exit $orc, quantized cell exit $qrc"
-exit $(( rc ? rc : (f16 ? f16 : (crc ? crc : (orc ? orc : qrc))) ))
+echo "done in ${SECONDS}s: float16 cell exit $f16, compiled cell exit $crc, continuous cell exit $brc, benchmark exit $rc, offload cell exit $orc, quantized cell exit $qrc"
+exit $(( rc ? rc : (f16 ? f16 : (crc ? crc : (brc ? brc : (orc ? orc : qrc)))) ))
