@@ -508,7 +508,7 @@ def main() -> int:
                          "8.0, else float16); on CPU float32 always")
     ap.add_argument("--fail-fast", action="store_true",
                     help="exit 1 at the first cell that fails or differs from generate() (the GPU check's smoke cell)")
-    ap.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+    ap.add_argument("--compile", choices=("auto", "true", "false", "cudagraphs"), default="auto",
                     help="the runner's compile setting (load/compiled.py)")
     ap.add_argument("--tf-pp-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -566,7 +566,7 @@ def main() -> int:
             os.sched_setaffinity(0, affinity)
 
     base = runner_config(model_path, prompts, args.tokens, work, args.device, dtype,
-                         {"true": True, "false": False}.get(args.compile, "auto"))
+                         {"true": True, "false": False}.get(args.compile, args.compile))
 
     def cell_fn(name: str, b: int):
         if name == "generate":

@@ -148,8 +148,9 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "nvtx": ((bool, str), lambda v: v in (True, False, "auto"),
              '"auto" (on when Nsight Systems runs the job), true or false'),
     "profile_steps": (_INT, lambda v: v >= 0, "an integer >= 0: steps to trace with torch.profiler (0 = off)"),
-    "compile": ((bool, str), lambda v: v in (True, False, "auto"),
-                '"auto" (on CUDA only), true (compile the decode step\'s norms and MLPs with torch.compile) or false'),
+    "compile": ((bool, str), lambda v: v in (True, False, "auto", "cudagraphs"),
+                '"auto" (on CUDA only), true (compile the decode step\'s norms and MLPs with torch.compile), '
+                '"cudagraphs" (the same, each compiled part replayed as a CUDA graph) or false'),
     "progress": (_BOOL, None, "true or false (a progress bar on rank 0 when stderr is a terminal)"),
     "layer_split": ((str, list), lambda v: v in ("even", "auto") if isinstance(v, str) else
                     len(v) > 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v),

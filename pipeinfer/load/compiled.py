@@ -14,6 +14,12 @@ serves all layers (torch.compile inlines nn.Modules and passes the weights as in
 (more than one position) stays eager: its length changes with every join, and it is a small share
 of a generation's steps.
 
+compile="cudagraphs" (CUDA only; on a CPU stage it compiles without them and says so once):
+inductor's "reduce-overhead" mode, which records each compiled part once per row count and replays
+it as a CUDA graph, saving the launches of its kernels. A replay reuses its output buffer, so each
+part's output is copied out before the next layer's replay of the same graph. Prepared for the GPU
+check (bench/gpu_check.sh) but never yet run on a GPU: no GPU has been lent.
+
 A compile that fails (an operator inductor cannot lower, a quantized layer) logs one line and the
 stage runs eager from then on, never a failure: the compiled parts are pure functions of their
 input, so the failed call is simply run again eagerly. The inductor cache lives in
@@ -38,7 +44,7 @@ def wanted(setting: bool | str, device: torch.device) -> bool:
     (bench/peers.py, README) does not pay for the compile time of a short run."""
     if setting == "auto":
         return device.type == "cuda"
-    return bool(setting)
+    return bool(setting)  # true, "cudagraphs"
 
 
 def compiled_parts(stage: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
@@ -58,8 +64,9 @@ def compiled_parts(stage: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
 class Compiled:
     """The compiled decode parts of one stage and what their compilation cost."""
 
-    def __init__(self, parts: list[nn.Module]):
+    def __init__(self, parts: list[nn.Module], graphs: bool = False):
         self.parts = parts
+        self.graphs = graphs  # replayed as CUDA graphs (inductor's "reduce-overhead")
         self.failed: str | None = None
         self.compile_s = 0.0
         self.cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _default_cache_dir()
@@ -68,14 +75,15 @@ class Compiled:
 
     def _wrap(self, part: nn.Module) -> None:
         eager = part.forward
-        fast = torch.compile(eager, dynamic=False)
+        fast = torch.compile(eager, dynamic=False, mode="reduce-overhead" if self.graphs else None)
 
         def forward(*args, **kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             if self.failed is not None or x.dim() != 3 or x.shape[1] != 1:
                 return eager(*args, **kwargs)  # prefill, or compiling failed
             try:
-                return fast(*args, **kwargs)
+                out = fast(*args, **kwargs)
+                return out.clone() if self.graphs else out  # the next replay overwrites a graph's output
             except Exception as e:  # noqa: BLE001 -- any compiler failure: eager, with its reason
                 self.fail(e)
                 return eager(*args, **kwargs)
@@ -96,7 +104,7 @@ class Compiled:
 
     def record(self) -> dict:
         return {"parts": len(self.parts), "compile_s": round(self.compile_s, 3), "cache_dir": self.cache_dir,
-                "eager_fallback": self.failed}
+                "eager_fallback": self.failed, "cudagraphs": self.graphs}
 
 
 def _default_cache_dir() -> str:
@@ -122,4 +130,9 @@ def compile_stage(stage: nn.Module, layers: nn.ModuleList, setting: bool | str, 
     conf = torch._dynamo.config
     name = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
     setattr(conf, name, max(getattr(conf, name), rows + 8))
-    return Compiled(compiled_parts(stage, layers))
+    graphs = setting == "cudagraphs"
+    if graphs and device.type != "cuda":
+        log.warning('compile: "cudagraphs" needs a CUDA device: this %s stage compiles without CUDA graphs',
+                    device.type)
+        graphs = False
+    return Compiled(compiled_parts(stage, layers), graphs)
