@@ -49,8 +49,11 @@ def _child(req: dict) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        # as a fresh interpreter starts: SIGPIPE ignored (a write to a closed socket is an EPIPE error,
+        # not death by signal), SIGINT a KeyboardInterrupt, the others their default
+        for sig, how in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                         (signal.SIGUSR1, signal.SIG_DFL), (signal.SIGPIPE, signal.SIG_IGN)):
+            signal.signal(sig, how)
         os.environ.clear()
         os.environ.update(req["env"])
         sys.argv = list(req["argv"])
