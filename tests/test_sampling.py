@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pipeinfer.run.sampling import SamplingParams, filter_logits, prompt_generator, sample
+from pipeinfer.run.sampling import (NonFiniteLogits, SamplingParams, check_finite, filter_logits, prompt_generator,
+                                     sample)
 
 
 def test_greedy_is_argmax():
@@ -62,3 +64,15 @@ def test_temperature_floor_keeps_the_scaled_logits_finite():
     assert build_config({"model_path": "m", "prompts": ["a"], "temperature": MIN_TEMPERATURE}).temperature == 1e-5
     with pytest.raises(ConfigError, match=r"temperature=1e-40 is out of range: expected a number >= 1e-05"):
         build_config({"model_path": "m", "prompts": ["a"], "do_sample": True, "temperature": 1e-40})
+
+
+def test_check_finite_names_the_row_with_nan_or_inf_and_passes_finite_logits_whose_sum_overflows():
+    """check_finite reduces each row's sum first (one pass); a finite row whose sum overflows float32
+    still passes, and a NaN, +inf or -inf anywhere names its prompt."""
+    huge = torch.full((2, 8), 3e38)  # finite; the row sums overflow to inf
+    check_finite(huge, 0, [5, 6], torch.float32)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        logits = torch.randn(3, 16)
+        logits[1, 7] = bad
+        with pytest.raises(NonFiniteLogits, match="step 4: the logits for prompt 9 are not finite"):
+            check_finite(logits, 4, [8, 9, 10], torch.float32)

@@ -481,7 +481,8 @@ class RowSchedule:
         gp, dev = self.gp, self.comm.device
         joined = {j["row"]: a for a, j in enumerate(head["join"])}
         active = sorted(head["decode"] + list(joined))
-        out = torch.stack([join_logits[joined[r]] if r in joined else dec_logits[r] for r in active])  # (A, V)
+        out = dec_logits if not joined else torch.stack(  # (A, V)
+            [join_logits[joined[r]] if r in joined else dec_logits[r] for r in active])
         rows = [s.tails[r] for r in active]
         check_finite(out, rows[0].new, [row.index for row in rows], self.dtype)
         if any(row.processors is not None for row in rows):
