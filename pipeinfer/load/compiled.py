@@ -83,7 +83,7 @@ class Compiled:
                 return eager(*args, **kwargs)  # prefill, or compiling failed
             try:
                 out = fast(*args, **kwargs)
-                return out.clone() if self.graphs else out  # the next replay overwrites a graph's output
+                return _copied(out) if self.graphs else out  # the next replay overwrites a graph's output
             except Exception as e:  # noqa: BLE001 -- any compiler failure: eager, with its reason
                 self.fail(e)
                 return eager(*args, **kwargs)
@@ -105,6 +105,13 @@ class Compiled:
     def record(self) -> dict:
         return {"parts": len(self.parts), "compile_s": round(self.compile_s, 3), "cache_dir": self.cache_dir,
                 "eager_fallback": self.failed, "cudagraphs": self.graphs}
+
+
+def _copied(out):
+    """A CUDA-graph replay's output (a tensor, or a tuple of them) copied out of the graph's buffer."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    return type(out)(_copied(v) for v in out) if isinstance(out, (tuple, list)) else out
 
 
 def _default_cache_dir() -> str:
