@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import ENTRY, SHAPE, launch, make_prompts, tail  # noqa: E402
+from throughput import SHAPE, launch_runner, make_prompts  # noqa: E402
 
 from pipeinfer.models.tiny import make_model  # noqa: E402
 
@@ -77,13 +77,8 @@ def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule:
                offload_folder=os.path.join(work, "offload"), timeout_s=600, progress=False)
     if os.path.exists(cfg["output_path"]):  # a fresh run, never a resume of an earlier one in this workdir
         os.remove(cfg["output_path"])
-    path = os.path.join(work, f"{tag}.config.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    codes = launch([ENTRY, "--config", path], pp, os.path.join(work, tag), timeout)
-    if any(codes):
-        return {"error": " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'{tag}.rank{r}.log'))}"
-                                    for r, c in enumerate(codes) if c)}
+    if error := launch_runner(cfg, pp, work, tag, timeout):
+        return {"error": error}
     with open(cfg["output_path"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     summary = next(r for r in records if r["type"] == "summary")

@@ -62,7 +62,6 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--vllm-work
     sys.exit(vllm_worker(sys.argv[2]))  # before the imports below: the vLLM environment lacks this project's
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
 import torch  # noqa: E402
@@ -71,7 +70,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import Contention, launch, run_runner, runner_config, tail, time_generate  # noqa: E402
+from throughput import Contention, failed_ranks, launch, run_runner, runner_config, tail, time_generate  # noqa: E402
 
 PROMPT = "Explain in two sentences why pipeline parallel inference needs micro-batches to keep every stage busy."
 RUNNER = {"pp1": (1, False), "pp1c": (1, True), "pp2": (2, False), "pp2c": (2, True)}
@@ -116,8 +115,7 @@ def run_tf_pp(spec: dict, work: str, timeout: float) -> dict:
         os.remove(spec["out"])
     codes = launch([os.path.abspath(__file__), "--tf-pp-worker", path], 2, os.path.join(work, "tf_pp2"), timeout)
     if any(codes) or not os.path.exists(spec["out"]):
-        return {"error": " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'tf_pp2.rank{r}.log'))}"
-                                    for r, c in enumerate(codes) if c) or "no results written"}
+        return {"error": failed_ranks(codes, work, "tf_pp2") or "no results written"}
     with open(spec["out"]) as f:
         return {int(b): r for b, r in json.load(f).items()}
 

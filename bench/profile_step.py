@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import ENTRY, launch, tail  # noqa: E402
+from throughput import launch_runner  # noqa: E402
 
 COLUMNS = ("matmul", "attention", "layers", "schedule", "sampling", "messages")
 MATMUL = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"}
@@ -101,13 +101,8 @@ def run_cell(model: str, dtype: str, compile_: bool, world: int, batch: int, ste
     slots = len(micro_batching(build_config(cfg)))
     cfg["profile_steps"] = slots * (steps + 1)  # every slot's prefill, then `steps` decode visits per slot
     cfg["max_new_tokens"] = steps + 4           # ...and a few more so that the trace ends before the run
-    path = os.path.join(work, f"{tag}.config.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    codes = launch([ENTRY, "--config", path], world, os.path.join(work, tag), timeout)
-    if any(codes):
-        return {"error": " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'{tag}.rank{r}.log'))}"
-                                    for r, c in enumerate(codes) if c)}
+    if error := launch_runner(cfg, world, work, tag, timeout):
+        return {"error": error}
     stages = []
     for r in range(world):
         rows = split_trace(f"{cfg['output_path']}.rank{r}.trace.json")

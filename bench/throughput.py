@@ -132,6 +132,20 @@ def launch(argv: list[str], world: int, log_prefix: str, timeout: float, cores: 
                 p.wait()
 
 
+def failed_ranks(codes: list[int], work: str, tag: str) -> str:
+    """One line naming every rank of a launch that exited non-zero, with the tail of its log ("" if none)."""
+    return " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'{tag}.rank{r}.log'))}"
+                      for r, c in enumerate(codes) if c)
+
+
+def launch_runner(cfg: dict, world: int, work: str, tag: str, timeout: float) -> str:
+    """Write cfg as <tag>.config.json and run the batch runner on `world` ranks: failed_ranks' line."""
+    path = os.path.join(work, f"{tag}.config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return failed_ranks(launch([ENTRY, "--config", path], world, os.path.join(work, tag), timeout), work, tag)
+
+
 def cpu_busy_s() -> float:
     """Seconds of CPU time all cores spent busy since boot (/proc/stat, USER_HZ = 100)."""
     with open("/proc/stat") as f:
@@ -308,8 +322,7 @@ def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], token
         os.remove(spec["out"])  # an earlier attempt's
     codes = launch([os.path.abspath(__file__), "--tf-pp-worker", spec_path], 2, os.path.join(work, "tf_pp2"), timeout)
     if any(codes) or not os.path.exists(spec["out"]):
-        errs = [f"rank {r} exit {c}: {tail(os.path.join(work, f'tf_pp2.rank{r}.log'))}" for r, c in enumerate(codes) if c]
-        return {"error": " | ".join(errs) or "no results written"}
+        return {"error": failed_ranks(codes, work, "tf_pp2") or "no results written"}
     with open(spec["out"]) as f:
         got = json.load(f)
     return {int(b): dict(r, output_ids={int(i): ids for i, ids in r["output_ids"].items()}) for b, r in got.items()}
@@ -333,13 +346,8 @@ def run_runner(base: dict, name: str, batch_size: int, micro: int | str | None, 
     cfg = dict(base, pipeline_size=world, batch_size=batch_size, output_path=os.path.join(work, f"{tag}.jsonl"))
     if micro is not None:
         cfg["micro_batch_size"] = micro
-    path = os.path.join(work, f"{tag}.config.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    codes = launch([ENTRY, "--config", path], world, os.path.join(work, tag), timeout)
-    if any(codes):
-        return {"error": " | ".join(f"rank {r} exit {c}: {tail(os.path.join(work, f'{tag}.rank{r}.log'))}"
-                                    for r, c in enumerate(codes) if c)}
+    if error := launch_runner(cfg, world, work, tag, timeout):
+        return {"error": error}
     with open(cfg["output_path"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     summary = next(r for r in records if r["type"] == "summary")
