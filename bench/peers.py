@@ -70,54 +70,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import Contention, failed_ranks, launch, run_runner, runner_config, tail, time_generate  # noqa: E402
+from throughput import Contention, run_runner, run_tf_pp, runner_config, tail, time_generate  # noqa: E402
 
 PROMPT = "Explain in two sentences why pipeline parallel inference needs micro-batches to keep every stage busy."
 RUNNER = {"pp1": (1, False), "pp1c": (1, True), "pp2": (2, False), "pp2c": (2, True)}
-
-
-def tf_pp_worker(spec_path: str) -> int:
-    """One rank of transformers' PP mode (bench/throughput.py's, in the workload's dtype)."""
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    from pipeinfer.run.prompts import load_tokenizer
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]),
-                                                     local_files_only=True,
-                                                     distributed_config=DistributedConfig(pp_size=2)).eval()
-        tokenizer = load_tokenizer(spec["model"])
-        results = {}
-        for b in spec["batch_sizes"]:
-            dist.barrier()
-            results[b] = time_generate(model, tokenizer, [spec["prompt"]] * b, b, spec["tokens"])
-        if dist.get_rank() == 0:
-            with open(spec["out"], "w") as f:
-                json.dump(results, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-def run_tf_pp(spec: dict, work: str, timeout: float) -> dict:
-    spec = dict(spec, out=os.path.join(work, "tf_pp2.json"))
-    path = os.path.join(work, "tf_pp2.spec.json")
-    with open(path, "w") as f:
-        json.dump(spec, f)
-    if os.path.exists(spec["out"]):
-        os.remove(spec["out"])
-    codes = launch([os.path.abspath(__file__), "--tf-pp-worker", path], 2, os.path.join(work, "tf_pp2"), timeout)
-    if any(codes) or not os.path.exists(spec["out"]):
-        return {"error": failed_ranks(codes, work, "tf_pp2") or "no results written"}
-    with open(spec["out"]) as f:
-        return {int(b): r for b, r in json.load(f).items()}
 
 
 def run_vllm(python: str, spec: dict, stages: int, work: str, timeout: float) -> dict:
@@ -168,10 +124,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per cell (a vLLM cell: all batch sizes)")
     ap.add_argument("--smoke", action="store_true", help="CI: a tiny model, batch 2, 4 tokens, no vLLM")
     ap.add_argument("--json")
-    ap.add_argument("--tf-pp-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.tf_pp_worker:
-        return tf_pp_worker(args.tf_pp_worker)
     work = tempfile.mkdtemp(prefix="pipeinfer-peers-")
     if args.smoke:
         from pipeinfer.models.tiny import make_model
@@ -216,7 +169,8 @@ def main() -> int:
         for c in [c for c in columns if c.startswith("vllm") or c == "tf_pp2"]:  # all batch sizes in one launch
             with Contention() as busy:
                 got = run_vllm(args.vllm_python, spec, 1 if c == "vllm_1" else 2, work, args.timeout) \
-                    if c != "tf_pp2" else run_tf_pp(spec, work, args.timeout)
+                    if c != "tf_pp2" else run_tf_pp(args.model, {b: [PROMPT] * b for b in batch_sizes}, batch_sizes,
+                                                    args.tokens, work, args.timeout, args.dtype)
             for b in batch_sizes:
                 runs[c][b].append(dict(got.get(b) or {"error": got.get("error", "no result")},
                                        others_cores=busy.others_cores))

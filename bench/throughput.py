@@ -295,13 +295,14 @@ def tf_pp_worker(spec_path: str) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, local_files_only=True,
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]),
+                                                     local_files_only=True,
                                                      distributed_config=DistributedConfig(pp_size=2)).eval()
         tokenizer = load_tokenizer(spec["model"])
         results = {}
         for b in spec["batch_sizes"]:
             dist.barrier()
-            results[b] = time_generate(model, tokenizer, spec["prompts"], b, spec["max_new_tokens"])
+            results[b] = time_generate(model, tokenizer, spec["rows"][str(b)], b, spec["max_new_tokens"])
         if dist.get_rank() == 0:
             with open(spec["out"], "w") as f:
                 json.dump(results, f)
@@ -311,10 +312,13 @@ def tf_pp_worker(spec_path: str) -> int:
     return 0
 
 
-def run_tf_pp(model_path: str, prompts: list[str], batch_sizes: list[int], tokens: int, work: str,
-              timeout: float) -> dict:
-    spec = dict(model=model_path, prompts=prompts, batch_sizes=batch_sizes, max_new_tokens=tokens,
-                out=os.path.join(work, "tf_pp2.json"))
+def run_tf_pp(model_path: str, prompts: list[str] | dict[int, list[str]], batch_sizes: list[int], tokens: int,
+              work: str, timeout: float, dtype: str = "float32") -> dict:
+    """transformers' PP mode on 2 ranks, every batch size in one launch. prompts: the same list at
+    every batch size, or a list per batch size (bench/peers.py: its one prompt in every row)."""
+    rows = prompts if isinstance(prompts, dict) else {b: prompts for b in batch_sizes}
+    spec = dict(model=model_path, dtype=dtype, rows={str(b): rows[b] for b in batch_sizes}, batch_sizes=batch_sizes,
+                max_new_tokens=tokens, out=os.path.join(work, "tf_pp2.json"))
     spec_path = os.path.join(work, "tf_pp2.spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
