@@ -138,12 +138,13 @@ def failed_ranks(codes: list[int], work: str, tag: str) -> str:
                       for r, c in enumerate(codes) if c)
 
 
-def launch_runner(cfg: dict, world: int, work: str, tag: str, timeout: float) -> str:
-    """Write cfg as <tag>.config.json and run the batch runner on `world` ranks: failed_ranks' line."""
+def launch_runner(cfg: dict, world: int, work: str, tag: str, timeout: float, entry: str = ENTRY) -> str:
+    """Write cfg as <tag>.config.json and run the batch runner (`entry`: this checkout's, or another
+    commit's) on `world` ranks: failed_ranks' line."""
     path = os.path.join(work, f"{tag}.config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
-    return failed_ranks(launch([ENTRY, "--config", path], world, os.path.join(work, tag), timeout), work, tag)
+    return failed_ranks(launch([entry, "--config", path], world, os.path.join(work, tag), timeout), work, tag)
 
 
 def cpu_busy_s() -> float:
