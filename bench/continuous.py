@@ -2,6 +2,7 @@
 
     python bench/continuous.py [--smoke] [--json results/continuous.json] [--device cuda]
                                [--pipeline-sizes 2] [--batch-sizes 8,32] [--repeat 2] [--workload eos]
+                               [--before REV|none]
 
 Two workloads with the same prompts and the same total of new tokens (ignore_eos, so every prompt
 makes exactly its max_new_tokens):
@@ -15,13 +16,16 @@ positions every stage computed per useful token (the stage records' rows_compute
 and the same beyond the prompts' own positions ((rows_computed - prompt tokens) / new_tokens: about
 1.0 is no wasted row; padding, finished rows still computed and idle rows add to it). The ratios
 the issue asks for: rows varied / rows equal (target >= 0.85) and rows varied / micro_batches
-varied (target >= 1.8). Every cell's output ids are compared with the rows schedule's on the same
+varied (target >= 1.8). The issue measures that last one against "today's schedule on the commit
+before the change": --before (default bc56911, the last commit before row-level refill) runs the
+varied workload once more on that commit's batch runner (git archive), and the report adds rows
+varied / before. Every cell's output ids are compared with the rows schedule's on the same
 workload (greedy: any difference is a bug; exit 1).
 --workload eos (or both): the demo instruct checkpoint (float32) answers --eos-prompts chat requests
 until EOS (at most --eos-max-new tokens); "equal" is the same requests with the rows schedule's
 total spread evenly (ignore_eos). A near-tie may flip a token between the schedules' batch shapes
 there, so differences are counted and printed, not an error.
---repeat N: the three cells of a pair round-robin N times, each reporting its best run (and all runs).
+--repeat N: the cells of a pair round-robin N times, each reporting its best run (and all runs).
 --smoke: a tiny model, few prompts, 4..16 tokens, pp 1 and 2 at batch 4 (tests/test_bench_smoke.py).
 """
 
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 
@@ -41,6 +46,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from throughput import SHAPE, launch_runner, make_prompts  # noqa: E402
 
 from pipeinfer.models.tiny import make_model  # noqa: E402
+
+# The commit before row-level refill (ce033ae): micro-batches that keep their slot until their longest
+# row ends, with per-prompt max_new_tokens already (976da4d): "today's schedule" of issue #23.
+BEFORE, BEFORE_WHAT = "bc56911", "the engine, before row-level refill"
 
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=512)
@@ -64,9 +73,11 @@ def lengths(n: int, lo: int, hi: int, seed: int = 0) -> tuple[list[int], list[in
 
 def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule: str, pp: int, batch: int,
              device: str, timeout: float, ignore_eos: bool = True, name: str = "", dtype: str = "auto",
-             equal: bool = False) -> dict:
-    """One run of the batch runner; prompts are texts or chat messages (lists of {role, content})."""
-    tag = f"{name}{schedule}-pp{pp}-b{batch}-{'e' if equal else 'v'}"
+             equal: bool = False, entry: str | None = None, extra: dict | None = None) -> dict:
+    """One run of the batch runner; prompts are texts or chat messages (lists of {role, content}).
+    entry: another commit's run_distributed_inference.py (the commit before the rows schedule, which
+    has no `schedule` key and always runs micro-batches), in place of this checkout's."""
+    tag = f"{name}{'before' if entry else schedule}-pp{pp}-b{batch}-{'e' if equal else 'v'}"
     pfile = os.path.join(work, f"{tag}.jsonl")
     with open(pfile, "w") as f:
         f.writelines(json.dumps({"messages" if isinstance(p, list) else "prompt": p, "max_new_tokens": n}) + "\n"
@@ -75,23 +86,47 @@ def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule:
                schedule=schedule, ignore_eos=ignore_eos, device=device, dtype=dtype,
                output_path=os.path.join(work, f"{tag}.out.jsonl"),
                offload_folder=os.path.join(work, "offload"), timeout_s=600, progress=False)
+    cfg.update(extra or {})
+    if entry:
+        del cfg["schedule"]
     if os.path.exists(cfg["output_path"]):  # a fresh run, never a resume of an earlier one in this workdir
         os.remove(cfg["output_path"])
-    if error := launch_runner(cfg, pp, work, tag, timeout):
+    if error := launch_runner(cfg, pp, work, tag, timeout, *([entry] if entry else [])):
         return {"error": error}
     with open(cfg["output_path"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     summary = next(r for r in records if r["type"] == "summary")
     stages = [r for r in records if r["type"] == "stage"]
     useful = summary["new_tokens"]
-    rows = max(s["rows_computed"] for s in stages)
-    prompt_tokens = sum(r["prompt_tokens"] for r in records if r["type"] == "prompt")
-    return {"tokens_per_s": useful / summary["wall_s"], "new_tokens": useful, "wall_s": summary["wall_s"],
-            "rows_per_useful_token": rows / useful,
-            # beyond each prompt's own positions once: decode rows, padding, idle rows
-            "extra_rows_per_useful_token": (rows - prompt_tokens) / useful,
-            "max_prompts_in_flight": max(s["max_prompts_in_flight"] for s in stages),
-            "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"}}
+    got = {"tokens_per_s": useful / summary["wall_s"], "new_tokens": useful, "wall_s": summary["wall_s"],
+           "max_prompts_in_flight": max(s["max_prompts_in_flight"] for s in stages),
+           "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"},
+           "prompt_records": [r for r in records if r["type"] == "prompt"],
+           "prefill_chunks": max(s.get("prefill_chunks", 0) for s in stages)}
+    if all("rows_computed" in s for s in stages):  # the commit before the change did not count them
+        rows = max(s["rows_computed"] for s in stages)
+        prompt_tokens = sum(r["prompt_tokens"] for r in records if r["type"] == "prompt")
+        got["rows_per_useful_token"] = rows / useful
+        # beyond each prompt's own positions once: decode rows, padding, idle rows
+        got["extra_rows_per_useful_token"] = (rows - prompt_tokens) / useful
+    return got
+
+
+def checkout(rev: str, work: str) -> str:
+    """The batch runner of commit `rev` of this repository, unpacked under work (git archive): its entry
+    script's path. Raises SystemExit with one line if git cannot give it."""
+    dest = os.path.join(work, f"before-{rev}")
+    if not os.path.exists(os.path.join(dest, "run_distributed_inference.py")):
+        os.makedirs(dest, exist_ok=True)
+        try:
+            archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev], capture_output=True,
+                                     check=True).stdout
+            subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            raise SystemExit(f"error: cannot unpack commit {rev!r} of {ROOT} for the before cell "
+                             f"({detail.decode(errors='replace').strip() or e}): pass --before none to skip it")
+    return os.path.join(dest, "run_distributed_inference.py")
 
 
 TOPICS = ["the moon", "bread", "a river", "music", "a computer", "the ocean", "winter", "a library", "trains", "bees",
@@ -107,6 +142,47 @@ def eos_prompts(n: int) -> list[list[dict]]:
             for i in range(n)]
 
 
+def stall(model: str, work: str, pps: list[int], device: str, chunk: int, smoke: bool, bad: list[str]) -> list[dict]:
+    """Long prompts joining rows that decode: 8 short prompts (8..64 tokens) whose own max_new_tokens
+    end at different times, then long ones (440 tokens; 40 in --smoke) that take the freed rows,
+    at batch 8, prefill_chunk_size `chunk` against 0 (each long prompt's prefill whole in one visit).
+    Reported: the short prompts' longest and 99th-percentile gap between two tokens (what a long
+    prefill stalls), the long prompts' time to first token (what chunking costs them), tokens/s.
+    Greedy tokens must agree (float32)."""
+    short = make_prompts(8)
+    long_n, short_new, long_new = (40, [24, 28, 32, 36, 40, 44, 48, 52], 4) if smoke else \
+        (440, [40, 60, 80, 100, 120, 140, 160, 180], 8)
+    text = "".join(make_prompts(40))
+    longs = [text[7 * i:][:long_n] for i in range(6)]
+    prompts, max_new = short + longs, short_new + [long_new] * len(longs)
+    cells = []
+    for pp in pps:
+        row = {"workload": "stall", "pipeline_size": pp, "batch_size": 8, "chunk": chunk}
+        for name, c in (("whole", 0), ("chunked", chunk)):
+            got = run_cell(model, work, prompts, max_new, "rows", pp, 8, device, 3600, True, f"stall{c}-", "float32",
+                           extra={"prefill_chunk_size": c})
+            if "error" in got:
+                bad.append(f"stall {name} pp{pp}: {got['error']}")
+                break
+            recs = got.pop("prompt_records")
+            gaps = sorted(g for r in recs if r["prompt_index"] < len(short) for g in r["itl_s"])
+            got.update(itl_max_ms=1000 * gaps[-1], itl_p99_ms=1000 * gaps[int(0.99 * (len(gaps) - 1))],
+                       long_ttft_ms=1000 * max(r["ttft_s"] for r in recs if r["prompt_index"] >= len(short)))
+            row[name] = got
+        else:
+            a, b = row["whole"].pop("output_ids"), row["chunked"].pop("output_ids")
+            if a != b:
+                bad.append(f"stall pp{pp}: chunked and whole prefill give different greedy tokens")
+            print(f"stall pp{pp} b 8: short prompts' longest / p99 gap between tokens {row['whole']['itl_max_ms']:.0f} / "
+                  f"{row['whole']['itl_p99_ms']:.0f} ms whole, {row['chunked']['itl_max_ms']:.0f} / "
+                  f"{row['chunked']['itl_p99_ms']:.0f} ms in chunks of {chunk} ({row['chunked']['prefill_chunks']} "
+                  f"chunks); long prompts' slowest first token {row['whole']['long_ttft_ms']:.0f} / "
+                  f"{row['chunked']['long_ttft_ms']:.0f} ms; tokens/s {row['whole']['tokens_per_s']:.1f} / "
+                  f"{row['chunked']['tokens_per_s']:.1f}", flush=True)
+        cells.append(row)
+    return cells
+
+
 def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repeat: int) -> None:
     """The pair's ratios, printed; greedy tokens must agree between the schedules (float32: a difference
     is a bug on the geometric workload; on the eos one a near-tie may flip, so it is counted and printed)."""
@@ -120,9 +196,20 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
         assert all(len(b[i]) == m for i, m in enumerate(lengths))
     row["varied_over_equal"] = row["rows_varied"]["tokens_per_s"] / row["rows_equal"]["tokens_per_s"]
     row["rows_over_micro_batches"] = row["rows_varied"]["tokens_per_s"] / row["micro_varied"]["tokens_per_s"]
-    cells = ("rows_varied", "rows_equal", "micro_varied")
+    cells = ("rows_varied", "rows_equal", "micro_varied") + (("before_varied",) if "before_varied" in row else ())
+    before = ""
+    if "before_varied" in row:
+        differ_before = sum(row["before_varied"]["output_ids"][i] != b[i] for i in b)
+        row["prompts_differing_before"] = differ_before
+        if differ_before and lengths is not None:
+            bad.append(f"{tag}pp{pp} b{batch}: the commit before's greedy tokens differ from the rows schedule's "
+                       f"in {differ_before} prompts")
+        row["rows_over_before"] = row["rows_varied"]["tokens_per_s"] / row["before_varied"]["tokens_per_s"]
+        before = (f"; the commit before {row['before_varied']['tokens_per_s']:.1f} tok/s, rows/before "
+                  f"{row['rows_over_before']:.2f}" + (f" ({differ_before} prompts differ)" if differ_before else ""))
     for k in cells:
         row[k].pop("output_ids")
+        row[k].pop("prompt_records")
     if repeat > 1:
         print(f"{tag}pp{pp} b{batch:>2}: runs (tok/s) " + "; ".join(
             f"{k} " + " ".join(f"{v:.1f}" for v in row[k]["runs_tokens_per_s"]) for k in cells), flush=True)
@@ -132,7 +219,7 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
           f"micro_batches varied {row['micro_varied']['tokens_per_s']:8.1f} "
           f"({row['micro_varied']['extra_rows_per_useful_token']:.2f}); varied/equal "
           f"{row['varied_over_equal']:.2f}, rows/micro_batches {row['rows_over_micro_batches']:.2f}"
-          + (f"; {differ} prompts' tokens differ between the schedules" if differ else ""), flush=True)
+          + (f"; {differ} prompts' tokens differ between the schedules" if differ else "") + before, flush=True)
 
 
 def main() -> int:
@@ -145,15 +232,21 @@ def main() -> int:
     ap.add_argument("--pipeline-sizes", default=None, help="comma-separated (default 1,2)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,32; smoke 4)")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="run the three cells of a (pipeline, batch) pair round-robin this many times; each cell "
+                    help="run the cells of a (pipeline, batch) pair round-robin this many times; each cell "
                          "reports its best tokens/s (the least disturbed by a shared host) and the spread")
-    ap.add_argument("--workload", choices=("geometric", "eos", "both"), default="geometric",
+    ap.add_argument("--workload", choices=("geometric", "eos", "both", "stall"), default="geometric",
                     help="geometric: the tiny model, lengths drawn, ignore_eos; eos: the demo instruct checkpoint "
                          "(float32) answering chat requests until EOS (at most --eos-max-new), against the same total "
-                         "in equal lengths; both")
+                         "in equal lengths; both; stall: long prompts joining rows that decode, their prefill whole "
+                         "against in chunks of --chunk (the others' longest gap between tokens)")
+    ap.add_argument("--chunk", type=int, default=64, help="--workload stall: prefill_chunk_size (default 64)")
     ap.add_argument("--eos-model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
     ap.add_argument("--eos-prompts", type=int, default=40)
     ap.add_argument("--eos-max-new", type=int, default=256)
+    ap.add_argument("--before", default=None,
+                    help="also run the varied workload on this commit's batch runner (git archive of this "
+                         f"repository), the schedule before row-level refill: default {BEFORE} ({BEFORE_WHAT}); "
+                         "'none' skips it (the default with --smoke)")
     args = ap.parse_args()
     smoke = args.smoke
     n = args.prompts or (8 if smoke else 96)
@@ -180,6 +273,22 @@ def main() -> int:
         workloads.append(("eos", args.eos_model, asks, [args.eos_max_new] * len(asks), False, "float32"))
     if args.workload == "eos":
         workloads = workloads[1:]
+    if args.workload == "stall":
+        bad: list[str] = []
+        cells = stall(model, work, pps, args.device, args.chunk if not smoke else 8, smoke, bad)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"workload": "stall", "device": args.device, "smoke": smoke, "cells": cells, "errors": bad},
+                          f, indent=1)
+        for b in bad:
+            print("error:", b, file=sys.stderr)
+        return 1 if bad else 0
+    before = args.before or ("none" if smoke else BEFORE)
+    entry = None if before == "none" else checkout(before, work)
+    kinds = [("rows_varied", "rows", None), ("rows_equal", "rows", None), ("micro_varied", "micro_batches", None)]
+    if entry:
+        kinds.append(("before_varied", "micro_batches", entry))
     cells, bad = [], []
     for wname, wmodel, wprompts, wvaried, wignore, wdtype in workloads:
         tag = "" if wname == "geometric" else f"{wname}-"
@@ -189,8 +298,7 @@ def main() -> int:
                 cells.append(row)
                 wequal = None  # eos: the rows schedule's first run decides the total to spread equally
                 for _ in range(args.repeat):
-                    for name, schedule in (("rows_varied", "rows"), ("rows_equal", "rows"),
-                                           ("micro_varied", "micro_batches")):
+                    for name, schedule, cell_entry in kinds:
                         if name == "rows_equal":
                             if wequal is None:
                                 if "rows_varied" not in row or "error" in row["rows_varied"]:
@@ -202,7 +310,7 @@ def main() -> int:
                         else:
                             max_new, ignore_eos = wvaried, wignore
                         got = run_cell(wmodel, work, wprompts, max_new, schedule, pp, batch, args.device, 3600,
-                                       ignore_eos, tag, wdtype, name == "rows_equal")
+                                       ignore_eos, tag, wdtype, name == "rows_equal", cell_entry)
                         if "error" in got:
                             bad.append(f"{tag}{name} pp{pp} b{batch}: {got['error']}")
                             row[name] = got
@@ -213,9 +321,9 @@ def main() -> int:
                             if name not in row or got["tokens_per_s"] > row[name]["tokens_per_s"]:
                                 row[name] = got
                             row[name]["runs_tokens_per_s"] = runs
-                if all(k in row and "error" not in row[k] for k in ("rows_varied", "rows_equal", "micro_varied")):
+                if all(k in row and "error" not in row[k] for k, _, _ in kinds):
                     report(row, tag, bad, wvaried if wignore else None, args.repeat)
-    result = {"prompts": n, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
+    result = {"prompts": n, "before": before, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
               "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,
               "smoke": smoke, "cells": cells, "errors": bad}
     if args.json:
