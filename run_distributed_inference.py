@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  engine.max_in_flight, stage.streamer and stage.streamer.record()),
                                     schedule="rows" if engine.rows else "micro_batches",
                                     rows_computed=engine.rows_computed, kv_positions_max=engine.kv_positions_max,
-                                    rows_moved=engine.rows_moved,
+                                    rows_moved=engine.rows_moved, prefill_chunks=engine.prefill_chunks,
                                     **({"compile": stage.compiled.record()} if stage.compiled else {})))
         done = len(mine) - len(todo) + finished
         if writer is not None:

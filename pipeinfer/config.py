@@ -71,6 +71,9 @@ class ExpConfig:
     batch_size: int = 1
     micro_batch_size: int | str = "auto"
     schedule: str = "rows"  # or "micro_batches": a slot refills when its whole micro-batch ends (generation.py)
+    # rows schedule: a prompt longer than this prefills this many positions per visit of its slot,
+    # beside the other rows' decode steps (0: whole prompts)
+    prefill_chunk_size: int = 512
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -130,6 +133,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "schedule": (_STR, lambda v: v in ("micro_batches", "rows"),
                  '"micro_batches" (a slot refills when its whole micro-batch ends) or "rows" (a row refills as its '
                  'prompt ends)'),
+    "prefill_chunk_size": (_INT, lambda v: v >= 0, "an integer >= 0: prompt positions a joining prompt's prefill "
+                           "runs per visit (0: whole prompts)"),
     "micro_batch_size": ((int, str), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                          '"auto" or an integer >= 1 (prompts per micro-batch)'),
     "do_sample": (_BOOL, None, "true or false"),

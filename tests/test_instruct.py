@@ -270,8 +270,9 @@ def stop_case(chat_weights, tmp_path_factory):
     return path, eos, stop_str, stop_id, stops, reference_with_stops(path, STOP_PROMPTS, 12, eos, stops)
 
 
-@pytest.mark.parametrize("pipeline_size", [1, 2, 3])
-def test_stops_finish_reasons_and_logprobs_match_generate(stop_case, tmp_path, pipeline_size):
+@pytest.mark.parametrize("pipeline_size,chunk", [(1, 512), (2, 512), (3, 512), (1, 3), (2, 3)])
+def test_stops_finish_reasons_and_logprobs_match_generate(stop_case, tmp_path, pipeline_size, chunk):
+    """chunk: prefill_chunk_size (3: the prompts prefill 3 positions per visit, then join)."""
     path, eos, stop_str, stop_id, stops, ref = stop_case
     assert [r[1] for r in ref] == ["eos", "stop", "stop", "length"], "the search must give all three reasons"
     from transformers import AutoTokenizer
@@ -286,8 +287,10 @@ def test_stops_finish_reasons_and_logprobs_match_generate(stop_case, tmp_path, p
     pfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
     k = 3
     cfg = base_config(path, tmp_path, prompts=None, prompts_file=str(pfile), pipeline_size=pipeline_size,
-                      batch_size=4, micro_batch_size=4, stop=[stop_str], logprobs=k)
-    records = prompt_records(run_pipeline(cfg, tmp_path, pipeline_size))
+                      batch_size=4, micro_batch_size=4, stop=[stop_str], logprobs=k, prefill_chunk_size=chunk)
+    out = run_pipeline(cfg, tmp_path, pipeline_size)
+    records = prompt_records(out)
+    assert all((s["prefill_chunks"] > 0) == (chunk == 3) for s in out if s["type"] == "stage")
     assert [r["output_ids"] for r in records] == [r[0] for r in ref]
     assert [r["finish_reason"] for r in records] == ["eos", "stop", "stop", "length"]
     assert [r["stop_reason"] for r in records] == [None, stop_str, stop_id, None]

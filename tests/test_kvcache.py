@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, MistralConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from pipeinfer.load.kvcache import PreallocatedLayer, add_rows, keep_rows, reserve_rows, take_rows
+from pipeinfer.load.kvcache import PreallocatedLayer, add_rows, drop_left, grow_left, keep_rows, reserve_rows, take_rows
 from pipeinfer.plan.partition import StagePlan
 from pipeinfer.load.stage import Stage
 
@@ -122,6 +122,30 @@ def test_row_edits_keep_the_rows_and_the_buffer():
     k, v = _kv(g, 1, batch=1)
     dst.layers[0].update(k, v)
     assert torch.equal(dst.layers[0].keys, torch.cat([before[[0], :, 3:], k], dim=2))
+
+
+def test_positions_added_and_dropped_on_the_left_in_one_copy():
+    """grow_left (a joiner longer than the slot) and drop_left (positions no row attends to): the
+    keys and values are the old ones shifted, zeros before them, in a buffer with the slot's row
+    room that the next update appends to without another copy."""
+    g = torch.Generator().manual_seed(4)
+    cache, layer = _filled(4, 6, g)
+    before_k, before_v = layer.keys.clone(), layer.values.clone()
+    grow_left(cache, 4, 3, cache)
+    assert torch.equal(layer.keys[:, :, 3:], before_k) and not layer.keys[:, :, :3].any()
+    assert torch.equal(layer.values[:, :, 3:], before_v) and not layer.values[:, :, :3].any()
+    assert layer._k.shape[0] == 6
+    buffer = layer._k.data_ptr()
+    k, v = _kv(g, 1, batch=4)
+    layer.update(k, v)
+    assert layer._k.data_ptr() == buffer and torch.equal(layer.keys, torch.cat([torch.zeros_like(before_k[:, :, :3]),
+                                                                                 before_k, k], dim=2))
+    shown = layer.keys.clone()
+    drop_left(cache, 5)
+    assert torch.equal(layer.keys, shown[:, :, 5:]) and layer._k.shape[0] == 6
+    buffer = layer._k.data_ptr()
+    layer.update(k, v)
+    assert layer._k.data_ptr() == buffer and torch.equal(layer.keys, torch.cat([shown[:, :, 5:], k], dim=2))
 
 
 def _stage(config, layers: range) -> Stage:

@@ -97,6 +97,66 @@ def test_rows_waste_fewer_rows_than_micro_batches(tiny_llama, tmp_path):
     assert out["rows"] < out["micro_batches"], out
 
 
+@pytest.mark.parametrize("pipeline_size,batch_size", [(1, 1), (1, 3), (1, 8), (2, 1), (2, 3), (2, 8), (3, 1), (3, 3),
+                                                      (3, 8)])
+def test_chunked_prefill_matches_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size):
+    """prefill_chunk_size 5: every prompt longer than 5 tokens prefills in chunks, at most 5 positions
+    a visit of its slot for all of its prompts under way, the oldest first, beside the other rows'
+    decode steps, then joins as a row. The tokens equal generate()'s; every stage ran the chunks; prompts in
+    flight (their prefill included) never pass batch_size."""
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=pipeline_size, batch_size=batch_size, schedule="rows", prefill_chunk_size=5)
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == reference
+    stages = [r for r in records if r["type"] == "stage"]
+    # at most 5 positions of chunks a visit: a prompt of n > 5 tokens takes ceil(n / 5) chunks or more
+    chunks = sum(-(-p["prompt_tokens"] // 5) for p in prompts if p["prompt_tokens"] > 5)
+    assert chunks > len(TEXTS) and stages[0]["prefill_chunks"] >= chunks, stages
+    assert len({s["prefill_chunks"] for s in stages}) == 1, stages
+    assert all(0 < s["max_prompts_in_flight"] <= batch_size for s in stages)
+    assert max_overlap(prompts) <= batch_size
+
+
+CHUNK_DISAGREE = textwrap.dedent('''
+    import os, runpy, sys
+    from pipeinfer.run import rows
+
+    if os.environ["RANK"] == "0":  # the first stage announces a prompt's second chunk from the wrong place
+        real, seen = rows.RowSchedule._header, []
+
+        def wrong(self, *a):
+            head = real(self, *a)
+            if any(c["start"] for c in head["chunks"]) and not seen:
+                seen.append(1)
+                next(c for c in head["chunks"] if c["start"])["start"] += 1
+            return head
+        rows.RowSchedule._header = wrong
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+''')
+
+
+def test_a_chunk_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=2, batch_size=3, schedule="rows", prefill_chunk_size=5, timeout_s=90)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "wrong.py").write_text(CHUNK_DISAGREE)
+    port = free_port()
+    ranks = [start_rank([str(tmp_path / "wrong.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
+                        rank_env(r, 2, port)) for r in range(2)]
+    try:
+        outs = [r.communicate(timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [1, 1], [e[-1500:] for _, e in outs]
+    for _, err in outs:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
+    assert "pipeline protocol error: the first stage's header says prefill chunks" in outs[1][1]
+
+
 DISAGREE = textwrap.dedent('''
     import os, runpy, sys
     from pipeinfer.run import rows

@@ -70,6 +70,7 @@ class Engine:
         self.rows_computed = 0                # positions run through this stage (rows schedule)
         self.kv_positions_max = 0             # the most positions a slot's KV cache held (rows schedule)
         self.rows_moved = 0                   # rows moved between slots once the queue ran dry (rows schedule)
+        self.prefill_chunks = 0               # prefill chunks of prompts longer than prefill_chunk_size (rows schedule)
         cfg = inputs.cfg
         self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
         if cfg.schedule == "rows" and not self.rows:
@@ -323,6 +324,7 @@ class Engine:
             self.rows_computed += sched.rows_computed
             self.kv_positions_max = max(self.kv_positions_max, sched.kv_positions_max)
             self.rows_moved += sched.rows_moved
+            self.prefill_chunks += sched.chunks_run
 
     def _make(self, indices: list[int]) -> Batch:
         return make_batch(self.prompts, indices, self.inputs.tokenizer.pad_token_id)

@@ -66,6 +66,24 @@ class PreallocatedLayer(DynamicLayer):
             self._k = self._v = None  # not a prefix of the buffer (rows reordered, moved...): copied at _grow
             self._grow(keys.shape[-2], keys.shape[-2], keys, self.values)
 
+    def shift(self, pad: int, drop: int) -> bool:
+        """`pad` empty (zero) positions before every row's and the first `drop` gone, in one copy
+        into a fresh buffer (room as before, and for the slot's rows); False where nothing is filled."""
+        keys, values = self.keys, self.values
+        if not self.is_initialized or keys is None or keys.numel() == 0:
+            return False
+        b, h, L, d = keys.shape
+        n = L + pad - drop
+        room = max(n + 1, self.capacity, 0 if self._k is None else self._k.shape[-2])
+        rows = max(b, self.row_room)
+        k, v = keys.new_empty(rows, h, room, d), values.new_empty(rows, h, room, values.shape[-1])
+        k[:b, :, :pad], v[:b, :, :pad] = 0, 0
+        k[:b, :, pad:n], v[:b, :, pad:n] = keys[:, :, drop:], values[:, :, drop:]
+        self._k, self._v = k, v
+        self.keys, self.values = k[:b, :, :n], v[:b, :, :n]
+        self._view = self.keys
+        return True
+
     def add_rows(self, n: int) -> bool:
         """n more rows, zeroed, in the buffer's spare rows; False where there is no room (or nothing filled)."""
         keys = self.keys
@@ -104,6 +122,8 @@ def grow_left(cache, rows: int, n: int, like) -> None:
     """n empty (masked) positions before every row's; `like`: a filled cache whose layers give
     heads, head_dim, dtype and device where this one is still empty."""
     for layer, src in zip(cache.layers, like.layers):
+        if isinstance(layer, PreallocatedLayer) and layer.shift(n, 0):
+            continue
         k = layer.keys if layer.is_initialized and layer.keys is not None and layer.keys.numel() else \
             src.keys.new_zeros(rows, src.keys.shape[1], 0, src.keys.shape[-1])
         v = layer.values if k is layer.keys else src.values.new_zeros(rows, src.values.shape[1], 0,
@@ -115,7 +135,8 @@ def grow_left(cache, rows: int, n: int, like) -> None:
 def drop_left(cache, n: int) -> None:
     """Drop the first n positions of every row (positions no live row attends to)."""
     for layer in cache.layers:
-        _set(layer, layer.keys[:, :, n:].contiguous(), layer.values[:, :, n:].contiguous())
+        if not (isinstance(layer, PreallocatedLayer) and layer.shift(0, n)):
+            _set(layer, layer.keys[:, :, n:].contiguous(), layer.values[:, :, n:].contiguous())
 
 
 def splice_rows(cache, src, rows: list[int], lengths: list[int]) -> None:

@@ -47,6 +47,7 @@ class GenParams:
     logprobs: int = 0               # top-k alternatives recorded per new token (0: no log-probabilities)
     prompt_logprobs: bool = False   # score every prompt token in the prefill (scoring.py)
     prompt_chunk: int = 512         # prompt positions whose logits exist at once
+    prefill_chunk: int = 0          # rows schedule: a longer prompt's prefill runs this many positions a visit (0: whole)
 
     @property
     def logprob_width(self) -> int:

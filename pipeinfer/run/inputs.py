@@ -75,7 +75,8 @@ def read_inputs(config_path: str, overrides: list[str], prompts_required: bool =
     gen = GenParams(cfg.max_new_tokens, cfg.ignore_eos, eos_ids, pad_id,
                     SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed,
                     gen_config if score_changes else None, stopper,
-                    logprobs=cfg.logprobs, prompt_logprobs=cfg.prompt_logprobs, prompt_chunk=cfg.prompt_logprobs_chunk)
+                    logprobs=cfg.logprobs, prompt_logprobs=cfg.prompt_logprobs, prompt_chunk=cfg.prompt_logprobs_chunk,
+                    prefill_chunk=cfg.prefill_chunk_size)
     device = pick_device(cfg.device, local_rank)
     dtype = resolve_dtype(cfg.dtype, device, saved_dtype(model_config))
     # Every rank's layers and bytes, every split and budget rule: a job that does not fit ends here.

@@ -76,6 +76,19 @@ class _Row:
 
 
 @dataclass
+class _Chunked:
+    """A prompt longer than the prefill chunk (GenParams.prefill_chunk): every visit of its slot
+    runs its next chunk into a cache of its own, beside the others' decode, until its last chunk
+    makes it a row like any joiner. The same list, in the same order, on every stage."""
+    index: int
+    n: int                  # its prompt's tokens
+    cache: object = None    # this stage's keys and values of its first `done` positions
+    done: int = 0
+    prompt: object = None   # first stage: the Prompt
+    t0: float = 0.0         # first stage: when its prefill began
+
+
+@dataclass
 class _Slot:
     cap: int                         # the most rows it holds (config.micro_batching)
     cache: object
@@ -85,6 +98,7 @@ class _Slot:
     firsts: list[_Row | None]        # first stage: what each row's prompt has produced
     tails: list[_Row | None]         # last stage: how each row samples
     busy: bool = False               # first stage: a visit is on its way round the pipe
+    chunked: list = field(default_factory=list)  # prompts whose prefill is under way in chunks (_Chunked)
 
     @property
     def size(self) -> int:
@@ -118,6 +132,9 @@ class RowSchedule:
         self.kv_positions_max = 0  # the most positions a slot's KV cache held (the plan's capacity bounds it)
         self.max_in_flight = 0
         self.rows_moved = 0        # rows moved between slots once the queue ran dry
+        self.chunks_run = 0        # prefill chunks of prompts longer than the chunk (_Chunked)
+        # prompts longer than this prefill in chunks of it (0: whole); scoring the prompt needs it whole
+        self.chunk = 0 if gp.prompt_logprobs else gp.prefill_chunk
         self.run_t0 = time.perf_counter()
         comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
 
@@ -148,12 +165,15 @@ class RowSchedule:
                     yield make([row.index]), result
             live = [r for r, row in enumerate(s.firsts) if row is not None]
             got = []
-            while len(live) + len(got) < s.cap:
+            while len(live) + len(s.chunked) + len(got) < s.cap:
                 if dry := (one := take()) is None:
                     break
                 got.append(one)
-            if not live and not got:
-                if not inflight and all(all(row is None for row in t.firsts) for t in self.slots):
+            now, C = time.perf_counter(), self.chunk
+            s.chunked += [_Chunked(i, len(p.ids), prompt=p, t0=now) for i, p in got if C and len(p.ids) > C]
+            whole = [(i, p) for i, p in got if not (C and len(p.ids) > C)]
+            if not live and not got and not s.chunked:
+                if not inflight and all(all(row is None for row in t.firsts) and not t.chunked for t in self.slots):
                     self._announce({"kind": "done"})
                     self.comm.drain_sends()
                     return
@@ -166,21 +186,32 @@ class RowSchedule:
                      "move": move}
             self._reshape(s, shape)
             decode = list(range(s.size))
-            joins = [(s.size + j, i, p) for j, (i, p) in enumerate(got)]  # joiners take rows after the live ones
-            head = self._header(k, s, decode, joins, shape)
+            chunks, left = [], C  # at most C positions of chunks a visit, the oldest prompts' first
+            for c in s.chunked:
+                chunks.append((c, min(left, c.n - c.done)))
+                left -= chunks[-1][1]
+            finals = [c for c, n in chunks if n and c.done + n == c.n]  # its last chunk makes it a joiner
+            # joiners take rows after the live ones: the whole prompts, then those whose last chunk runs now
+            joins = [(s.size + j, i, p) for j, (i, p) in enumerate(whole + [(c.index, c.prompt) for c in finals])]
+            head = self._header(k, s, decode, joins, shape, chunks)
             self._announce(head)
+            began = {c.index: c.t0 for c in finals}
             for r, i, p in joins:
                 s.firsts.append(_Row(i, len(p.ids), p.max_new_tokens(self.gp.max_new_tokens),
-                                     p.stops if (p.stops.strings or p.stops.token_ids) else None, time.perf_counter()))
-            self.max_in_flight = max(self.max_in_flight, sum(row is not None for t in self.slots for row in t.firsts))
+                                     p.stops if (p.stops.strings or p.stops.token_ids) else None,
+                                     began.get(i) or time.perf_counter()))
+            dev = self.comm.device
             x_dec = None
             if decode:
                 last = [s.firsts[r].tokens[-1] for r in decode]
-                x_dec = torch.tensor(last, dtype=torch.long, device=self.comm.device)[:, None]  # (R, 1)
-            x_join = _left_padded([p.ids for _, _, p in joins], self.pad, self.comm.device) if joins else None
-            local = self._visit(s, head, x_dec, x_join)
-            s.busy = True
-            inflight.append((k, head, local))
+                x_dec = torch.tensor(last, dtype=torch.long, device=dev)[:, None]  # (R, 1)
+            x_join = _left_padded([p.ids for _, p in whole], self.pad, dev) if whole else None
+            x_chunks = [torch.tensor(c.prompt.ids[c.done:c.done + n], dtype=torch.long, device=dev)[None]
+                        for c, n in chunks]  # (1, n) each
+            local = self._visit(s, head, x_dec, x_join, x_chunks)
+            if joins or decode:  # a visit of chunks only has no tokens coming back
+                s.busy = True
+                inflight.append((k, head, local))
             k = (k + 1) % K
 
     def _move(self, k: int, s: _Slot, live: list[int]) -> dict | None:
@@ -196,7 +227,7 @@ class RowSchedule:
         to = min((j for j in range(len(self.slots)) if j != k), key=lambda j: running[j])
         t = self.slots[to]
         clear = t.size == 0 or (not t.busy and not running[to])
-        count = min((len(live) - running[to]) // 2, t.cap - (0 if clear else t.size))
+        count = min((len(live) - running[to]) // 2, t.cap - len(t.chunked) - (0 if clear else t.size))
         if count < 1:
             return None
         left = sorted(live, key=lambda r: s.firsts[r].max_new - len(s.firsts[r].tokens), reverse=True)
@@ -247,18 +278,21 @@ class RowSchedule:
         s.mask = torch.zeros(0, 0, dtype=torch.long, device=self.comm.device)
         s.pos, s.rows, s.firsts, s.tails = [], [], [], []
 
-    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict) -> dict:
+    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict, chunks: list) -> dict:
         first = min((int(s.mask[r].nonzero()[0]) for r in decode if s.mask[r].any()), default=s.length)
         # Drop what no live row attends to once there is enough of it, and always before the slot's cache
         # would outgrow the plan's capacity (a row spans at most prompt + max_new_tokens - 1 positions
         # before its last decode, so there is then something to drop; growing would double the cache).
         drop = first if first >= COMPACT or s.length + 1 > self.capacity else 0
+        last = {c.index for c, n in chunks if n and c.done + n == c.n}
         return {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode,
                 "pos": [s.pos[r] for r in decode],
                 "join": [{"row": r, "index": i, "ids": p.ids, "next": p.score_next,
                           "stops": [list(p.stops.strings), list(p.stops.token_ids)],
                           "limits": [p.limits.max_new_tokens, p.limits.temperature, p.limits.top_p, p.limits.top_k,
-                                     p.limits.seed]} for r, i, p in joins]}
+                                     p.limits.seed], **({"chunked": True} if i in last else {})} for r, i, p in joins],
+                "chunks": [{"index": c.index, "start": c.done, "n": c.n, "ids": c.prompt.ids[c.done:c.done + n]}
+                           for c, n in chunks]}
 
     def _receive(self, k: int, head: dict, local, make) -> Iterator[tuple[Batch, BatchResult]]:
         """A visit's token message: each active row's token; a row that finished is handed back."""
@@ -335,13 +369,17 @@ class RowSchedule:
             self._check_shape(s, head)
             self._reshape(s, head)
             self._check(s, head)
-            R, J = s.size, len(head["join"])
-            T = max((len(j["ids"]) for j in head["join"]), default=0)
-            n = (R * self.H if head["decode"] else 0) + J * T * self.H
-            frame, _ = self.comm.recv_hidden((n,), self.dtype, f"waiting for slot {head['slot']}'s hidden states")
-            x_dec = frame[:R * self.H].view(R, 1, self.H) if head["decode"] else None
-            x_join = frame[n - J * T * self.H:].view(J, T, self.H) if J else None
-            self._visit(s, head, x_dec, x_join)
+            s.chunked += [_Chunked(c["index"], c["n"]) for c in head["chunks"][len(s.chunked):]]
+            whole = [j for j in head["join"] if not j.get("chunked")]
+            R, J, H = s.size, len(whole), self.H
+            T = max((len(j["ids"]) for j in whole), default=0)
+            sizes = [R * H if head["decode"] else 0, J * T * H] + [len(c["ids"]) * H for c in head["chunks"]]
+            frame, _ = self.comm.recv_hidden((sum(sizes),), self.dtype,
+                                             f"waiting for slot {head['slot']}'s hidden states")
+            parts = list(frame.split(sizes))  # decode, whole joiners, then each chunk
+            x_dec = parts[0].view(R, 1, H) if head["decode"] else None
+            x_join = parts[1].view(J, T, H) if J else None
+            self._visit(s, head, x_dec, x_join, [x.view(1, len(c["ids"]), H) for x, c in zip(parts[2:], head["chunks"])])
 
     def _check_shape(self, s: _Slot, head: dict) -> None:
         """Before the rows change: the slot's row count, the rows kept and moved, and the moved rows'
@@ -356,7 +394,8 @@ class RowSchedule:
             to = move["slot"]
             if to == head["slot"] or not 0 <= to < len(self.slots):
                 problems.append(f"a move to slot {to}")
-            elif move["n"] != self.slots[to].size or len(moved) > self.slots[to].cap - (0 if move["clear"] else move["n"]):
+            elif move["n"] != self.slots[to].size or len(moved) > (self.slots[to].cap - len(self.slots[to].chunked)
+                                                                  - (0 if move["clear"] else move["n"])):
                 problems.append(f"{len(moved)} rows moved to slot {to} of {move['n']} rows (this stage's has "
                                 f"{self.slots[to].size}, at most {self.slots[to].cap})")
             elif move["pos"] != [s.pos[r] for r in moved]:
@@ -364,8 +403,23 @@ class RowSchedule:
         self._protocol(head, problems)
 
     def _check(self, s: _Slot, head: dict) -> None:
-        """After: the cache length, every row decoding at its position, the joiners after them."""
+        """After: the cache length, every row decoding at its position, the joiners after them, and
+        the chunked prefills: every one under way, each from where it stopped, new ones from 0."""
         problems, rows = [], list(range(s.size))
+        chunks, known = head["chunks"], s.chunked
+        got = [(c["index"], c["start"], c["n"]) for c in chunks[:len(known)]]
+        if len(chunks) < len(known) or got != [(c.index, c.done, c.n) for c in known] or any(
+                c["start"] for c in chunks[len(known):]):
+            problems.append(f"prefill chunks {[(c['index'], c['start']) for c in chunks]} (this stage's prompts under "
+                            f"way, with the positions they have: {[(c.index, c.done) for c in known]})")
+        elif sum(len(c["ids"]) for c in chunks) > self.chunk or any(c["start"] + len(c["ids"]) > c["n"] or
+                                                                  c["n"] <= self.chunk for c in chunks):
+            problems.append(f"prefill chunks of {[len(c['ids']) for c in chunks]} tokens of prompts of "
+                            f"{[c['n'] for c in chunks]} (this stage's chunk is {self.chunk} a visit)")
+        finals = [c["index"] for c in chunks if c["ids"] and c["start"] + len(c["ids"]) == c["n"]]
+        if finals != [j["index"] for j in head["join"] if j.get("chunked")]:
+            problems.append(f"prompts joining from their last chunk {[j['index'] for j in head['join'] if j.get('chunked')]}"
+                            f" (their chunks say {finals})")
         if head["L"] != s.length:
             problems.append(f"cache length {head['L']} (this stage has {s.length})")
         if head["decode"] != rows:
@@ -373,7 +427,7 @@ class RowSchedule:
         elif head["pos"] != s.pos:
             problems.append(f"positions {head['pos']} (this stage has {s.pos})")
         joined = [j["row"] for j in head["join"]]
-        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) > s.cap:
+        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) + len(chunks) - len(finals) > s.cap:
             problems.append(f"joining rows {joined} (this stage's slot has {s.size} rows, at most {s.cap})")
         self._protocol(head, problems)
 
@@ -387,15 +441,16 @@ class RowSchedule:
     # -- one visit, on every stage ----------------------------------------------------------------
 
     @torch.inference_mode()  # the caches are inference tensors: edited in place here
-    def _visit(self, s: _Slot, head: dict, x_dec, x_join):
-        """Run a visit's decode and join on this stage; send the frame on, or sample (last stage).
-        Returns the token message when this stage is also the first."""
+    def _visit(self, s: _Slot, head: dict, x_dec, x_join, x_chunks):
+        """Run a visit's decode, joins and prefill chunks on this stage; send the frame on, or sample
+        (last stage). Returns the token message when this stage is also the first (None when the
+        visit ran chunks only: no row has a token)."""
         stage, comm, gp = self.stage, self.comm, self.gp
         dev = comm.device
         if head["drop"]:
             drop_left(s.cache, head["drop"])
             s.mask = s.mask[:, head["drop"]:]
-        outs, dec_logits, join_logits, join_lp = [], None, None, None
+        outs, join_outs, dec_logits, join_logits, join_lp = [], [], None, None, None
         with comm.timeline.span("decode" if head["decode"] else "prefill"):
             if head["decode"]:
                 mask = torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=dev)], dim=1)
@@ -410,9 +465,9 @@ class RowSchedule:
                     dec_logits = out
                 else:
                     outs.append(out.reshape(-1))
-            if head["join"]:
-                joins = head["join"]
-                lengths = [len(j["ids"]) for j in joins]
+            whole = [j for j in head["join"] if not j.get("chunked")]
+            if whole:
+                lengths = [len(j["ids"]) for j in whole]
                 T = max(lengths)
                 jmask = torch.tensor([[0] * (T - n) + [1] * n for n in lengths], device=dev)  # (J, T)
                 tmp = stage.new_cache(capacity=T)
@@ -420,45 +475,75 @@ class RowSchedule:
                 out = stage(x_join.to(dev), None if bool(jmask.all()) else jmask, position_ids(jmask), tmp,
                             all_positions=scoring)
                 if scoring:
-                    ids = _left_padded([j["ids"] for j in joins], self.pad, dev)
-                    nxt = [j.get("next") for j in joins]
+                    ids = _left_padded([j["ids"] for j in whole], self.pad, dev)
+                    nxt = [j.get("next") for j in whole]
                     nxt = torch.tensor([t or 0 for t in nxt], device=dev) if any(t is not None for t in nxt) else None
                     out, join_lp = prompt_logprobs(stage.head, out, ids, gp.prompt_chunk, nxt)
-                if s.size:  # the joiners' rows after the live ones (an empty slot's cache is made by grow_left)
-                    add_rows(s.cache, len(joins))
-                s.mask = torch.cat([s.mask, torch.zeros(len(joins), s.length, dtype=s.mask.dtype, device=dev)])
-                s.pos += [0] * len(joins)
-                s.rows += [None] * len(joins)
-                s.tails += [None] * len(joins)
-                s.firsts += [None] * (s.size - len(s.firsts))  # the first stage has its joiners' already
-                if T > s.length:
-                    grow_left(s.cache, s.size, T - s.length, tmp)
-                    s.mask = torch.cat([torch.zeros(s.size, T - s.length, dtype=s.mask.dtype, device=dev), s.mask], 1)
-                splice_rows(s.cache, tmp, [j["row"] for j in joins], lengths)
-                for j, n in zip(joins, lengths):
-                    r = j["row"]
-                    s.mask[r] = 0
-                    s.mask[r, s.length - n:] = 1
-                    s.pos[r] = n
-                    s.rows[r] = j["index"]
-                    if comm.is_last:
-                        s.tails[r] = self._tail(j)
-                self.rows_computed += len(joins) * T
-                self.kv_positions_max = max(self.kv_positions_max, s.length)
-                self.max_in_flight = max(self.max_in_flight,
-                                         sum(r is not None for t in self.slots for r in t.rows))
+                self._place(s, tmp, whole, lengths)
+                self.rows_computed += len(whole) * T
                 if comm.is_last:
-                    join_logits = out
+                    join_outs.append(out)
                 else:
                     outs.append(out.reshape(-1))
+            finals = iter(j for j in head["join"] if j.get("chunked"))
+            for c, x in zip(list(s.chunked), x_chunks):  # the same prompts, checked (_check)
+                n = x.shape[1]
+                if not n:  # the visit's chunk positions went to older prompts
+                    continue
+                if c.cache is None:
+                    c.cache = stage.new_cache(capacity=c.n)
+                out = stage(x.to(dev), None, torch.arange(c.done, c.done + n, device=dev)[None], c.cache)
+                c.done += n
+                self.rows_computed += n
+                self.chunks_run += 1
+                if not comm.is_last:
+                    outs.append(out.reshape(-1))
+                if c.done == c.n:  # its last chunk: a row like the joiners', its first token sampled now
+                    s.chunked.remove(c)
+                    self._place(s, c.cache, [next(finals)], [c.n])
+                    if comm.is_last:
+                        join_outs.append(out)
+            if join_outs:
+                join_logits = torch.cat(join_outs)  # (J, V) in head["join"]'s order
+            self.max_in_flight = max(self.max_in_flight, sum(r is not None for t in self.slots for r in t.rows)
+                                     + sum(len(t.chunked) for t in self.slots))
         if not comm.is_last:
             comm.send_hidden(torch.cat(outs), f"sending slot {head['slot']}'s hidden states")
+            comm.timeline.step()
+            return None
+        if not head["decode"] and not head["join"]:  # chunks only: no row to sample
             comm.timeline.step()
             return None
         with comm.timeline.label("sample"):  # for bench/profile_step.py
             local = self._sample(s, head, dec_logits, join_logits, join_lp)
         comm.timeline.step()
         return local
+
+    def _place(self, s: _Slot, tmp, joins: list[dict], lengths: list[int]) -> None:
+        """Joiners' rows after the slot's: each takes the last lengths[j] positions of row j of `tmp`
+        (their prefill's cache), right-aligned at the end of the slot's positions."""
+        dev = self.comm.device
+        if s.size:  # (an empty slot's cache is made by grow_left)
+            add_rows(s.cache, len(joins))
+        s.mask = torch.cat([s.mask, torch.zeros(len(joins), s.length, dtype=s.mask.dtype, device=dev)])
+        s.pos += [0] * len(joins)
+        s.rows += [None] * len(joins)
+        s.tails += [None] * len(joins)
+        s.firsts += [None] * (s.size - len(s.firsts))  # the first stage has its joiners' already
+        T = max(lengths)
+        if T > s.length:
+            grow_left(s.cache, s.size, T - s.length, tmp)
+            s.mask = torch.cat([torch.zeros(s.size, T - s.length, dtype=s.mask.dtype, device=dev), s.mask], 1)
+        splice_rows(s.cache, tmp, [j["row"] for j in joins], lengths)
+        for j, n in zip(joins, lengths):
+            r = j["row"]
+            s.mask[r] = 0
+            s.mask[r, s.length - n:] = 1
+            s.pos[r] = n
+            s.rows[r] = j["index"]
+            if self.comm.is_last:
+                s.tails[r] = self._tail(j)
+        self.kv_positions_max = max(self.kv_positions_max, s.length)
 
     def _tail(self, j: dict) -> _Row:
         """A joining row's sampling state on the last stage."""
