@@ -102,6 +102,7 @@ def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule:
            "max_prompts_in_flight": max(s["max_prompts_in_flight"] for s in stages),
            "output_ids": {r["prompt_index"]: r["output_ids"] for r in records if r["type"] == "prompt"},
            "prompt_records": [r for r in records if r["type"] == "prompt"],
+           "steady_tokens_per_s": steady_rate([r for r in records if r["type"] == "prompt"]),
            "prefill_chunks": max(s.get("prefill_chunks", 0) for s in stages)}
     if all("rows_computed" in s for s in stages):  # the commit before the change did not count them
         rows = max(s["rows_computed"] for s in stages)
@@ -110,6 +111,23 @@ def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule:
         # beyond each prompt's own positions once: decode rows, padding, idle rows
         got["extra_rows_per_useful_token"] = (rows - prompt_tokens) / useful
     return got
+
+
+def steady_rate(prompts: list[dict]) -> float | None:
+    """Useful tokens/s until the last prompt started (the queue ran dry then): the steady state a
+    server with a stream of requests sees, without the drain at the end of a finite queue, when the
+    last long answers run with fewer rows than the slots hold. From the prompt records' start
+    times and their tokens' arrival times (start_s + ttft_s + the gaps after)."""
+    cut = max(p["start_s"] for p in prompts)
+    if cut <= 0:
+        return None
+    n = 0
+    for p in prompts:
+        t = p["start_s"] + (p["ttft_s"] or 0.0)
+        for gap in [0.0] + p["itl_s"]:
+            t += gap
+            n += t <= cut
+    return n / cut
 
 
 def checkout(rev: str, work: str) -> str:
