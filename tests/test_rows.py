@@ -118,70 +118,33 @@ def test_chunked_prefill_matches_generate(tiny_llama, reference, tmp_path, pipel
     assert max_overlap(prompts) <= batch_size
 
 
-CHUNK_DISAGREE = textwrap.dedent('''
-    import os, runpy, sys
-    from pipeinfer.run import rows
+_WRAPPER = """import json, os, runpy, sys
+from pipeinfer.run import rows
 
-    if os.environ["RANK"] == "0":  # the first stage announces a prompt's second chunk from the wrong place
-        real, seen = rows.RowSchedule._header, []
+if os.environ["RANK"] == "0":
+    real, seen = rows.RowSchedule._header, []
 
-        def wrong(self, *a):
-            head = real(self, *a)
-            if any(c["start"] for c in head["chunks"]) and not seen:
-                seen.append(1)
-                next(c for c in head["chunks"] if c["start"])["start"] += 1
-            return head
-        rows.RowSchedule._header = wrong
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-''')
+    def edited(self, *a):
+        head = real(self, *a)
+BODY
+        return head
+    rows.RowSchedule._header = edited
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def test_a_chunk_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp_path):
-    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
-                      pipeline_size=2, batch_size=3, schedule="rows", prefill_chunk_size=5, timeout_s=90)
+def header_edit(body: str) -> str:
+    """A script that runs the entry script given after it, where the first stage's every visit
+    header goes through `body` (statements on `head`, with `seen`, a list kept across visits)."""
+    return _WRAPPER.replace("BODY", textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8))
+
+
+def _wrapped_ranks_fail_with_one_line(cfg: dict, tmp_path, wrapper: str, pipeline_size: int) -> list[str]:
+    """Run every rank through `wrapper` (which edits the first stage's headers); each must exit 1
+    with one error line and no traceback. Returns each rank's stderr."""
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "wrong.py").write_text(CHUNK_DISAGREE)
-    port = free_port()
-    ranks = [start_rank([str(tmp_path / "wrong.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
-                        rank_env(r, 2, port)) for r in range(2)]
-    try:
-        outs = [r.communicate(timeout=120) for r in ranks]
-    finally:
-        for r in ranks:
-            r.kill()
-    assert [r.returncode for r in ranks] == [1, 1], [e[-1500:] for _, e in outs]
-    for _, err in outs:
-        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-        assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
-    assert "pipeline protocol error: the first stage's header says prefill chunks" in outs[1][1]
-
-
-DISAGREE = textwrap.dedent('''
-    import os, runpy, sys
-    from pipeinfer.run import rows
-
-    if os.environ["RANK"] == "0":  # the first stage announces a wrong cache length at its 4th visit
-        real, seen = rows.RowSchedule._header, []
-
-        def wrong(self, *a):
-            head = real(self, *a)
-            seen.append(1)
-            if len(seen) == 4:
-                head["L"] += 1
-            return head
-        rows.RowSchedule._header = wrong
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-''')
-
-
-@pytest.mark.parametrize("pipeline_size", [2, 3])
-def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pipeline_size):
-    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
-                      pipeline_size=pipeline_size, batch_size=3, schedule="rows", timeout_s=90)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "wrong.py").write_text(DISAGREE)
+    (tmp_path / "wrong.py").write_text(wrapper)
     port = free_port()
     ranks = [start_rank([str(tmp_path / "wrong.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
                         rank_env(r, pipeline_size, port)) for r in range(pipeline_size)]
@@ -194,7 +157,36 @@ def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pip
     for _, err in outs:
         errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
-    assert "pipeline protocol error: the first stage's header says cache length" in outs[1][1]
+    return [err for _, err in outs]
+
+
+CHUNK_DISAGREE = header_edit('''
+    if any(c["start"] for c in head["chunks"]) and not seen:  # a prompt's second chunk, from the wrong place
+        seen.append(1)
+        next(c for c in head["chunks"] if c["start"])["start"] += 1
+''')
+
+
+def test_a_chunk_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=2, batch_size=3, schedule="rows", prefill_chunk_size=5, timeout_s=90)
+    errs = _wrapped_ranks_fail_with_one_line(cfg, tmp_path, CHUNK_DISAGREE, 2)
+    assert "pipeline protocol error: the first stage's header says prefill chunks" in errs[1]
+
+
+DISAGREE = header_edit('''
+    seen.append(1)
+    if len(seen) == 4:  # a wrong cache length at the 4th visit
+        head["L"] += 1
+''')
+
+
+@pytest.mark.parametrize("pipeline_size", [2, 3])
+def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pipeline_size):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=pipeline_size, batch_size=3, schedule="rows", timeout_s=90)
+    errs = _wrapped_ranks_fail_with_one_line(cfg, tmp_path, DISAGREE, pipeline_size)
+    assert "pipeline protocol error: the first stage's header says cache length" in errs[1]
 
 
 # Equal prompt lengths (byte tokenizer: no padding among joiners), so a stage's positions are known
@@ -230,60 +222,23 @@ def test_only_live_rows_are_computed_and_rows_move_to_an_empty_slot(tiny_llama, 
     assert [s["rows_moved"] > 0 for s in stages] == [pipeline_size > 1] * pipeline_size, stages
 
 
-MOVE_DISAGREE = textwrap.dedent('''
-    import os, runpy, sys
-    from pipeinfer.run import rows
-
-    if os.environ["RANK"] == "0":  # the first stage announces a wrong position for the first row it moves
-        real = rows.RowSchedule._header
-
-        def wrong(self, *a):
-            head = real(self, *a)
-            if head["move"]:
-                head["move"]["pos"][0] += 1
-            return head
-        rows.RowSchedule._header = wrong
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+MOVE_DISAGREE = header_edit('''
+    if head["move"]:  # a wrong position for the first row it moves
+        head["move"]["pos"][0] += 1
 ''')
 
 
 def test_a_move_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp_path):
     cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_even(tmp_path), max_new_tokens=18,
                       pipeline_size=2, batch_size=4, schedule="rows", ignore_eos=True, timeout_s=90)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "wrong.py").write_text(MOVE_DISAGREE)
-    port = free_port()
-    ranks = [start_rank([str(tmp_path / "wrong.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
-                        rank_env(r, 2, port)) for r in range(2)]
-    try:
-        outs = [r.communicate(timeout=120) for r in ranks]
-    finally:
-        for r in ranks:
-            r.kill()
-    assert [r.returncode for r in ranks] == [1, 1], [e[-1500:] for _, e in outs]
-    for _, err in outs:
-        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-        assert len(errors) == 1 and "Traceback" not in err, err[-1500:]
-    assert "pipeline protocol error: the first stage's header says moved rows' positions" in outs[1][1]
+    errs = _wrapped_ranks_fail_with_one_line(cfg, tmp_path, MOVE_DISAGREE, 2)
+    assert "pipeline protocol error: the first stage's header says moved rows' positions" in errs[1]
 
 
-MOVES_SEEN = textwrap.dedent('''
-    import json, os, runpy, sys
-    from pipeinfer.run import rows
-
-    if os.environ["RANK"] == "0":  # every move the first stage announces, to a file
-        real = rows.RowSchedule._header
-
-        def seen(self, *a):
-            head = real(self, *a)
-            if head["move"]:
-                with open(os.environ["MOVES_FILE"], "a") as f:
-                    f.write(json.dumps(head["move"]) + "\\n")
-            return head
-        rows.RowSchedule._header = seen
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+MOVES_SEEN = header_edit('''
+    if head["move"]:  # every move, to a file
+        with open(os.environ["MOVES_FILE"], "a") as f:
+            f.write(json.dumps(head["move"]) + "\\n")
 ''')
 
 
