@@ -191,12 +191,12 @@ def stall(model: str, work: str, pps: list[int], device: str, chunk: int, smoke:
             a, b = row["whole"].pop("output_ids"), row["chunked"].pop("output_ids")
             if a != b:
                 bad.append(f"stall pp{pp}: chunked and whole prefill give different greedy tokens")
-            print(f"stall pp{pp} b 8: short prompts' longest / p99 gap between tokens {row['whole']['itl_max_ms']:.0f} / "
-                  f"{row['whole']['itl_p99_ms']:.0f} ms whole, {row['chunked']['itl_max_ms']:.0f} / "
-                  f"{row['chunked']['itl_p99_ms']:.0f} ms in chunks of {chunk} ({row['chunked']['prefill_chunks']} "
-                  f"chunks); long prompts' slowest first token {row['whole']['long_ttft_ms']:.0f} / "
-                  f"{row['chunked']['long_ttft_ms']:.0f} ms; tokens/s {row['whole']['tokens_per_s']:.1f} / "
-                  f"{row['chunked']['tokens_per_s']:.1f}", flush=True)
+            w, c = row["whole"], row["chunked"]
+            print(f"stall pp{pp} b 8: short prompts' longest / p99 gap between tokens {w['itl_max_ms']:.0f} / "
+                  f"{w['itl_p99_ms']:.0f} ms whole, {c['itl_max_ms']:.0f} / {c['itl_p99_ms']:.0f} ms in chunks of "
+                  f"{chunk} ({c['prefill_chunks']} chunks); long prompts' slowest first token "
+                  f"{w['long_ttft_ms']:.0f} / {c['long_ttft_ms']:.0f} ms; tokens/s {w['tokens_per_s']:.1f} / "
+                  f"{c['tokens_per_s']:.1f}", flush=True)
         cells.append(row)
     return cells
 

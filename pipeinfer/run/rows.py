@@ -379,7 +379,8 @@ class RowSchedule:
             parts = list(frame.split(sizes))  # decode, whole joiners, then each chunk
             x_dec = parts[0].view(R, 1, H) if head["decode"] else None
             x_join = parts[1].view(J, T, H) if J else None
-            self._visit(s, head, x_dec, x_join, [x.view(1, len(c["ids"]), H) for x, c in zip(parts[2:], head["chunks"])])
+            x_chunks = [x.view(1, len(c["ids"]), H) for x, c in zip(parts[2:], head["chunks"])]
+            self._visit(s, head, x_dec, x_join, x_chunks)
 
     def _check_shape(self, s: _Slot, head: dict) -> None:
         """Before the rows change: the slot's row count, the rows kept and moved, and the moved rows'
@@ -417,9 +418,9 @@ class RowSchedule:
             problems.append(f"prefill chunks of {[len(c['ids']) for c in chunks]} tokens of prompts of "
                             f"{[c['n'] for c in chunks]} (this stage's chunk is {self.chunk} a visit)")
         finals = [c["index"] for c in chunks if c["ids"] and c["start"] + len(c["ids"]) == c["n"]]
-        if finals != [j["index"] for j in head["join"] if j.get("chunked")]:
-            problems.append(f"prompts joining from their last chunk {[j['index'] for j in head['join'] if j.get('chunked')]}"
-                            f" (their chunks say {finals})")
+        chunked = [j["index"] for j in head["join"] if j.get("chunked")]
+        if finals != chunked:
+            problems.append(f"prompts joining from their last chunk {chunked} (their chunks say {finals})")
         if head["L"] != s.length:
             problems.append(f"cache length {head['L']} (this stage has {s.length})")
         if head["decode"] != rows:
@@ -427,7 +428,8 @@ class RowSchedule:
         elif head["pos"] != s.pos:
             problems.append(f"positions {head['pos']} (this stage has {s.pos})")
         joined = [j["row"] for j in head["join"]]
-        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) + len(chunks) - len(finals) > s.cap:
+        under_way = len(chunks) - len(finals)  # prompts that keep a place for their next chunks
+        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) + under_way > s.cap:
             problems.append(f"joining rows {joined} (this stage's slot has {s.size} rows, at most {s.cap})")
         self._protocol(head, problems)
 
