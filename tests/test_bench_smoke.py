@@ -101,6 +101,32 @@ def test_continuous_smoke_runs_and_rows_waste_less(tmp_path):
         assert c["rows_varied"]["max_prompts_in_flight"] <= 4
 
 
+def test_continuous_before_cell_and_stall_workload(tmp_path):
+    """--before REV runs the varied workload once more on that commit's batch runner, unpacked with
+    git archive (HEAD here: a shallow clone has it too), whose greedy tokens must equal the rows
+    schedule's (exit 1 otherwise); --workload stall runs long prompts whole and in chunks, with the
+    same tokens, and counts the chunks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "before.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "continuous.py"), "--smoke", "--pipeline-sizes", "2",
+                          "--before", "HEAD", "--json", str(out), "--workdir", str(tmp_path / "work")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["before_varied"]["new_tokens"] == cell["rows_varied"]["new_tokens"] and cell["rows_over_before"] > 0
+    assert os.path.exists(tmp_path / "work" / "before-HEAD" / "run_distributed_inference.py")
+    out = tmp_path / "stall.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "continuous.py"), "--smoke", "--workload", "stall",
+                          "--json", str(out), "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert [c["pipeline_size"] for c in cells] == [1, 2]
+    for c in cells:
+        assert c["whole"]["prefill_chunks"] == 0 < c["chunked"]["prefill_chunks"]
+        assert c["whole"]["new_tokens"] == c["chunked"]["new_tokens"] and c["chunked"]["itl_max_ms"] > 0
+
+
 def test_serving_bench_smoke(tmp_path):
     """bench/serving.py --smoke: a real server at pipeline_size 2 under Poisson and saturating
     arrivals from the openai client; its greedy texts equal the batch runner's (else exit 1)."""
