@@ -40,14 +40,13 @@ class GenParams:
     pad_id: int
     sampling: SamplingParams
     seed: int
-    # the checkpoint's GenerationConfig when it sets something that changes scores
-    # (sampling.score_settings), applied on the last stage as generate() applies it; else None
+    # the checkpoint's GenerationConfig if it changes scores (sampling.score_settings), applied as generate() does
     score_config: object = None
     stopper: Stopper | None = None  # decides EOS and stops on the last stage; None: EOS only (tests, benches)
     logprobs: int = 0               # top-k alternatives recorded per new token (0: no log-probabilities)
     prompt_logprobs: bool = False   # score every prompt token in the prefill (scoring.py)
     prompt_chunk: int = 512         # prompt positions whose logits exist at once
-    prefill_chunk: int = 0          # rows schedule: a longer prompt's prefill runs this many positions a visit (0: whole)
+    prefill_chunk: int = 0          # rows schedule: a longer prompt prefills this many positions a visit (0: whole)
 
     @property
     def logprob_width(self) -> int:
