@@ -240,6 +240,17 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
           + (f"; {differ} prompts' tokens differ between the schedules" if differ else "") + before, flush=True)
 
 
+def finish(path: str | None, result: dict, bad: list[str]) -> int:
+    """Write the result as JSON (when asked), print each error, and the exit code."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    for b in bad:
+        print("error:", b, file=sys.stderr)
+    return 1 if bad else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, few short prompts: seconds, for the tests")
@@ -294,14 +305,8 @@ def main() -> int:
     if args.workload == "stall":
         bad: list[str] = []
         cells = stall(model, work, pps, args.device, args.chunk if not smoke else 8, smoke, bad)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump({"workload": "stall", "device": args.device, "smoke": smoke, "cells": cells, "errors": bad},
-                          f, indent=1)
-        for b in bad:
-            print("error:", b, file=sys.stderr)
-        return 1 if bad else 0
+        return finish(args.json, {"workload": "stall", "device": args.device, "smoke": smoke, "cells": cells,
+                                  "errors": bad}, bad)
     before = args.before or ("none" if smoke else BEFORE)
     entry = None if before == "none" else checkout(before, work)
     kinds = [("rows_varied", "rows", None), ("rows_equal", "rows", None), ("micro_varied", "micro_batches", None)]
@@ -344,13 +349,7 @@ def main() -> int:
     result = {"prompts": n, "before": before, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
               "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,
               "smoke": smoke, "cells": cells, "errors": bad}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    for b in bad:
-        print("error:", b, file=sys.stderr)
-    return 1 if bad else 0
+    return finish(args.json, result, bad)
 
 
 if __name__ == "__main__":

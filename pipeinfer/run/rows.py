@@ -169,9 +169,12 @@ class RowSchedule:
                 if dry := (one := take()) is None:
                     break
                 got.append(one)
-            now, C = time.perf_counter(), self.chunk
-            s.chunked += [_Chunked(i, len(p.ids), prompt=p, t0=now) for i, p in got if C and len(p.ids) > C]
-            whole = [(i, p) for i, p in got if not (C and len(p.ids) > C)]
+            now, C, whole = time.perf_counter(), self.chunk, []
+            for i, p in got:  # a prompt longer than the chunk prefills in chunks, the others whole
+                if C and len(p.ids) > C:
+                    s.chunked.append(_Chunked(i, len(p.ids), prompt=p, t0=now))
+                else:
+                    whole.append((i, p))
             if not live and not got and not s.chunked:
                 if not inflight and all(all(row is None for row in t.firsts) and not t.chunked for t in self.slots):
                     self._announce({"kind": "done"})
