@@ -115,8 +115,10 @@ def _plan(model: str, size: int, dtype_name: str, batch_size: int, prompt: int, 
     from pipeinfer.plan.make import plan_for_run
     from pipeinfer.plan.model import read_model_config
 
+    # These workers prefill each slot into its own cache, as the micro_batches schedule does; the rows
+    # schedule's joiners' own caches are measured by --check-runner (the runner itself) and tests/test_plan.py.
     cfg = build_config(dict(model_path=model, prompts=["x"], pipeline_size=size, batch_size=batch_size,
-                            max_new_tokens=new_tokens, quantization=quantization, **budgets))
+                            max_new_tokens=new_tokens, quantization=quantization, schedule="micro_batches", **budgets))
     mc = read_model_config(model)
     return cfg, mc, plan_for_run(cfg, mc, prompt, dtype_name, "cpu")
 

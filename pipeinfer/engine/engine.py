@@ -39,8 +39,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 from pipeinfer.config import ConfigError, micro_batching
-from pipeinfer.load.kvcache import plain_rows
 from pipeinfer.load.stage import LoadError, load_stage
+from pipeinfer.plan.model import plain_rows
 from pipeinfer.record.metrics import batch_records, reset_peak_memory
 from pipeinfer.run import procgroup
 from pipeinfer.run.comm import Comm, PipelineProtocolError

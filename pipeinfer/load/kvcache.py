@@ -103,15 +103,6 @@ class PreallocatedLayer(DynamicLayer):
 
 # -- row-level refill (run/rows.py): a slot's cache has a fixed number of rows, each its own prompt --
 
-def plain_rows(model_config) -> bool:
-    """Whether every layer of the model's cache (as generate() types it) is a plain append-only
-    layer, whose rows the row schedule may edit (sliding-window and other special layers keep
-    their own bookkeeping). The same answer on every rank: it reads the whole model's config."""
-    from transformers import DynamicCache
-
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model_config).layers)
-
-
 def _set(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Hand a layer new keys/values (PreallocatedLayer copies them into room at its next update)."""
     layer.keys, layer.values = keys, values

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeinfer.config import micro_batching
-from pipeinfer.plan.layout import layout, score_chunk
+from pipeinfer.plan.layout import layout, prefill_joins, score_chunk
 
 
 def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, local) -> int | None:
@@ -16,7 +16,7 @@ def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, 
         s = slots if cfg.micro_batch_size != "auto" else \
             micro_batching(dataclasses.replace(cfg, pipeline_size=size))
         _, ranks = layout(m, size, mode, sizes, s, longest, capacity, [budget] * size, reserve, local,
-                          score_chunk(cfg))
+                          score_chunk(cfg), prefill_joins(cfg, m))
         if all(r.fits for r in ranks):
             return size
     return None
@@ -28,7 +28,8 @@ def largest_batch(cfg, m, sizes, longest, budgets, reserve, local, limit: int = 
         c = dataclasses.replace(cfg, batch_size=b, micro_batch_size=cfg.micro_batch_size if cfg.micro_batch_size == "auto"
                      else min(cfg.micro_batch_size, b))
         _, ranks = layout(m, cfg.pipeline_size, cfg.layer_split, sizes, micro_batching(c), longest,
-                           longest + cfg.max_new_tokens, budgets, reserve, local, score_chunk(cfg))
+                           longest + cfg.max_new_tokens, budgets, reserve, local, score_chunk(cfg),
+                           prefill_joins(cfg, m))
         return all(r.fits for r in ranks)
     if not fits(1):
         return 0

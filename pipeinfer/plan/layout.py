@@ -182,13 +182,34 @@ def transient_bytes(m: ModelShape, b: int, t: int, itemsize: int, last: bool, ch
     return max(layer, scoring_bytes(m, b, t, itemsize, chunk)) + b * m.vocab * (itemsize + 4)  # + (B, V) logits
 
 
+def joiner_positions(slots: list[int], longest: int, prefill: int | None) -> int:
+    """KV positions the row schedule's joining prompts hold beside their slot's cache (run/rows.py):
+    a visit's whole joiners prefill into a cache of their own, then it is spliced into their rows
+    (at most a slot's rows x the longest prompt); prompts longer than the prefill chunk keep theirs
+    across visits, in every slot at once. prefill: prefill_joins(); None: the slot's own cache."""
+    if prefill is None:
+        return 0
+    return longest * (sum(slots) if prefill and longest > prefill else max(slots))
+
+
+def prefill_joins(cfg, m: ModelShape) -> int | None:
+    """How joining prompts prefill: None into their slot's own cache (the micro_batches schedule, and
+    families the row schedule leaves to it), else the chunk of the row schedule (0: whole)."""
+    if cfg.schedule != "rows" or not m.plain_cache:
+        return None
+    return 0 if cfg.prompt_logprobs else cfg.prefill_chunk_size  # scoring a prompt prefills it whole
+
+
 def layout(m: ModelShape, size: int, layer_split, sizes: Sizes, slots: list[int], longest: int, capacity: int,
-            budgets: list[int] | None, reserve: int, local: str, chunk: int = 0) -> tuple[list[range], list[RankPlan]]:
+           budgets: list[int] | None, reserve: int, local: str, chunk: int = 0,
+           prefill: int | None = None) -> tuple[list[range], list[RankPlan]]:
     """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split.
-    chunk: score_chunk(cfg)."""
+    chunk: score_chunk(cfg); prefill: prefill_joins(cfg, m)."""
     itemsize = sizes.itemsize
     kv_per_layer = 2 * sum(slots) * m.kv_width * capacity * itemsize  # keys + values
-    costs = stage_costs(m, sizes, kv_per_layer)
+    # the joiners' own caches live beside the prefill's activations: in the transient, layer by layer
+    join_per_layer = 2 * m.kv_width * joiner_positions(slots, longest, prefill) * itemsize
+    costs = stage_costs(m, sizes, kv_per_layer + join_per_layer)
     if layer_split != "auto":
         ranges = plan_split(m.num_layers, size, layer_split)
     elif layer_split == "auto":
@@ -203,11 +224,12 @@ def layout(m: ModelShape, size: int, layer_split, sizes: Sizes, slots: list[int]
     maps = device_maps(m, ranges, local)
     b, t = max(slots), longest
     ranks = []
-    per_layer = [c - kv_per_layer for c in costs.layers]  # each layer's weights alone
+    per_layer = [c - kv_per_layer - join_per_layer for c in costs.layers]  # each layer's weights alone
     for r, (rng, dmap) in enumerate(zip(ranges, maps)):
         weights = sum(sizes.of(n, s) for n, s in m.params.items() if placement(dmap, n) == local)
         last = r == size - 1
-        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient_bytes(m, b, t, itemsize, last, chunk),
+        transient = transient_bytes(m, b, t, itemsize, last, chunk) + len(rng) * join_per_layer
+        ranks.append(RankPlan(r, rng, weights, len(rng) * kv_per_layer, transient,
                               reserve, None if budgets is None else budgets[r], dmap,
                               tuple(per_layer[i] for i in rng), ("device",) * len(rng),
                               scoring=scoring_bytes(m, b, t, itemsize, chunk) if last else 0))

@@ -58,6 +58,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     kv_width: int                      # num_key_value_heads x head_dim
+    plain_cache: bool = True           # plain_rows(): the row schedule runs (else micro_batches)
 
 
 def model_shape(model_config, trust_remote_code: bool = False) -> ModelShape:
@@ -79,7 +80,17 @@ def model_shape(model_config, trust_remote_code: bool = False) -> ModelShape:
                   [n for n, _ in base.named_children()],
                   {n: tuple(p.shape) for n, p in skeleton.named_parameters() if not (tied and n in heads)},
                   [n for n, _ in skeleton.named_buffers()], linear_weights(skeleton, family.heads), tied,
-                  c.hidden_size, inter, c.vocab_size, kv_heads * head_dim)
+                  c.hidden_size, inter, c.vocab_size, kv_heads * head_dim, plain_rows(model_config))
+
+
+def plain_rows(model_config) -> bool:
+    """Whether every layer of the model's cache (as generate() types it) is a plain append-only
+    layer, whose rows the row schedule may edit (run/rows.py; sliding-window and other special
+    layers keep their own bookkeeping). The same answer on every rank: it reads the whole model's config."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model_config).layers)
 
 
 def layer_of(name: str, m: ModelShape) -> int | None:

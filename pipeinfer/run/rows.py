@@ -24,7 +24,7 @@ row with its own generator and parameters, decides its stop code, and sends (R,)
 back; the first stage cuts each row at its own max_new_tokens or stop and hands the prompt back at
 once. Every stage checks the header against its own copy of the slots (row counts, rows kept and
 moved, cache length, positions): a disagreement is a PipelineProtocolError. Only plain append-only
-KV layers qualify (kvcache.plain_rows); other families use generation.py's schedule.
+KV layers qualify (plan.model.plain_rows); other families use generation.py's schedule.
 
 Over 300 lines: the first stage's decisions, the other stages' checks and one visit's compute
 share the slot state, and read best side by side.
