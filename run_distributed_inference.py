@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                     schedule="rows" if engine.rows else "micro_batches",
                                     rows_computed=engine.rows_computed, kv_positions_max=engine.kv_positions_max,
                                     rows_moved=engine.rows_moved, prefill_chunks=engine.prefill_chunks,
+                                    packed_visits=engine.packed_visits,
                                     **({"compile": stage.compiled.record()} if stage.compiled else {})))
         done = len(mine) - len(todo) + finished
         if writer is not None:

@@ -214,8 +214,18 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
         assert all(len(b[i]) == m for i, m in enumerate(lengths))
     row["varied_over_equal"] = row["rows_varied"]["tokens_per_s"] / row["rows_equal"]["tokens_per_s"]
     row["rows_over_micro_batches"] = row["rows_varied"]["tokens_per_s"] / row["micro_varied"]["tokens_per_s"]
-    cells = ("rows_varied", "rows_equal", "micro_varied") + (("before_varied",) if "before_varied" in row else ())
+    cells = ("rows_varied", "rows_equal", "micro_varied") + tuple(k for k in ("separate_varied", "before_varied")
+                                                                  if k in row)
     before = ""
+    if "separate_varied" in row:
+        differ_sep = sum(row["separate_varied"]["output_ids"][i] != b[i] for i in b)
+        if differ_sep and lengths is not None:
+            bad.append(f"{tag}pp{pp} b{batch}: prefills in their own forwards give other greedy tokens than packed "
+                       f"in {differ_sep} prompts")
+        row["packed_over_separate"] = row["rows_varied"]["tokens_per_s"] / row["separate_varied"]["tokens_per_s"]
+        before += (f"; prefills in their own forwards {row['separate_varied']['tokens_per_s']:.1f} tok/s, packed/"
+                   f"separate {row['packed_over_separate']:.2f}" + (f" ({differ_sep} prompts differ)" if differ_sep
+                                                                     else ""))
     if "before_varied" in row:
         differ_before = sum(row["before_varied"]["output_ids"][i] != b[i] for i in b)
         row["prompts_differing_before"] = differ_before
@@ -223,7 +233,7 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
             bad.append(f"{tag}pp{pp} b{batch}: the commit before's greedy tokens differ from the rows schedule's "
                        f"in {differ_before} prompts")
         row["rows_over_before"] = row["rows_varied"]["tokens_per_s"] / row["before_varied"]["tokens_per_s"]
-        before = (f"; the commit before {row['before_varied']['tokens_per_s']:.1f} tok/s, rows/before "
+        before += (f"; the commit before {row['before_varied']['tokens_per_s']:.1f} tok/s, rows/before "
                   f"{row['rows_over_before']:.2f}" + (f" ({differ_before} prompts differ)" if differ_before else ""))
     for k in cells:
         row[k].pop("output_ids")
@@ -309,9 +319,12 @@ def main() -> int:
                                   "errors": bad}, bad)
     before = args.before or ("none" if smoke else BEFORE)
     entry = None if before == "none" else checkout(before, work)
-    kinds = [("rows_varied", "rows", None), ("rows_equal", "rows", None), ("micro_varied", "micro_batches", None)]
+    kinds = [("rows_varied", "rows", None, None), ("rows_equal", "rows", None, None),
+             ("micro_varied", "micro_batches", None, None)]
+    if not smoke:  # the rows schedule with each visit's prefills in forwards of their own (load/packed.py)
+        kinds.append(("separate_varied", "rows", None, {"packed_prefill": False}))
     if entry:
-        kinds.append(("before_varied", "micro_batches", entry))
+        kinds.append(("before_varied", "micro_batches", entry, None))
     cells, bad = [], []
     for wname, wmodel, wprompts, wvaried, wignore, wdtype in workloads:
         tag = "" if wname == "geometric" else f"{wname}-"
@@ -321,7 +334,7 @@ def main() -> int:
                 cells.append(row)
                 wequal = None  # eos: the rows schedule's first run decides the total to spread equally
                 for _ in range(args.repeat):
-                    for name, schedule, cell_entry in kinds:
+                    for name, schedule, cell_entry, extra in kinds:
                         if name == "rows_equal":
                             if wequal is None:
                                 if "rows_varied" not in row or "error" in row["rows_varied"]:
@@ -333,7 +346,8 @@ def main() -> int:
                         else:
                             max_new, ignore_eos = wvaried, wignore
                         got = run_cell(wmodel, work, wprompts, max_new, schedule, pp, batch, args.device, 3600,
-                                       ignore_eos, tag, wdtype, name == "rows_equal", cell_entry)
+                                       ignore_eos, tag + ("separate-" if extra else ""), wdtype, name == "rows_equal",
+                                       cell_entry, extra)
                         if "error" in got:
                             bad.append(f"{tag}{name} pp{pp} b{batch}: {got['error']}")
                             row[name] = got
@@ -344,7 +358,7 @@ def main() -> int:
                             if name not in row or got["tokens_per_s"] > row[name]["tokens_per_s"]:
                                 row[name] = got
                             row[name]["runs_tokens_per_s"] = runs
-                if all(k in row and "error" not in row[k] for k, _, _ in kinds):
+                if all(k in row and "error" not in row[k] for k, _, _, _ in kinds):
                     report(row, tag, bad, wvaried if wignore else None, args.repeat)
     result = {"prompts": n, "before": before, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
               "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,

@@ -66,6 +66,33 @@ def test_greedy_matches_generate(models, references, tmp_path, model_type, pipel
     assert [p["output_ids"] for p in prompt_records(records)] == references[model_type]
 
 
+ROW_TEXTS = PROMPTS + ["Hi", "The end of the story"]
+ROW_NEW = [7, 2, 11, 4, 3, 5]  # per prompt: rows leave at different steps and the next prompts join their slot
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_MODELS))
+def test_rows_joining_mid_run_match_generate(models, tmp_path, model_type):
+    """The row schedule at pipeline_size 2, batch 4 (two slots of 2): prompts join as rows leave, their prefill packed
+    into the visit's decode forward (prefill_chunk_size 3: the longer ones in chunks), in every family
+    whose KV cache the row schedule takes (the others run the micro_batches schedule, said in the
+    record). Each prompt's ids equal generate() on it alone with its own max_new_tokens."""
+    texts = ROW_TEXTS
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(texts, ROW_NEW)))
+    cfg = base_config(models[model_type], tmp_path, prompts=None, prompts_file=str(path), pipeline_size=2,
+                      batch_size=4, prefill_chunk_size=3)
+    records = run_pipeline(cfg, tmp_path, 2)
+    want = [reference_outputs(models[model_type], [p], n)[0] for p, n in zip(texts, ROW_NEW)]
+    assert [p["output_ids"] for p in prompt_records(records)] == want
+    stages = [r for r in records if r["type"] == "stage"]
+    from transformers import AutoConfig
+    from pipeinfer.plan.model import plain_rows
+
+    rows = plain_rows(AutoConfig.from_pretrained(models[model_type]))
+    assert all(s["schedule"] == ("rows" if rows else "micro_batches") for s in stages), stages
+    assert all((s["packed_visits"] > 0 and s["prefill_chunks"] > 0) == rows for s in stages), stages
+
+
 def stages_of(path: str, size: int, **cfg_over):
     from pipeinfer.config import build_config
     from pipeinfer.plan.partition import StagePlan

@@ -60,6 +60,8 @@ def test_rows_match_generate(tiny_llama, reference, tmp_path, pipeline_size, bat
     assert len({p["start_s"] for p in prompts}) == len(TEXTS) > batch_size
     # every stage ran each prompt's positions once, plus the decode rows of its slot
     assert all(s["rows_computed"] >= sum(p["prompt_tokens"] + p["new_tokens"] - 1 for p in prompts) for s in stages)
+    # joiners' prefills ran in their visit's decode forward (load/packed.py), the same visits on every stage
+    assert stages[0]["packed_visits"] > 0 and len({s["packed_visits"] for s in stages}) == 1, stages
 
 
 @pytest.mark.parametrize("pipeline_size", [1, 2])
@@ -114,8 +116,24 @@ def test_chunked_prefill_matches_generate(tiny_llama, reference, tmp_path, pipel
     chunks = sum(-(-p["prompt_tokens"] // 5) for p in prompts if p["prompt_tokens"] > 5)
     assert chunks > len(TEXTS) and stages[0]["prefill_chunks"] >= chunks, stages
     assert len({s["prefill_chunks"] for s in stages}) == 1, stages
+    assert stages[0]["packed_visits"] > 0 and len({s["packed_visits"] for s in stages}) == 1, stages
     assert all(0 < s["max_prompts_in_flight"] <= batch_size for s in stages)
     assert max_overlap(prompts) <= batch_size
+
+
+@pytest.mark.parametrize("pipeline_size,batch_size,chunk", [(1, 3, 0), (2, 3, 0), (2, 8, 5), (3, 3, 5)])
+def test_separate_prefill_matches_generate(tiny_llama, reference, tmp_path, pipeline_size, batch_size, chunk):
+    """packed_prefill false: a visit's prefills run as forwards of their own beside its decode (the
+    whole joiners left-padded among themselves); the same tokens as generate()."""
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=pipeline_size, batch_size=batch_size, prefill_chunk_size=chunk,
+                      packed_prefill=False)
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == reference
+    stages = [r for r in records if r["type"] == "stage"]
+    assert all(s["packed_visits"] == 0 and s["schedule"] == "rows" for s in stages), stages
+    assert all((s["prefill_chunks"] > 0) == (chunk > 0) for s in stages), stages
 
 
 _WRAPPER = """import json, os, runpy, sys
@@ -179,6 +197,21 @@ DISAGREE = header_edit('''
     if len(seen) == 4:  # a wrong cache length at the 4th visit
         head["L"] += 1
 ''')
+
+
+PACKED_DISAGREE = header_edit('''
+    if head["join"] and not seen:  # the first visit with joiners says their prefill runs apart
+        seen.append(1)
+        head["packed"] = False
+''')
+
+
+def test_a_packed_prefill_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp_path):
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=2, batch_size=3, schedule="rows", timeout_s=90)
+    errs = _wrapped_ranks_fail_with_one_line(cfg, tmp_path, PACKED_DISAGREE, 2)
+    assert "pipeline protocol error: the first stage's header says a separate prefill (this stage's would be " \
+           "packed)" in errs[1]
 
 
 @pytest.mark.parametrize("pipeline_size", [2, 3])

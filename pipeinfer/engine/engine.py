@@ -71,6 +71,7 @@ class Engine:
         self.kv_positions_max = 0             # the most positions a slot's KV cache held (rows schedule)
         self.rows_moved = 0                   # rows moved between slots once the queue ran dry (rows schedule)
         self.prefill_chunks = 0               # prefill chunks of prompts longer than prefill_chunk_size (rows schedule)
+        self.packed_visits = 0                # visits whose prefills ran in their decode's forward (rows schedule)
         cfg = inputs.cfg
         self.rows = cfg.schedule == "rows" and plain_rows(inputs.model_config)
         if cfg.schedule == "rows" and not self.rows:
@@ -304,7 +305,7 @@ class Engine:
         inputs = self.inputs
         sched = RowSchedule(self.stage, self.comm, list(self.sizes), inputs.gen, inputs.model_config.hidden_size,
                             inputs.dtype, inputs.plan.capacity, inputs.tokenizer.pad_token_id,
-                            self.on_token, self._cancelled)
+                            self.on_token, self._cancelled, packed=inputs.cfg.packed_prefill)
         queue = self._queue
 
         def take():
@@ -325,6 +326,7 @@ class Engine:
             self.kv_positions_max = max(self.kv_positions_max, sched.kv_positions_max)
             self.rows_moved += sched.rows_moved
             self.prefill_chunks += sched.chunks_run
+            self.packed_visits += sched.packed_visits
 
     def _make(self, indices: list[int]) -> Batch:
         return make_batch(self.prompts, indices, self.inputs.tokenizer.pad_token_id)

@@ -18,8 +18,10 @@ decode at which position, which prompts join, the cache length), before its fram
            placed in rows after the live ones at the end of the slot's positions (kvcache.add_rows,
            splice_rows)
 
-Decode and join run in the same visit, so new rows' prefill interleaves with the others' decode;
-the frame carries the decode hidden states then the prefill's. The last stage samples each active
+Decode and join run in the same visit, so new rows' prefill interleaves with the others' decode,
+in the same forward (load/packed.py: one pass over the stage's weights, each prompt attending to its
+own cache; the header's "packed"); the frame carries the decode hidden states then the prefill's
+(packed: every prompt's own positions, unpadded; else the joiners left-padded among themselves). The last stage samples each active
 row with its own generator and parameters, decides its stop code, and sends (R,) tokens and codes
 back; the first stage cuts each row at its own max_new_tokens or stop and hands the prompt back at
 once. Every stage checks the header against its own copy of the slots (row counts, rows kept and
@@ -42,6 +44,7 @@ import torch
 
 from pipeinfer.load.kvcache import (add_rows, copy_rows, drop_left, grow_left, keep_rows, reserve_rows, splice_rows,
                                     take_rows)
+from pipeinfer.load.packed import Segment, packable, packed_forward
 from pipeinfer.load.stage import Stage
 from pipeinfer.run.comm import Comm, PipelineProtocolError, pending_bound
 from pipeinfer.run.generation import Aborted, BatchResult, GenParams, logprob_rows, position_ids
@@ -117,7 +120,8 @@ class RowSchedule:
 
     def __init__(self, stage: Stage, comm: Comm, sizes: list[int], gp: GenParams, hidden_size: int,
                  dtype: torch.dtype, capacity: int, pad_id: int,
-                 on_token: Callable[[int, int, object], None] | None = None, cancelled: set[int] | None = None):
+                 on_token: Callable[[int, int, object], None] | None = None, cancelled: set[int] | None = None,
+                 packed: bool = True):
         self.stage, self.comm, self.gp, self.H, self.dtype, self.pad = stage, comm, gp, hidden_size, dtype, pad_id
         # first stage: each token as it arrives (index, token id, log-probability row or None); and
         # the requests to end at their row's next visit (another thread adds to it: Engine.cancel)
@@ -135,6 +139,9 @@ class RowSchedule:
         self.chunks_run = 0        # prefill chunks of prompts longer than the chunk (_Chunked)
         # prompts longer than this prefill in chunks of it (0: whole); scoring the prompt needs it whole
         self.chunk = 0 if gp.prompt_logprobs else gp.prefill_chunk
+        # a visit's prefills run in its decode's forward (load/packed.py), but for scoring (all positions' logits)
+        self.pack = packed and not gp.prompt_logprobs and packable(stage)
+        self.packed_visits = 0
         self.run_t0 = time.perf_counter()
         comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
 
@@ -196,7 +203,8 @@ class RowSchedule:
             finals = [c for c, n in chunks if n and c.done + n == c.n]  # its last chunk makes it a joiner
             # joiners take rows after the live ones: the whole prompts, then those whose last chunk runs now
             joins = [(s.size + j, i, p) for j, (i, p) in enumerate(whole + [(c.index, c.prompt) for c in finals])]
-            head = self._header(k, s, decode, joins, shape, chunks)
+            packed = self.pack and bool(whole or any(n for _, n in chunks))
+            head = self._header(k, s, decode, joins, shape, chunks, packed)
             self._announce(head)
             began = {c.index: c.t0 for c in finals}
             for r, i, p in joins:
@@ -204,14 +212,16 @@ class RowSchedule:
                                      p.stops if (p.stops.strings or p.stops.token_ids) else None,
                                      began.get(i) or time.perf_counter()))
             dev = self.comm.device
-            x_dec = None
-            if decode:
-                last = [s.firsts[r].tokens[-1] for r in decode]
-                x_dec = torch.tensor(last, dtype=torch.long, device=dev)[:, None]  # (R, 1)
-            x_join = _left_padded([p.ids for _, p in whole], self.pad, dev) if whole else None
-            x_chunks = [torch.tensor(c.prompt.ids[c.done:c.done + n], dtype=torch.long, device=dev)[None]
-                        for c, n in chunks]  # (1, n) each
-            local = self._visit(s, head, x_dec, x_join, x_chunks)
+            last = [s.firsts[r].tokens[-1] for r in decode]
+            if packed:  # the rows' last tokens, the whole joiners' prompts, then the chunks: (1, N)
+                ids = last + [t for _, p in whole for t in p.ids] + [t for c in head["chunks"] for t in c["ids"]]
+                local = self._visit_packed(s, head, torch.tensor(ids, dtype=torch.long, device=dev)[None])
+            else:
+                x_dec = torch.tensor(last, dtype=torch.long, device=dev)[:, None] if decode else None  # (R, 1)
+                x_join = _left_padded([p.ids for _, p in whole], self.pad, dev) if whole else None
+                x_chunks = [torch.tensor(c.prompt.ids[c.done:c.done + n], dtype=torch.long, device=dev)[None]
+                            for c, n in chunks]  # (1, n) each
+                local = self._visit(s, head, x_dec, x_join, x_chunks)
             if joins or decode:  # a visit of chunks only has no tokens coming back
                 s.busy = True
                 inflight.append((k, head, local))
@@ -281,14 +291,15 @@ class RowSchedule:
         s.mask = torch.zeros(0, 0, dtype=torch.long, device=self.comm.device)
         s.pos, s.rows, s.firsts, s.tails = [], [], [], []
 
-    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict, chunks: list) -> dict:
+    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict, chunks: list,
+                packed: bool) -> dict:
         first = min((int(s.mask[r].nonzero()[0]) for r in decode if s.mask[r].any()), default=s.length)
         # Drop what no live row attends to once there is enough of it, and always before the slot's cache
         # would outgrow the plan's capacity (a row spans at most prompt + max_new_tokens - 1 positions
         # before its last decode, so there is then something to drop; growing would double the cache).
         drop = first if first >= COMPACT or s.length + 1 > self.capacity else 0
         last = {c.index for c, n in chunks if n and c.done + n == c.n}
-        return {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode,
+        return {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode, "packed": packed,
                 "pos": [s.pos[r] for r in decode],
                 "join": [{"row": r, "index": i, "ids": p.ids, "next": p.score_next,
                           "stops": [list(p.stops.strings), list(p.stops.token_ids)],
@@ -375,6 +386,11 @@ class RowSchedule:
             s.chunked += [_Chunked(c["index"], c["n"]) for c in head["chunks"][len(s.chunked):]]
             whole = [j for j in head["join"] if not j.get("chunked")]
             R, J, H = s.size, len(whole), self.H
+            if head["packed"]:  # (N, H): the rows' positions, each whole joiner's, each chunk's
+                n = (R if head["decode"] else 0) + sum(len(j["ids"]) for j in whole + head["chunks"])
+                frame, _ = self.comm.recv_hidden((n * H,), self.dtype, f"waiting for slot {head['slot']}'s hidden states")
+                self._visit_packed(s, head, frame.view(1, n, H))
+                continue
             T = max((len(j["ids"]) for j in whole), default=0)
             sizes = [R * H if head["decode"] else 0, J * T * H] + [len(c["ids"]) * H for c in head["chunks"]]
             frame, _ = self.comm.recv_hidden((sum(sizes),), self.dtype,
@@ -432,6 +448,10 @@ class RowSchedule:
             problems.append(f"positions {head['pos']} (this stage has {s.pos})")
         joined = [j["row"] for j in head["join"]]
         under_way = len(chunks) - len(finals)  # prompts that keep a place for their next chunks
+        packs = self.pack and (any(not j.get("chunked") for j in head["join"]) or any(c["ids"] for c in chunks))
+        if head["packed"] != packs:
+            problems.append(f"a {'packed' if head['packed'] else 'separate'} prefill (this stage's would be "
+                            f"{'packed' if packs else 'separate'})")
         if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) + under_way > s.cap:
             problems.append(f"joining rows {joined} (this stage's slot has {s.size} rows, at most {s.cap})")
         self._protocol(head, problems)
@@ -510,8 +530,68 @@ class RowSchedule:
                         join_outs.append(out)
             if join_outs:
                 join_logits = torch.cat(join_outs)  # (J, V) in head["join"]'s order
-            self.max_in_flight = max(self.max_in_flight, sum(r is not None for t in self.slots for r in t.rows)
-                                     + sum(len(t.chunked) for t in self.slots))
+        return self._visited(s, head, outs, dec_logits, join_logits, join_lp)
+
+    @torch.inference_mode()
+    def _visit_packed(self, s: _Slot, head: dict, x: torch.Tensor):
+        """_visit, with the rows' decode, the whole joiners' prefills and the chunks in one forward:
+        x (1, N) token ids or (1, N, H) hidden states, in that order (load/packed.py)."""
+        stage, comm = self.stage, self.comm
+        dev = comm.device
+        if head["drop"]:
+            drop_left(s.cache, head["drop"])
+            s.mask = s.mask[:, head["drop"]:]
+        segments, pos, at = [], [], []  # at: the positions whose logits the last stage samples from
+        mask, R = None, s.size if head["decode"] else 0
+        if head["decode"]:
+            mask = torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=dev)], dim=1)
+            segments.append(Segment(s.cache, s.size, s.size, None if bool(mask.all()) else mask))
+            pos += s.pos
+            at += range(s.size)
+        whole = [(j, Segment(stage.new_cache(capacity=len(j["ids"])), len(j["ids"])))
+                 for j in head["join"] if not j.get("chunked")]  # each in a cache of its own, spliced in after
+        for _, seg in whole:
+            segments.append(seg)
+            pos += range(seg.n)
+            at.append(len(pos) - 1)
+        chunked = [(c, len(ch["ids"])) for c, ch in zip(list(s.chunked), head["chunks"]) if ch["ids"]]
+        for c, n in chunked:
+            if c.cache is None:
+                c.cache = stage.new_cache(capacity=c.n)
+            segments.append(Segment(c.cache, n))
+            pos += range(c.done, c.done + n)
+            if c.done + n == c.n:
+                at.append(len(pos) - 1)
+        with comm.timeline.span("decode" if head["decode"] else "prefill"):
+            out = packed_forward(stage, x.to(dev), torch.tensor(pos, device=dev)[None], segments,
+                                 at if comm.is_last else None)
+            self.packed_visits += 1
+            if head["decode"]:
+                s.mask = mask
+                for r in head["decode"]:
+                    s.pos[r] += 1
+                self.rows_computed += s.size
+                self.kv_positions_max = max(self.kv_positions_max, s.length)
+            for j, seg in whole:
+                self._place(s, seg.cache, [j], [seg.n])
+                self.rows_computed += seg.n
+            finals = iter(j for j in head["join"] if j.get("chunked"))
+            for c, n in chunked:
+                c.done += n
+                self.rows_computed += n
+                self.chunks_run += 1
+                if c.done == c.n:  # its last chunk: a row like the joiners'
+                    s.chunked.remove(c)
+                    self._place(s, c.cache, [next(finals)], [c.n])
+        if not comm.is_last:
+            return self._visited(s, head, [out.reshape(-1)], None, None, None)
+        return self._visited(s, head, [], out[:R] if head["decode"] else None, out[R:] if head["join"] else None, None)
+
+    def _visited(self, s: _Slot, head: dict, outs: list, dec_logits, join_logits, join_lp):
+        """After a visit's compute: send its frame on, or sample (last stage); the token message on the first stage."""
+        comm = self.comm
+        self.max_in_flight = max(self.max_in_flight, sum(r is not None for t in self.slots for r in t.rows)
+                                 + sum(len(t.chunked) for t in self.slots))
         if not comm.is_last:
             comm.send_hidden(torch.cat(outs), f"sending slot {head['slot']}'s hidden states")
             comm.timeline.step()
