@@ -2,7 +2,7 @@
 
     python bench/continuous.py [--smoke] [--json results/continuous.json] [--device cuda]
                                [--pipeline-sizes 2] [--batch-sizes 8,32] [--repeat 2] [--workload eos]
-                               [--before REV|none]
+                               [--before REV|none] [--compile auto|true|false|cudagraphs]
 
 Two workloads with the same prompts and the same total of new tokens (ignore_eos, so every prompt
 makes exactly its max_new_tokens):
@@ -19,8 +19,12 @@ the issue asks for: rows varied / rows equal (target >= 0.85) and rows varied / 
 varied (target >= 1.8). The issue measures that last one against "today's schedule on the commit
 before the change": --before (default bc56911, the last commit before row-level refill) runs the
 varied workload once more on that commit's batch runner (git archive), and the report adds rows
-varied / before. Every cell's output ids are compared with the rows schedule's on the same
-workload (greedy: any difference is a bug; exit 1).
+varied / before. The rows schedule runs the varied workload once more with packed_prefill false
+(each visit's prefills in forwards of their own, not in its decode's: load/packed.py), reported as
+packed / separate (not with --smoke). Every cell's output ids are compared with the rows
+schedule's on the same workload (greedy: any difference is a bug; exit 1).
+--compile: the runner's `compile` for every cell (its default "auto" compiles CUDA stages, which
+then run their prefills apart; bench/gpu_check.sh passes false to measure packing on a GPU).
 --workload eos (or both): the demo instruct checkpoint (float32) answers --eos-prompts chat requests
 until EOS (at most --eos-max-new tokens); "equal" is the same requests with the rows schedule's
 total spread evenly (ignore_eos). A near-tie may flip a token between the schedules' batch shapes
@@ -50,6 +54,7 @@ from pipeinfer.models.tiny import make_model  # noqa: E402
 # The commit before row-level refill (ce033ae): micro-batches that keep their slot until their longest
 # row ends, with per-prompt max_new_tokens already (976da4d): "today's schedule" of issue #23.
 BEFORE, BEFORE_WHAT = "bc56911", "the engine, before row-level refill"
+COMMON: dict = {}  # config keys every cell runs with (--compile)
 
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=512)
@@ -86,6 +91,7 @@ def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule:
                schedule=schedule, ignore_eos=ignore_eos, device=device, dtype=dtype,
                output_path=os.path.join(work, f"{tag}.out.jsonl"),
                offload_folder=os.path.join(work, "offload"), timeout_s=600, progress=False)
+    cfg.update(COMMON)
     cfg.update(extra or {})
     if entry:
         del cfg["schedule"]
@@ -279,6 +285,9 @@ def main() -> int:
                          "in equal lengths; both; stall: long prompts joining rows that decode, their prefill whole "
                          "against in chunks of --chunk (the others' longest gap between tokens)")
     ap.add_argument("--chunk", type=int, default=64, help="--workload stall: prefill_chunk_size (default 64)")
+    ap.add_argument("--compile", choices=("auto", "true", "false", "cudagraphs"), default=None,
+                    help="the runner's `compile` for every cell (default: its own, \"auto\": on for CUDA, where a "
+                         "compiled stage runs its prefills apart; false runs them packed into the decode forward)")
     ap.add_argument("--eos-model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
     ap.add_argument("--eos-prompts", type=int, default=40)
     ap.add_argument("--eos-max-new", type=int, default=256)
@@ -288,6 +297,8 @@ def main() -> int:
                          "'none' skips it (the default with --smoke)")
     args = ap.parse_args()
     smoke = args.smoke
+    if args.compile is not None:
+        COMMON["compile"] = {"true": True, "false": False}.get(args.compile, args.compile)
     n = args.prompts or (8 if smoke else 96)
     lo, hi = (4, 16) if smoke else (4, 256)
     pps, batches = [1, 2], ([4] if smoke else [8, 32])

@@ -13,8 +13,10 @@
 #    batch 1 and 8, against generate() (a difference fails the cell); the stage records hold the compile time;
 # 3c. continuous cell (bench/continuous.py, quick form): the rows schedule against micro_batches on 32
 #    prompts of long-tailed lengths, pipeline_size 1 and 2, batch 8; the schedules' greedy tokens must agree
-#    (--before none: this copy of the tree may have no git history); then its stall workload at pipeline_size 1:
-#    440-token prompts joining rows that decode, whole prefill against prefill_chunk_size 64, tokens equal;
+#    (--before none: this copy of the tree may have no git history), and the rows schedule with each visit's
+#    prefills in forwards of their own against packed into the decode forward (load/packed.py, the CUDA path of
+#    packed prefill: --compile false, since a compiled stage runs its prefills apart); then its stall workload at
+#    pipeline_size 1: 440-token prompts joining rows that decode, whole prefill against prefill_chunk_size 64;
 # 4. the benchmark (bench/throughput.py --device cuda; compile "auto", which is on for CUDA): generate()
 #    against the runner at pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
 #    over 32 prompts x 32 new tokens, with the weight bandwidth at batch 1 against a measured copy.
@@ -78,14 +80,14 @@ for c in false true cudagraphs; do  # compile off, on, on with CUDA graphs: toke
     bench compiled_$c 60 --only pp1 --dtype float32 --batch-sizes 1,8 --prompts 8 --tokens 32 --compile $c \
         --fail-fast --cell-timeout 50 || crc=$?
 done
-echo "+ python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none"
+echo "+ python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none --compile false"
 # SIGINT, not SIGTERM, at the cut: the script's own cleanup then stops the cell's rank processes
-timeout -s INT 90 python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none \
+timeout -s INT 120 python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none --compile false \
     --workdir "$work/continuous" --json "$out/continuous_gpu.json" 2>&1 | grep --line-buffered -v "it/s]" \
     | tee "$out/continuous_gpu.log"
 brc=${PIPESTATUS[0]}
-echo "+ python3 bench/continuous.py --device cuda --workload stall --pipeline-sizes 1"
-timeout -s INT 60 python3 bench/continuous.py --device cuda --workload stall --pipeline-sizes 1 \
+echo "+ python3 bench/continuous.py --device cuda --workload stall --pipeline-sizes 1 --compile false"
+timeout -s INT 60 python3 bench/continuous.py --device cuda --workload stall --pipeline-sizes 1 --compile false \
     --workdir "$work/continuous" --json "$out/stall_gpu.json" 2>&1 | grep --line-buffered -v "it/s]" \
     | tee "$out/stall_gpu.log"
 src=${PIPESTATUS[0]}

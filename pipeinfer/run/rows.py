@@ -1,4 +1,6 @@
 """Row-level refill: a finished prompt frees its row at once and the next waiting prompt takes it.
+(Over 300 lines: the first stage's decisions, the other stages' checks and one visit's compute
+share the slot state, and read best side by side.)
 
 The batch_size rows are split into slots (config.micro_batching), each with one KV cache per stage
 whose rows are independent prompts: row r holds its prompt's positions contiguously at the end of
@@ -21,15 +23,12 @@ decode at which position, which prompts join, the cache length), before its fram
 Decode and join run in the same visit, so new rows' prefill interleaves with the others' decode,
 in the same forward (load/packed.py: one pass over the stage's weights, each prompt attending to its
 own cache; the header's "packed"); the frame carries the decode hidden states then the prefill's
-(packed: every prompt's own positions, unpadded; else the joiners left-padded among themselves). The last stage samples each active
-row with its own generator and parameters, decides its stop code, and sends (R,) tokens and codes
-back; the first stage cuts each row at its own max_new_tokens or stop and hands the prompt back at
-once. Every stage checks the header against its own copy of the slots (row counts, rows kept and
+(packed: every prompt's own positions, unpadded; else the joiners left-padded among themselves).
+The last stage samples each active row with its own generator and parameters, decides its stop
+code, and sends (R,) tokens and codes back; the first stage cuts each row at its own
+max_new_tokens or stop and hands the prompt back at once. Every stage checks the header against its own copy of the slots (row counts, rows kept and
 moved, cache length, positions): a disagreement is a PipelineProtocolError. Only plain append-only
 KV layers qualify (plan.model.plain_rows); other families use generation.py's schedule.
-
-Over 300 lines: the first stage's decisions, the other stages' checks and one visit's compute
-share the slot state, and read best side by side.
 """
 
 from __future__ import annotations
@@ -388,7 +387,8 @@ class RowSchedule:
             R, J, H = s.size, len(whole), self.H
             if head["packed"]:  # (N, H): the rows' positions, each whole joiner's, each chunk's
                 n = (R if head["decode"] else 0) + sum(len(j["ids"]) for j in whole + head["chunks"])
-                frame, _ = self.comm.recv_hidden((n * H,), self.dtype, f"waiting for slot {head['slot']}'s hidden states")
+                frame, _ = self.comm.recv_hidden((n * H,), self.dtype,
+                                                 f"waiting for slot {head['slot']}'s hidden states")
                 self._visit_packed(s, head, frame.view(1, n, H))
                 continue
             T = max((len(j["ids"]) for j in whole), default=0)
@@ -472,20 +472,13 @@ class RowSchedule:
         visit ran chunks only: no row has a token)."""
         stage, comm, gp = self.stage, self.comm, self.gp
         dev = comm.device
-        if head["drop"]:
-            drop_left(s.cache, head["drop"])
-            s.mask = s.mask[:, head["drop"]:]
+        mask = self._begin(s, head)
         outs, join_outs, dec_logits, join_logits, join_lp = [], [], None, None, None
         with comm.timeline.span("decode" if head["decode"] else "prefill"):
             if head["decode"]:
-                mask = torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=dev)], dim=1)
                 pos = torch.tensor(s.pos, device=dev)[:, None]  # every row decodes: the slot holds live rows only
                 out = stage(x_dec.to(dev), None if bool(mask.all()) else mask, pos, s.cache)  # (R, 1, H) | (R, V)
-                s.mask = mask
-                for r in head["decode"]:
-                    s.pos[r] += 1
-                self.rows_computed += s.size
-                self.kv_positions_max = max(self.kv_positions_max, s.length)
+                self._decoded(s, head, mask)
                 if comm.is_last:
                     dec_logits = out
                 else:
@@ -518,16 +511,10 @@ class RowSchedule:
                 if c.cache is None:
                     c.cache = stage.new_cache(capacity=c.n)
                 out = stage(x.to(dev), None, torch.arange(c.done, c.done + n, device=dev)[None], c.cache)
-                c.done += n
-                self.rows_computed += n
-                self.chunks_run += 1
                 if not comm.is_last:
                     outs.append(out.reshape(-1))
-                if c.done == c.n:  # its last chunk: a row like the joiners', its first token sampled now
-                    s.chunked.remove(c)
-                    self._place(s, c.cache, [next(finals)], [c.n])
-                    if comm.is_last:
-                        join_outs.append(out)
+                if self._chunk_ran(s, c, n, finals) and comm.is_last:  # its first token is sampled now
+                    join_outs.append(out)
             if join_outs:
                 join_logits = torch.cat(join_outs)  # (J, V) in head["join"]'s order
         return self._visited(s, head, outs, dec_logits, join_logits, join_lp)
@@ -538,13 +525,10 @@ class RowSchedule:
         x (1, N) token ids or (1, N, H) hidden states, in that order (load/packed.py)."""
         stage, comm = self.stage, self.comm
         dev = comm.device
-        if head["drop"]:
-            drop_left(s.cache, head["drop"])
-            s.mask = s.mask[:, head["drop"]:]
+        mask = self._begin(s, head)
         segments, pos, at = [], [], []  # at: the positions whose logits the last stage samples from
-        mask, R = None, s.size if head["decode"] else 0
+        R = s.size if head["decode"] else 0
         if head["decode"]:
-            mask = torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=dev)], dim=1)
             segments.append(Segment(s.cache, s.size, s.size, None if bool(mask.all()) else mask))
             pos += s.pos
             at += range(s.size)
@@ -567,25 +551,46 @@ class RowSchedule:
                                  at if comm.is_last else None)
             self.packed_visits += 1
             if head["decode"]:
-                s.mask = mask
-                for r in head["decode"]:
-                    s.pos[r] += 1
-                self.rows_computed += s.size
-                self.kv_positions_max = max(self.kv_positions_max, s.length)
+                self._decoded(s, head, mask)
             for j, seg in whole:
                 self._place(s, seg.cache, [j], [seg.n])
                 self.rows_computed += seg.n
             finals = iter(j for j in head["join"] if j.get("chunked"))
             for c, n in chunked:
-                c.done += n
-                self.rows_computed += n
-                self.chunks_run += 1
-                if c.done == c.n:  # its last chunk: a row like the joiners'
-                    s.chunked.remove(c)
-                    self._place(s, c.cache, [next(finals)], [c.n])
+                self._chunk_ran(s, c, n, finals)
         if not comm.is_last:
             return self._visited(s, head, [out.reshape(-1)], None, None, None)
         return self._visited(s, head, [], out[:R] if head["decode"] else None, out[R:] if head["join"] else None, None)
+
+    def _begin(self, s: _Slot, head: dict) -> torch.Tensor | None:
+        """A visit's first edit: drop the positions no row attends to; the decode step's (R, L + 1)
+        mask, the new column masked in (None without decode rows)."""
+        if head["drop"]:
+            drop_left(s.cache, head["drop"])
+            s.mask = s.mask[:, head["drop"]:]
+        if not head["decode"]:
+            return None
+        return torch.cat([s.mask, torch.ones(s.size, 1, dtype=s.mask.dtype, device=s.mask.device)], dim=1)
+
+    def _decoded(self, s: _Slot, head: dict, mask: torch.Tensor) -> None:
+        """After the decode step: every row one position longer."""
+        s.mask = mask
+        for r in head["decode"]:
+            s.pos[r] += 1
+        self.rows_computed += s.size
+        self.kv_positions_max = max(self.kv_positions_max, s.length)
+
+    def _chunk_ran(self, s: _Slot, c: _Chunked, n: int, finals: Iterator[dict]) -> bool:
+        """After a prompt's chunk of n positions; its last makes it a row like the joiners' (True),
+        taking the next of the visit's join entries that say "chunked"."""
+        c.done += n
+        self.rows_computed += n
+        self.chunks_run += 1
+        if c.done < c.n:
+            return False
+        s.chunked.remove(c)
+        self._place(s, c.cache, [next(finals)], [c.n])
+        return True
 
     def _visited(self, s: _Slot, head: dict, outs: list, dec_logits, join_logits, join_lp):
         """After a visit's compute: send its frame on, or sample (last stage); the token message on the first stage."""
