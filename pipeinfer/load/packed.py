@@ -44,9 +44,10 @@ class _Router(DynamicCache):
     """The cache the packed forward hands the family's code: each layer's update() goes to the
     segments' own caches, and what they return waits for the attention function (_attention)."""
 
-    def __init__(self, segments: list[Segment]):
+    def __init__(self, segments: list[Segment], device: torch.device):
         super().__init__()
         self.segments, self.kv = segments, {}
+        self.masks = [_mask(seg, device) for seg in segments]  # the same in every layer
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         out, off = [], 0
@@ -63,6 +64,18 @@ class _Router(DynamicCache):
         return 0  # position_ids and a 4-D mask are always given: nothing reads it
 
 
+def _mask(seg: Segment, device: torch.device) -> torch.Tensor | None:
+    """What a forward of the segment alone would hand sdpa: the rows' (R, 1, 1, L) mask (None when
+    every row sees every position), or, for a sequence, causal over its cache and itself (None
+    when its cache is empty: sdpa's is_causal)."""
+    if seg.rows:
+        return None if seg.mask is None else seg.mask.bool()[:, None, None, :]
+    past = seg.cache.get_seq_length()
+    if not past:
+        return None
+    return torch.ones(seg.n, past + seg.n, dtype=torch.bool, device=device).tril(past)[None, None]
+
+
 def _attention(module, query, key, value, attention_mask, **kwargs):
     """The registered attention function: the configured one (sdpa), segment by segment."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -72,16 +85,10 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     # GPT-2 passes is_causal from the packed forward's mask; each segment's is its own (from its mask, as alone)
     kwargs.pop("is_causal", None)
     outs, off = [], 0
-    for seg, (k, v) in zip(router.segments, router.kv.pop(module.layer_idx)):
+    for seg, mask, (k, v) in zip(router.segments, router.masks, router.kv.pop(module.layer_idx)):
         q = query[:, :, off:off + seg.n]  # (1, heads, n, d)
         if seg.rows:
             q = q[0].transpose(0, 1)[:, :, None]  # (R, heads, 1, d)
-            mask = None if seg.mask is None else seg.mask.bool()[:, None, None, :]  # (R, 1, 1, L)
-        else:
-            past = k.shape[-2] - seg.n
-            # causal over the segment's own cache; none when it is the whole sequence (sdpa's is_causal, as alone)
-            mask = None if not past else torch.ones(seg.n, past + seg.n, dtype=torch.bool,
-                                                    device=q.device).tril(past)[None, None]
         o, _ = inner(module, q, k, v, mask, **kwargs)  # (B, n, heads, d)
         outs.append(o.reshape(1, -1, *o.shape[2:]))
         off += seg.n
@@ -115,11 +122,12 @@ def packed_forward(stage, x: torch.Tensor, position_ids: torch.Tensor, segments:
     if PACKED not in AttentionInterface._global_mapping:
         AttentionInterface.register(PACKED, _attention)
     configs = _attention_configs(stage)
-    router = _Router(segments)
+    router = _Router(segments, x.device)
     router.inner = configs[0]._attn_implementation
     n = x.shape[1]
-    # a 4-D mask is passed on as it is (the mask builders skip it); _attention makes its own per segment
-    mask = torch.zeros(1, 1, n, n, dtype=torch.bool, device=x.device)
+    # a 4-D mask is passed on as it is (the mask builders skip it) and never read (_attention has its
+    # own per segment): a view of one element, not N x N bytes
+    mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=x.device).expand(1, 1, n, n)
     _state.router = router
     try:
         for c in configs:
