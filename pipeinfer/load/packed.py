@@ -14,7 +14,9 @@ writes each segment's new keys and values into the segment's own cache; the func
 family's configured attention (sdpa; other implementations are not packed) segment by segment, as a
 forward of that segment alone would run it: a slot's rows as a batch of one position each under
 their (R, L) mask, and a prompt causally over its own cache. Nothing is recomputed or copied: the
-caches are the ones the visit would have used, and the attention calls are the same.
+slot's and the chunked prompts' caches are the ones the visit would have used (each whole joiner
+gets one of its own, where the visit apart left-pads them into one), and attention runs as it runs
+for each segment alone.
 """
 
 from __future__ import annotations
