@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 
 PACKED = "pipeinfer_packed"
@@ -46,9 +47,9 @@ class _Router(DynamicCache):
     """The cache the packed forward hands the family's code: each layer's update() goes to the
     segments' own caches, and what they return waits for the attention function (_attention)."""
 
-    def __init__(self, segments: list[Segment], device: torch.device):
+    def __init__(self, segments: list[Segment], inner: str, device: torch.device):
         super().__init__()
-        self.segments, self.kv = segments, {}
+        self.segments, self.inner, self.kv = segments, inner, {}  # inner: the configured attention (sdpa)
         self.masks = [_mask(seg, device) for seg in segments]  # the same in every layer
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -119,13 +120,8 @@ def packed_forward(stage, x: torch.Tensor, position_ids: torch.Tensor, segments:
     """x: (1, N) token ids on the first stage, else (1, N, H) hidden states, the segments' positions
     one after another; position_ids (1, N). Returns (1, N, H) hidden states, or on the last stage
     the (len(at), V) float32 logits of positions `at`. Each segment's cache gains its positions."""
-    from transformers import AttentionInterface
-
-    if PACKED not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED, _attention)
     configs = _attention_configs(stage)
-    router = _Router(segments, x.device)
-    router.inner = configs[0]._attn_implementation
+    router = _Router(segments, configs[0]._attn_implementation, x.device)
     n = x.shape[1]
     # a 4-D mask is passed on as it is (the mask builders skip it) and never read (_attention has its
     # own per segment): a view of one element, not N x N bytes
@@ -142,3 +138,6 @@ def packed_forward(stage, x: torch.Tensor, position_ids: torch.Tensor, segments:
     if stage.head is None:
         return hidden
     return stage.head(hidden[0, at]).float()
+
+
+AttentionInterface.register(PACKED, _attention)

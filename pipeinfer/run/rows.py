@@ -26,9 +26,10 @@ own cache; the header's "packed"); the frame carries the decode hidden states th
 (packed: every prompt's own positions, unpadded; else the joiners left-padded among themselves).
 The last stage samples each active row with its own generator and parameters, decides its stop
 code, and sends (R,) tokens and codes back; the first stage cuts each row at its own
-max_new_tokens or stop and hands the prompt back at once. Every stage checks the header against its own copy of the slots (row counts, rows kept and
-moved, cache length, positions): a disagreement is a PipelineProtocolError. Only plain append-only
-KV layers qualify (plan.model.plain_rows); other families use generation.py's schedule.
+max_new_tokens or stop and hands the prompt back at once. Every stage checks the header against
+its own copy of the slots (row counts, rows kept and moved, cache length, positions, packing): a
+disagreement is a PipelineProtocolError. Only plain append-only KV layers qualify
+(plan.model.plain_rows); other families use generation.py's schedule.
 """
 
 from __future__ import annotations
@@ -202,8 +203,7 @@ class RowSchedule:
             finals = [c for c, n in chunks if n and c.done + n == c.n]  # its last chunk makes it a joiner
             # joiners take rows after the live ones: the whole prompts, then those whose last chunk runs now
             joins = [(s.size + j, i, p) for j, (i, p) in enumerate(whole + [(c.index, c.prompt) for c in finals])]
-            packed = self.pack and bool(whole or any(n for _, n in chunks))
-            head = self._header(k, s, decode, joins, shape, chunks, packed)
+            head = self._header(k, s, decode, joins, shape, chunks)
             self._announce(head)
             began = {c.index: c.t0 for c in finals}
             for r, i, p in joins:
@@ -212,7 +212,7 @@ class RowSchedule:
                                      began.get(i) or time.perf_counter()))
             dev = self.comm.device
             last = [s.firsts[r].tokens[-1] for r in decode]
-            if packed:  # the rows' last tokens, the whole joiners' prompts, then the chunks: (1, N)
+            if head["packed"]:  # the rows' last tokens, the whole joiners' prompts, then the chunks: (1, N)
                 ids = last + [t for _, p in whole for t in p.ids] + [t for c in head["chunks"] for t in c["ids"]]
                 local = self._visit_packed(s, head, torch.tensor(ids, dtype=torch.long, device=dev)[None])
             else:
@@ -290,15 +290,14 @@ class RowSchedule:
         s.mask = torch.zeros(0, 0, dtype=torch.long, device=self.comm.device)
         s.pos, s.rows, s.firsts, s.tails = [], [], [], []
 
-    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict, chunks: list,
-                packed: bool) -> dict:
+    def _header(self, k: int, s: _Slot, decode: list[int], joins: list, shape: dict, chunks: list) -> dict:
         first = min((int(s.mask[r].nonzero()[0]) for r in decode if s.mask[r].any()), default=s.length)
         # Drop what no live row attends to once there is enough of it, and always before the slot's cache
         # would outgrow the plan's capacity (a row spans at most prompt + max_new_tokens - 1 positions
         # before its last decode, so there is then something to drop; growing would double the cache).
         drop = first if first >= COMPACT or s.length + 1 > self.capacity else 0
         last = {c.index for c, n in chunks if n and c.done + n == c.n}
-        return {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode, "packed": packed,
+        head = {"kind": "visit", "slot": k, **shape, "L": s.length, "drop": drop, "decode": decode,
                 "pos": [s.pos[r] for r in decode],
                 "join": [{"row": r, "index": i, "ids": p.ids, "next": p.score_next,
                           "stops": [list(p.stops.strings), list(p.stops.token_ids)],
@@ -306,6 +305,13 @@ class RowSchedule:
                                      p.limits.seed], **({"chunked": True} if i in last else {})} for r, i, p in joins],
                 "chunks": [{"index": c.index, "start": c.done, "n": c.n, "ids": c.prompt.ids[c.done:c.done + n]}
                            for c, n in chunks]}
+        head["packed"] = self._packs(head)
+        return head
+
+    def _packs(self, head: dict) -> bool:
+        """Whether a visit runs its prefills in its decode's forward: when this stage packs
+        (load/packed.py) and the visit has a whole joiner or a chunk with positions."""
+        return self.pack and (any(not j.get("chunked") for j in head["join"]) or any(c["ids"] for c in head["chunks"]))
 
     def _receive(self, k: int, head: dict, local, make) -> Iterator[tuple[Batch, BatchResult]]:
         """A visit's token message: each active row's token; a row that finished is handed back."""
@@ -448,7 +454,7 @@ class RowSchedule:
             problems.append(f"positions {head['pos']} (this stage has {s.pos})")
         joined = [j["row"] for j in head["join"]]
         under_way = len(chunks) - len(finals)  # prompts that keep a place for their next chunks
-        packs = self.pack and (any(not j.get("chunked") for j in head["join"]) or any(c["ids"] for c in chunks))
+        packs = self._packs(head)
         if head["packed"] != packs:
             problems.append(f"a {'packed' if head['packed'] else 'separate'} prefill (this stage's would be "
                             f"{'packed' if packs else 'separate'})")
