@@ -3,6 +3,7 @@
     python bench/continuous.py [--smoke] [--json results/continuous.json] [--device cuda]
                                [--pipeline-sizes 2] [--batch-sizes 8,32] [--repeat 2] [--workload eos]
                                [--before REV|none] [--compile auto|true|false|cudagraphs]
+                               [--vllm-python /work/venv-vllm/bin/python]
 
 Two workloads with the same prompts and the same total of new tokens (ignore_eos, so every prompt
 makes exactly its max_new_tokens):
@@ -30,12 +31,18 @@ until EOS (at most --eos-max-new tokens); "equal" is the same requests with the 
 total spread evenly (ignore_eos). A near-tie may flip a token between the schedules' batch shapes
 there, so differences are counted and printed, not an error.
 --repeat N: the cells of a pair round-robin N times, each reporting its best run (and all runs).
+--vllm-python PY: each cell's requests also run on vLLM's CPU build (bench/vllm_peer.py; its own
+environment: ../shared/notes/vllm-cpu.md), at the lengths the rows schedule made (ignore_eos) and
+at the equal ones, max_num_seqs = batch_size: what the field's engine makes of the same queue.
+Every cell also prints the ratios a step count gives (every step costing the same, first come first
+served: what the queue's drain alone leaves; step_ratios()).
 --smoke: a tiny model, few prompts, 4..16 tokens, pp 1 and 2 at batch 4 (tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import random
@@ -48,6 +55,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from throughput import SHAPE, launch_runner, make_prompts  # noqa: E402
+from vllm_peer import run_vllm, vllm_problem  # noqa: E402
 
 from pipeinfer.models.tiny import make_model  # noqa: E402
 
@@ -117,6 +125,54 @@ def run_cell(model: str, work: str, prompts: list, max_new: list[int], schedule:
         # beyond each prompt's own positions once: decode rows, padding, idle rows
         got["extra_rows_per_useful_token"] = (rows - prompt_tokens) / useful
     return got
+
+
+def vllm_cell(python: str, model: str, prompts: list, varied: list[int], equal: list[int], pp: int, batch: int,
+              work: str, tag: str, repeat: int) -> dict:
+    """The same requests on vLLM's CPU build (bench/vllm_peer.py) with max_num_seqs = batch_size and
+    pipeline_parallel_size = pp, its prefix cache off (the runner has none): the varied lengths (the
+    rows schedule's own, every request made exactly that long with ignore_eos) against the equal ones,
+    after a warm-up round of the varied (vLLM compiles its model at the first call), the best of
+    `repeat` rounds each. What vLLM's own continuous batching makes of the same queue."""
+    from pipeinfer.run.chat import encode, render
+    from pipeinfer.run.prompts import load_tokenizer
+
+    tok = load_tokenizer(model)
+    ids = [encode(tok, p, rendered=False) if isinstance(p, str) else
+           encode(tok, render(tok, p, None, None, f"prompt {i}"), rendered=True) for i, p in enumerate(prompts)]
+    calls = [dict(name="varied", prompts=ids, max_tokens=varied, timed=False)]
+    for _ in range(repeat):
+        calls += [dict(name="varied", prompts=ids, max_tokens=varied), dict(name="equal", prompts=ids, max_tokens=equal)]
+    spec = dict(model=model, dtype="float32", stages=pp, max_model_len=512, calls=calls,
+                llm=dict(max_num_seqs=batch, enable_prefix_caching=False))
+    got = run_vllm(python, spec, work, f"{tag}vllm-pp{pp}-b{batch}", 3600)
+    if "error" in got:
+        return got
+    for name, want in (("varied", varied), ("equal", equal)):
+        made = [[len(o) for o in r["output_ids"]] for r in got[name]]
+        if any(m != want for m in made):
+            return {"error": f"vLLM's {name} run made other lengths than asked (ignore_eos)"}
+    runs = {k: [r["tokens_per_s"] for r in got[k]] for k in ("varied", "equal")}
+    return {"varied_tokens_per_s": max(runs["varied"]), "equal_tokens_per_s": max(runs["equal"]),
+            "varied_over_equal": max(runs["varied"]) / max(runs["equal"]), "runs_tokens_per_s": runs}
+
+
+def step_ratios(lengths: list[int], equal: list[int], batch: int) -> dict:
+    """The ratios if every step cost the same whatever its rows (a model, not a measurement: on this
+    CPU a step is mostly one pass over the weights, so its cost grows slowly with its rows). The
+    steps first-come-first-served row refill takes on these lengths, one token a row a step, against
+    the equal lengths' and against micro-batches of `batch` consecutive prompts that keep their rows
+    until the longest ends. Where the varied run is steps short of the equal one, the drain of the
+    queue costs them, whatever the engine; no scheduler that keeps the prompts' order does better."""
+    def fcfs(ls: list[int]) -> int:
+        free = [0] * batch
+        for n in ls:
+            heapq.heappush(free, heapq.heappop(free) + n)
+        return max(free)
+
+    rows = fcfs(lengths)
+    micro = sum(max(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
+    return {"varied_over_equal": fcfs(equal) / rows, "rows_over_micro_batches": micro / rows}
 
 
 def steady_rate(prompts: list[dict]) -> float | None:
@@ -241,6 +297,13 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
         row["rows_over_before"] = row["rows_varied"]["tokens_per_s"] / row["before_varied"]["tokens_per_s"]
         before += (f"; the commit before {row['before_varied']['tokens_per_s']:.1f} tok/s, rows/before "
                   f"{row['rows_over_before']:.2f}" + (f" ({differ_before} prompts differ)" if differ_before else ""))
+    steps = row["if_steps_cost_alike"]
+    before += (f"; if every step cost the same: varied/equal {steps['varied_over_equal']:.2f}, rows/micro_batches "
+               f"{steps['rows_over_micro_batches']:.2f}")
+    if "vllm" in row and "error" not in row["vllm"]:
+        v = row["vllm"]
+        before += (f"; vLLM on the same lengths: varied {v['varied_tokens_per_s']:.1f} tok/s, equal "
+                   f"{v['equal_tokens_per_s']:.1f}, varied/equal {v['varied_over_equal']:.2f}")
     for k in cells:
         row[k].pop("output_ids")
         row[k].pop("prompt_records")
@@ -295,8 +358,18 @@ def main() -> int:
                     help="also run the varied workload on this commit's batch runner (git archive of this "
                          f"repository), the schedule before row-level refill: default {BEFORE} ({BEFORE_WHAT}); "
                          "'none' skips it (the default with --smoke)")
+    ap.add_argument("--vllm-python", default=None,
+                    help="also run each cell's requests, at the rows schedule's own lengths, on vLLM's CPU build with "
+                         "this interpreter (../shared/notes/vllm-cpu.md): its varied / equal on the same queue")
     args = ap.parse_args()
     smoke = args.smoke
+    vllm_python = None
+    if args.vllm_python:
+        if skip := vllm_problem(args.vllm_python):
+            print(f"error: {skip}: pass an interpreter with vLLM's CPU build (../shared/notes/vllm-cpu.md)",
+                  file=sys.stderr)
+            return 2
+        vllm_python = args.vllm_python
     if args.compile is not None:
         COMMON["compile"] = {"true": True, "false": False}.get(args.compile, args.compile)
     n = args.prompts or (8 if smoke else 96)
@@ -370,6 +443,14 @@ def main() -> int:
                                 row[name] = got
                             row[name]["runs_tokens_per_s"] = runs
                 if all(k in row and "error" not in row[k] for k, _, _, _ in kinds):
+                    made = row["rows_varied"]["output_ids"]
+                    made = [len(made[i]) for i in range(len(wprompts))]  # eos: where each answer ended
+                    row["if_steps_cost_alike"] = step_ratios(made, wequal, batch)
+                    if vllm_python:
+                        row["vllm"] = vllm_cell(vllm_python, wmodel, wprompts, made, wequal, pp, batch, work, tag,
+                                                args.repeat)
+                        if "error" in row["vllm"]:
+                            bad.append(f"{tag}vLLM pp{pp} b{batch}: {row['vllm']['error']}")
                     report(row, tag, bad, wvaried if wignore else None, args.repeat)
     result = {"prompts": n, "before": before, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
               "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,

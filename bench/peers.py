@@ -28,84 +28,32 @@ batch 8.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+import tempfile
 
-
-def vllm_worker(spec_path: str) -> int:
-    """Runs under the vLLM interpreter: one LLM, every batch size timed after a warm-up generate()."""
-    from vllm import LLM, SamplingParams
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    kw = dict(pipeline_parallel_size=2, distributed_executor_backend="mp") if spec["stages"] == 2 else {}
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0, **kw)
-    params = SamplingParams(max_tokens=spec["tokens"], temperature=0, ignore_eos=True)
-    results = {}
-    for b in spec["batch_sizes"]:
-        llm.generate([spec["prompt"]] * b, params, use_tqdm=False)  # the first call compiles (per shape)
-        t = time.perf_counter()
-        out = llm.generate([spec["prompt"]] * b, params, use_tqdm=False)
-        wall = time.perf_counter() - t
-        new = sum(len(o.outputs[0].token_ids) for o in out)
-        results[b] = {"tokens_per_s": new / wall, "new_tokens": new, "wall_s": wall,
-                      "output_ids": [list(o.outputs[0].token_ids) for o in out]}
-    with open(spec["out"], "w") as f:
-        json.dump(results, f)
-    return 0
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--vllm-worker":
-    sys.exit(vllm_worker(sys.argv[2]))  # before the imports below: the vLLM environment lacks this project's
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from throughput import Contention, run_runner, run_tf_pp, runner_config, tail, time_generate  # noqa: E402
+from throughput import Contention, run_runner, run_tf_pp, runner_config, time_generate  # noqa: E402
+from vllm_peer import run_vllm, vllm_problem  # noqa: E402
 
 PROMPT = "Explain in two sentences why pipeline parallel inference needs micro-batches to keep every stage busy."
 RUNNER = {"pp1": (1, False), "pp1c": (1, True), "pp2": (2, False), "pp2c": (2, True)}
 
 
-def run_vllm(python: str, spec: dict, stages: int, work: str, timeout: float) -> dict:
-    spec = dict(spec, stages=stages, out=os.path.join(work, f"vllm{stages}.json"), max_model_len=512)
-    path = os.path.join(work, f"vllm{stages}.spec.json")
-    with open(path, "w") as f:
-        json.dump(spec, f)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0" if stages == 1 else "0|1",
-               OMP_NUM_THREADS="1", PYTHONPATH="")
-    log = os.path.join(work, f"vllm{stages}.log")
-    try:
-        with open(log, "w") as f:
-            rc = subprocess.run([python, os.path.abspath(__file__), "--vllm-worker", path], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=work).returncode
-    except subprocess.TimeoutExpired:
-        return {"error": f"vLLM ran past {timeout:g}s: {tail(log)}"}
-    if rc or not os.path.exists(spec["out"]):
-        return {"error": f"vLLM exit {rc}: {tail(log)}"}
-    with open(spec["out"]) as f:
-        return {int(b): r for b, r in json.load(f).items()}
-
-
-def vllm_problem(python: str | None) -> str | None:
-    """Why the vLLM columns are skipped, or None when the interpreter imports vllm."""
-    if not python:
-        return "no --vllm-python given"
-    try:
-        res = subprocess.run([python, "-c", "import vllm, sys; print(vllm.__version__)"], capture_output=True,
-                             text=True, timeout=300, env=dict(os.environ, PYTHONPATH=""))
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{python} does not run: {e}"
-    return None if res.returncode == 0 else f"{python} cannot import vllm: {res.stderr.strip().splitlines()[-1:]}"
+def vllm_cell(python: str, spec: dict, stages: int, work: str, timeout: float) -> dict:
+    """Every batch size on one vLLM LLM: the same prompt in each row, a warm-up call then a timed one."""
+    b_calls = [dict(name=str(b), prompts=[spec["prompt"]] * b, max_tokens=[spec["tokens"]] * b, timed=timed)
+               for b in spec["batch_sizes"] for timed in (False, True)]
+    got = run_vllm(python, dict(model=spec["model"], dtype=spec["dtype"], stages=stages, max_model_len=512,
+                                calls=b_calls), work, f"vllm{stages}", timeout)
+    return got if "error" in got else {int(b): runs[0] for b, runs in got.items()}
 
 
 def spread(values: list[float]) -> str:
@@ -168,7 +116,7 @@ def main() -> int:
     for rnd in range(1, args.rounds + 1):
         for c in [c for c in columns if c.startswith("vllm") or c == "tf_pp2"]:  # all batch sizes in one launch
             with Contention() as busy:
-                got = run_vllm(args.vllm_python, spec, 1 if c == "vllm_1" else 2, work, args.timeout) \
+                got = vllm_cell(args.vllm_python, spec, 1 if c == "vllm_1" else 2, work, args.timeout) \
                     if c != "tf_pp2" else run_tf_pp(args.model, {b: [PROMPT] * b for b in batch_sizes}, batch_sizes,
                                                     args.tokens, work, args.timeout, args.dtype)
             for b in batch_sizes:

@@ -99,6 +99,22 @@ def test_continuous_smoke_runs_and_rows_waste_less(tmp_path):
         assert c["rows_varied"]["new_tokens"] == c["rows_equal"]["new_tokens"] == result["total_new_tokens"]
         assert c["rows_varied"]["extra_rows_per_useful_token"] < c["micro_varied"]["extra_rows_per_useful_token"]
         assert c["rows_varied"]["max_prompts_in_flight"] <= 4
+        # refilled rows never take more steps than micro-batches waiting for their longest row
+        assert c["if_steps_cost_alike"]["rows_over_micro_batches"] >= 1.0
+
+
+def test_continuous_step_ratios_count_the_drain():
+    """step_ratios(): first-come-first-served refill of 2 rows on lengths 4, 1, 1, 1 ends at step 4
+    (the 4 in one row, the three 1s after each other in the other), as the equal lengths 2, 2, 2, 1
+    do; micro-batches of two consecutive prompts take 4 + 1 steps."""
+    spec = importlib.util.spec_from_file_location("continuous", os.path.join(BENCH, "continuous.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.step_ratios([4, 1, 1, 1], [2, 2, 2, 1], 2) == {"varied_over_equal": 1.0,
+                                                              "rows_over_micro_batches": 1.25}
+    # the long prompt last: its 8 steps start once the four 1s are done (step 2) and end at 10, while
+    # the equal lengths end at 7 (3 + 2 + 2 in one row)
+    assert mod.step_ratios([1, 1, 1, 1, 8], [3, 3, 2, 2, 2], 2)["varied_over_equal"] == 7 / 10
 
 
 def test_continuous_before_cell_and_stall_workload(tmp_path):
