@@ -157,22 +157,25 @@ def vllm_cell(python: str, model: str, prompts: list, varied: list[int], equal: 
             "varied_over_equal": max(runs["varied"]) / max(runs["equal"]), "runs_tokens_per_s": runs}
 
 
-def step_ratios(lengths: list[int], equal: list[int], batch: int) -> dict:
+def step_ratios(lengths: list[int], equal: list[int], batch: int, slots: int = 1) -> dict:
     """The ratios if every step cost the same whatever its rows (a model, not a measurement: on this
     CPU a step is mostly one pass over the weights, so its cost grows slowly with its rows). The
-    steps first-come-first-served row refill takes on these lengths, one token a row a step, against
-    the equal lengths' and against micro-batches of `batch` consecutive prompts that keep their rows
-    until the longest ends. Where the varied run is steps short of the equal one, the drain of the
-    queue costs them, whatever the engine; no scheduler that keeps the prompts' order does better."""
-    def fcfs(ls: list[int]) -> int:
-        free = [0] * batch
+    steps first-come-first-served row refill of `batch` rows takes on these lengths, one token a row
+    a step, against the equal lengths' and against the micro_batches schedule: `slots` micro-batches
+    of batch / slots consecutive prompts each (config.micro_batching), each keeping its rows until
+    its longest ends, the next taking the slot that frees first. Where the varied run takes more
+    steps than the equal one, the drain of the queue costs them, whatever the engine: no scheduler
+    that keeps the prompts' order takes fewer steps."""
+    def fcfs(ls: list[int], servers: int) -> int:  # the step the last of ls ends, started in order
+        free = [0] * servers
         for n in ls:
             heapq.heappush(free, heapq.heappop(free) + n)
         return max(free)
 
-    rows = fcfs(lengths)
-    micro = sum(max(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
-    return {"varied_over_equal": fcfs(equal) / rows, "rows_over_micro_batches": micro / rows}
+    size = -(-batch // slots)
+    micro = fcfs([max(lengths[i:i + size]) for i in range(0, len(lengths), size)], slots)
+    rows = fcfs(lengths, batch)
+    return {"varied_over_equal": fcfs(equal, batch) / rows, "rows_over_micro_batches": micro / rows}
 
 
 def steady_rate(prompts: list[dict]) -> float | None:
@@ -449,7 +452,7 @@ def main() -> int:
                 if all(k in row and "error" not in row[k] for k, _, _, _ in kinds):
                     made = row["rows_varied"]["output_ids"]
                     made = [len(made[i]) for i in range(len(wprompts))]  # eos: where each answer ended
-                    row["if_steps_cost_alike"] = step_ratios(made, wequal, batch)
+                    row["if_steps_cost_alike"] = step_ratios(made, wequal, batch, min(pp, batch))
                     if vllm_python:
                         row["vllm"] = vllm_cell(vllm_python, wmodel, wprompts, made, wequal, pp, batch, work, tag,
                                                 args.repeat)

@@ -115,6 +115,10 @@ def test_continuous_step_ratios_count_the_drain():
     # the long prompt last: its 8 steps start once the four 1s are done (step 2) and end at 10, while
     # the equal lengths end at 7 (3 + 2 + 2 in one row)
     assert mod.step_ratios([1, 1, 1, 1, 8], [3, 3, 2, 2, 2], 2)["varied_over_equal"] == 7 / 10
+    # micro-batches of 2 take 4 + 4 steps on 4, 1, 1, 4 against refill's 6; two slots of one row
+    # each (pipeline_size 2) are refilled rows already
+    assert mod.step_ratios([4, 1, 1, 4], [3, 3, 2, 2], 2)["rows_over_micro_batches"] == 8 / 6
+    assert mod.step_ratios([4, 1, 1, 4], [3, 3, 2, 2], 2, slots=2)["rows_over_micro_batches"] == 1.0
 
 
 def test_continuous_before_cell_and_stall_workload(tmp_path):
