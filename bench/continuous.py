@@ -450,8 +450,8 @@ def main() -> int:
                                 row[name] = got
                             row[name]["runs_tokens_per_s"] = runs
                 if all(k in row and "error" not in row[k] for k, _, _, _ in kinds):
-                    made = row["rows_varied"]["output_ids"]
-                    made = [len(made[i]) for i in range(len(wprompts))]  # eos: where each answer ended
+                    ids = row["rows_varied"]["output_ids"]
+                    made = [len(ids[i]) for i in range(len(wprompts))]  # eos: where each answer ended
                     row["if_steps_cost_alike"] = step_ratios(made, wequal, batch, min(pp, batch))
                     if vllm_python:
                         row["vllm"] = vllm_cell(vllm_python, wmodel, wprompts, made, wequal, pp, batch, work, tag,

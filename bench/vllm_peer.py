@@ -83,4 +83,5 @@ def vllm_problem(python: str | None) -> str | None:
                              text=True, timeout=300, env=dict(os.environ, PYTHONPATH=""))
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{python} does not run: {e}"
-    return None if res.returncode == 0 else f"{python} cannot import vllm: {res.stderr.strip().splitlines()[-1:]}"
+    said = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+    return None if res.returncode == 0 else f"{python} cannot import vllm ({said})"
