@@ -83,5 +83,7 @@ def vllm_problem(python: str | None) -> str | None:
                              text=True, timeout=300, env=dict(os.environ, PYTHONPATH=""))
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{python} does not run: {e}"
+    if res.returncode == 0:
+        return None
     said = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
-    return None if res.returncode == 0 else f"{python} cannot import vllm ({said})"
+    return f"{python} cannot import vllm ({said})"
