@@ -71,11 +71,13 @@ class ExpConfig:
     batch_size: int = 1
     micro_batch_size: int | str = "auto"
     schedule: str = "rows"  # or "micro_batches": a slot refills when its whole micro-batch ends (generation.py)
-    # rows schedule: a prompt longer than this prefills this many positions per visit of its slot,
-    # beside the other rows' decode steps (0: whole prompts)
+    # rows schedule: a prompt longer than this prefills this many positions per visit, beside the
+    # other rows' decode steps (0: whole prompts)
     prefill_chunk_size: int = 512
     # rows schedule: a visit's prefills run in the same forward as its rows' decode (load/packed.py)
     packed_prefill: bool = True
+    # rows schedule, several micro-batches, packed: a joiner's prefill in one part per micro-batch's visit
+    spread_prefill: bool = True
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -138,6 +140,7 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "prefill_chunk_size": (_INT, lambda v: v >= 0, "an integer >= 0: prompt positions a joining prompt's prefill "
                            "runs per visit (0: whole prompts)"),
     "packed_prefill": (_BOOL, None, "true or false (a visit's prefills in the same forward as its rows' decode)"),
+    "spread_prefill": (_BOOL, None, "true or false (a joining prompt's prefill in one part per micro-batch's visit)"),
     "micro_batch_size": ((int, str), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                          '"auto" or an integer >= 1 (prompts per micro-batch)'),
     "do_sample": (_BOOL, None, "true or false"),

@@ -115,9 +115,10 @@ def test_kv_cache_plan_is_what_the_cache_allocates(models):
 
 def test_transient_counts_the_joiners_own_kv_cache(models):
     """Row schedule: a visit's whole joiners prefill into a KV cache of their own before it is spliced
-    into their rows (rows.py), and prompts longer than prefill_chunk_size keep one each across visits,
-    in every slot at once. The plan's transient counts those buffers, as PreallocatedLayer allocates
-    them, over what the micro_batches schedule's (which prefills into the slot's own cache) counts."""
+    into their rows (rows.py), and prompts longer than prefill_chunk_size, or with several slots every
+    prompt (its prefill spreads over their visits), keep one each across visits, in every slot at
+    once. The plan's transient counts those buffers, as PreallocatedLayer allocates them, over what
+    the micro_batches schedule's (which prefills into the slot's own cache) counts."""
     from pipeinfer.config import build_config
     from pipeinfer.plan.make import plan_for_run
     from pipeinfer.plan.model import read_model_config
@@ -128,7 +129,8 @@ def test_transient_counts_the_joiners_own_kv_cache(models):
     base = dict(model_path=path, prompts=["x"], pipeline_size=2, batch_size=3, max_new_tokens=5)
     plans = {name: plan_for_run(build_config({**base, **over}), mc, 7, "float32", "cpu") for name, over in
              (("micro", {"schedule": "micro_batches"}), ("whole", {"prefill_chunk_size": 0}),
-              ("chunked", {"prefill_chunk_size": 4}), ("scoring", {"prefill_chunk_size": 4, "prompt_logprobs": True}),
+              ("chunked", {"prefill_chunk_size": 4}), ("spread", {}), ("unspread", {"spread_prefill": False}),
+              ("scoring", {"prefill_chunk_size": 4, "prompt_logprobs": True}),
               ("scoring micro", {"schedule": "micro_batches", "prompt_logprobs": True}))}
     assert plans["whole"].slots == (2, 1)
     for rank in range(2):
@@ -144,6 +146,8 @@ def test_transient_counts_the_joiners_own_kv_cache(models):
         assert held(1) > 0
         assert plans["whole"].ranks[rank].transient - micro == held(2)  # the largest slot's joiners, at once
         assert plans["chunked"].ranks[rank].transient - micro == 3 * held(1)  # one per prompt, every slot's
+        assert plans["spread"].ranks[rank].transient - micro == 3 * held(1)  # 7 < 512 tokens, but two slots
+        assert plans["unspread"].ranks[rank].transient - micro == held(2)
         # scoring a prompt prefills it whole (no chunks)
         assert plans["scoring"].ranks[rank].transient - plans["scoring micro"].ranks[rank].transient == held(2)
 

@@ -136,6 +136,19 @@ def test_separate_prefill_matches_generate(tiny_llama, reference, tmp_path, pipe
     assert all((s["prefill_chunks"] > 0) == (chunk > 0) for s in stages), stages
 
 
+@pytest.mark.parametrize("pipeline_size", [2, 3])
+def test_unspread_prefill_matches_generate(tiny_llama, reference, tmp_path, pipeline_size):
+    """spread_prefill false: every prompt up to prefill_chunk_size prefills whole in the visit that
+    admits it (no chunks: these prompts are all shorter than 512); the same tokens as generate()."""
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=pipeline_size, batch_size=3, spread_prefill=False)
+    records = run_pipeline(cfg, tmp_path, pipeline_size)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == reference
+    stages = [r for r in records if r["type"] == "stage"]
+    assert all(s["prefill_chunks"] == 0 < s["packed_visits"] for s in stages), stages
+
+
 _WRAPPER = """import json, os, runpy, sys
 from pipeinfer.run import rows
 
@@ -156,6 +169,24 @@ def header_edit(body: str) -> str:
     """A script that runs the entry script given after it, where the first stage's every visit
     header goes through `body` (statements on `head`, with `seen`, a list kept across visits)."""
     return _WRAPPER.replace("BODY", textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8))
+
+
+def _seen_run(cfg: dict, tmp_path, wrapper: str) -> tuple[list[dict], list[dict]]:
+    """Run 2 ranks through `wrapper`, which writes what it sees as JSON lines to $SEEN_FILE; both must
+    exit 0. Returns those lines and the run's records."""
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "seen.py").write_text(wrapper)
+    port = free_port()
+    ranks = [start_rank([str(tmp_path / "seen.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
+                        dict(rank_env(r, 2, port), SEEN_FILE=str(tmp_path / "seen.jsonl"))) for r in range(2)]
+    try:
+        outs = [r.communicate(timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [0, 0], [e[-1500:] for _, e in outs]
+    seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    return seen, [json.loads(line) for line in open(cfg["output_path"], encoding="utf-8")]
 
 
 def _wrapped_ranks_fail_with_one_line(cfg: dict, tmp_path, wrapper: str, pipeline_size: int) -> list[str]:
@@ -222,6 +253,48 @@ def test_header_disagreement_is_one_line_on_every_rank(tiny_llama, tmp_path, pip
     assert "pipeline protocol error: the first stage's header says cache length" in errs[1]
 
 
+HEADERS_SEEN = header_edit('''
+    with open(os.environ["SEEN_FILE"], "a") as f:  # every visit header, to a file
+        f.write(json.dumps(head) + "\\n")
+''')
+
+
+def test_prefills_spread_over_both_slots_and_join_the_slot_of_their_last_part(tiny_llama, reference, tmp_path):
+    """Pipeline_size 2, batch 4 (slots of 2): a visit runs no more prompt positions than the visit
+    before it or half of those due, so a joiner's prefill that would make its visit the longer one
+    runs in part in the other slot's next visit, whose slot it joins; where that slot is full, as
+    many of its rows move to the admitting slot (while prompts still wait in the queue). The tokens
+    equal generate()'s; every stage ran each prompt's positions once; never more than 4 prompts in
+    flight."""
+    cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=_jsonl(tmp_path), max_new_tokens=4,
+                      pipeline_size=2, batch_size=4, schedule="rows")
+    heads, records = _seen_run(cfg, tmp_path, HEADERS_SEEN)
+    prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
+    assert [p["output_ids"] for p in prompts] == reference
+    parts: dict[int, list[tuple[int, int]]] = {}  # prompt -> (slot, positions) of each part that ran
+    last = 0
+    for h in heads:
+        ran, due = sum(len(c["ids"]) for c in h["chunks"]), sum(c["n"] - c["start"] for c in h["chunks"])
+        assert ran <= max(last, -(-due // 2)), h
+        last = ran
+        for c in h["chunks"]:
+            if c["ids"]:
+                parts.setdefault(c["index"], []).append((h["slot"], len(c["ids"])))
+        for j in h["join"]:  # a prompt joins the slot of its last part
+            assert j.get("chunked") and parts[j["index"]][-1][0] == h["slot"], h
+    assert sorted(parts) == list(range(len(TEXTS)))
+    assert all(sum(n for _, n in parts[i]) == p["prompt_tokens"] for i, p in enumerate(prompts))
+    assert any(len({slot for slot, _ in ps}) == 2 for ps in parts.values()), parts
+    # rows moved to make room for a last part while later prompts had yet to start
+    admitted = [i for i, h in enumerate(heads) for c in h["chunks"] if c["start"] == 0 and c["ids"]]
+    assert any(h["move"] and i < admitted[-1] for i, h in enumerate(heads)), heads
+    stages = [r for r in records if r["type"] == "stage"]
+    useful = sum(p["prompt_tokens"] + p["new_tokens"] - 1 for p in prompts)
+    assert [s["rows_computed"] for s in stages] == [useful] * 2
+    assert [s["rows_moved"] for s in stages] == [sum(len(h["move"]["rows"]) for h in heads if h["move"])] * 2
+    assert all(0 < s["max_prompts_in_flight"] <= 4 for s in stages) and max_overlap(prompts) <= 4
+
+
 # Equal prompt lengths (byte tokenizer: no padding among joiners), so a stage's positions are known
 # exactly. Batch 4 at pipeline_size 2: slots of 2 rows; the short prompts of slot 1 end and the
 # queue runs dry while slot 0 still holds two long rows, one of which moves to the emptied slot.
@@ -270,7 +343,7 @@ def test_a_move_the_stages_disagree_on_is_one_line_on_every_rank(tiny_llama, tmp
 
 MOVES_SEEN = header_edit('''
     if head["move"]:  # every move, to a file
-        with open(os.environ["MOVES_FILE"], "a") as f:
+        with open(os.environ["SEEN_FILE"], "a") as f:
             f.write(json.dumps(head["move"]) + "\\n")
 ''')
 
@@ -285,20 +358,8 @@ def test_rows_move_into_a_slot_with_a_visit_on_its_way(tiny_llama, tmp_path):
     path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n" for p, n in zip(texts, new)))
     cfg = base_config(tiny_llama, tmp_path, prompts=None, prompts_file=str(path), max_new_tokens=30,
                       pipeline_size=2, batch_size=8, schedule="rows", ignore_eos=True)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    (tmp_path / "seen.py").write_text(MOVES_SEEN)
-    port = free_port()
-    ranks = [start_rank([str(tmp_path / "seen.py"), ENTRY, "--config", str(tmp_path / "cfg.json")],
-                        dict(rank_env(r, 2, port), MOVES_FILE=str(tmp_path / "moves.jsonl"))) for r in range(2)]
-    try:
-        outs = [r.communicate(timeout=120) for r in ranks]
-    finally:
-        for r in ranks:
-            r.kill()
-    assert [r.returncode for r in ranks] == [0, 0], [e[-1500:] for _, e in outs]
-    moves = [json.loads(line) for line in (tmp_path / "moves.jsonl").read_text().splitlines()]
+    moves, records = _seen_run(cfg, tmp_path, MOVES_SEEN)
     assert any(not m["clear"] and m["n"] > 0 for m in moves), moves
-    records = [json.loads(line) for line in open(cfg["output_path"], encoding="utf-8")]
     prompts = sorted((r for r in records if r["type"] == "prompt"), key=lambda r: r["prompt_index"])
     assert [p["output_ids"] for p in prompts] == [reference_outputs(tiny_llama, [p], n, ignore_eos=True)[0]
                                                   for p, n in zip(texts, new)]

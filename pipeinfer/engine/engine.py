@@ -305,7 +305,8 @@ class Engine:
         inputs = self.inputs
         sched = RowSchedule(self.stage, self.comm, list(self.sizes), inputs.gen, inputs.model_config.hidden_size,
                             inputs.dtype, inputs.plan.capacity, inputs.tokenizer.pad_token_id,
-                            self.on_token, self._cancelled, packed=inputs.cfg.packed_prefill)
+                            self.on_token, self._cancelled, packed=inputs.cfg.packed_prefill,
+                            spread=inputs.cfg.spread_prefill)
         queue = self._queue
 
         def take():

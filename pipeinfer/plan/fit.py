@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeinfer.config import micro_batching
-from pipeinfer.plan.layout import layout, prefill_joins, score_chunk
+from pipeinfer.plan.layout import layout, prefill_joins, score_chunk, spread_joins
 
 
 def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, local) -> int | None:
@@ -16,7 +16,7 @@ def smallest_pipeline(cfg, m, sizes, slots, longest, capacity, budget, reserve, 
         s = slots if cfg.micro_batch_size != "auto" else \
             micro_batching(dataclasses.replace(cfg, pipeline_size=size))
         _, ranks = layout(m, size, mode, sizes, s, longest, capacity, [budget] * size, reserve, local,
-                          score_chunk(cfg), prefill_joins(cfg, m))
+                          score_chunk(cfg), prefill_joins(cfg, m), spread_joins(cfg))
         if all(r.fits for r in ranks):
             return size
     return None
@@ -29,7 +29,7 @@ def largest_batch(cfg, m, sizes, longest, budgets, reserve, local, limit: int = 
                      else min(cfg.micro_batch_size, b))
         _, ranks = layout(m, cfg.pipeline_size, cfg.layer_split, sizes, micro_batching(c), longest,
                            longest + cfg.max_new_tokens, budgets, reserve, local, score_chunk(cfg),
-                           prefill_joins(cfg, m))
+                           prefill_joins(cfg, m), spread_joins(cfg))
         return all(r.fits for r in ranks)
     if not fits(1):
         return 0

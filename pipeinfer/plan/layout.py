@@ -182,14 +182,20 @@ def transient_bytes(m: ModelShape, b: int, t: int, itemsize: int, last: bool, ch
     return max(layer, scoring_bytes(m, b, t, itemsize, chunk)) + b * m.vocab * (itemsize + 4)  # + (B, V) logits
 
 
-def joiner_positions(slots: list[int], longest: int, prefill: int | None) -> int:
+def joiner_positions(slots: list[int], longest: int, prefill: int | None, spread: bool = False) -> int:
     """KV positions the row schedule's joining prompts hold beside their slot's cache (run/rows.py):
     a visit's whole joiners prefill into a cache of their own, then it is spliced into their rows
-    (at most a slot's rows x the longest prompt); prompts longer than the prefill chunk keep theirs
-    across visits, in every slot at once. prefill: prefill_joins(); None: the slot's own cache."""
+    (at most a slot's rows x the longest prompt); prompts longer than the prefill chunk, and with
+    several slots and `spread` (spread_joins()) every prompt, keep theirs across visits: every
+    prompt in flight may hold one. prefill: prefill_joins(); None: the slot's own cache."""
     if prefill is None:
         return 0
-    return longest * (sum(slots) if prefill and longest > prefill else max(slots))
+    return longest * (sum(slots) if prefill and (longest > prefill or spread and len(slots) > 1) else max(slots))
+
+
+def spread_joins(cfg) -> bool:
+    """Whether the row schedule may spread a joiner's prefill over the slots' visits (run/rows.py)."""
+    return cfg.spread_prefill and cfg.packed_prefill
 
 
 def prefill_joins(cfg, m: ModelShape) -> int | None:
@@ -202,13 +208,13 @@ def prefill_joins(cfg, m: ModelShape) -> int | None:
 
 def layout(m: ModelShape, size: int, layer_split, sizes: Sizes, slots: list[int], longest: int, capacity: int,
            budgets: list[int] | None, reserve: int, local: str, chunk: int = 0,
-           prefill: int | None = None) -> tuple[list[range], list[RankPlan]]:
+           prefill: int | None = None, spread: bool = False) -> tuple[list[range], list[RankPlan]]:
     """The split and each rank's bytes for one pipeline_size; raises ValueError for an invalid split.
-    chunk: score_chunk(cfg); prefill: prefill_joins(cfg, m)."""
+    chunk: score_chunk(cfg); prefill: prefill_joins(cfg, m); spread: spread_joins(cfg)."""
     itemsize = sizes.itemsize
     kv_per_layer = 2 * sum(slots) * m.kv_width * capacity * itemsize  # keys + values
     # the joiners' own caches live beside the prefill's activations: in the transient, layer by layer
-    join_per_layer = 2 * m.kv_width * joiner_positions(slots, longest, prefill) * itemsize
+    join_per_layer = 2 * m.kv_width * joiner_positions(slots, longest, prefill, spread) * itemsize
     costs = stage_costs(m, sizes, kv_per_layer + join_per_layer)
     if layer_split != "auto":
         ranges = plan_split(m.num_layers, size, layer_split)

@@ -24,7 +24,8 @@ What each number counts (bytes, in the run's dtype):
              with their log-softmax, c = min(prompt_logprobs_chunk, T - 1); RankPlan.scoring); with the
              rows schedule also the joining prompts' own KV cache, kept beside their slot's until their
              prefill is spliced in: B x T positions per layer, or every slot's rows x T when prompts
-             longer than prefill_chunk_size can prefill in chunks (layout.joiner_positions)
+             longer than prefill_chunk_size can prefill in chunks, or prefills spread over several
+             slots' visits (spread_prefill; layout.joiner_positions)
   reserve    what the runtime holds before any weight: on CUDA the context (CUDA_CONTEXT_BYTES, a
              stated constant); on CPU 0, since the runtime baseline is measured apart (bench/memory.py;
              --check-runner: a real rank's peak is this plan plus that runtime, within 3%)
@@ -46,7 +47,8 @@ from __future__ import annotations
 from pipeinfer.config import ConfigError, ExpConfig, check_model, human_bytes, micro_batching, per_rank
 from pipeinfer.plan.checkpoint import Tensor, check_checkpoint, checkpoint_keys, read_headers
 from pipeinfer.plan.fit import largest_batch, smallest_pipeline
-from pipeinfer.plan.layout import CUDA_CONTEXT_BYTES, ITEMSIZE, Plan, Sizes, layout, prefill_joins, score_chunk
+from pipeinfer.plan.layout import (CUDA_CONTEXT_BYTES, ITEMSIZE, Plan, Sizes, layout, prefill_joins, score_chunk,
+                                   spread_joins)
 from pipeinfer.plan.model import ModelShape, model_shape
 from pipeinfer.plan.offload import offload_ranks
 from pipeinfer.plan.partition import check_complete
@@ -79,7 +81,7 @@ def make_plan(cfg: ExpConfig, model_config, tensors: dict[str, Tensor] | None, l
     local = "cpu" if device_type == "cpu" else device_type
     try:
         ranges, ranks = layout(m, size, cfg.layer_split, sizes, slots, longest_prompt, capacity, budgets,
-                               reserve, local, score_chunk(cfg), prefill_joins(cfg, m))
+                               reserve, local, score_chunk(cfg), prefill_joins(cfg, m), spread_joins(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -11,14 +11,24 @@ on the first stage and announced to every stage in a header (the rows kept and m
 decode at which position, which prompts join, the cache length), before its frame:
 
   reshape  the slot keeps only its live rows (finished rows go, the last rows fill their places:
-           one row copy each, kvcache.keep_rows), so a slot holds R live rows and computes R; once
-           the queue is dry, rows move to the slot with the fewest running rows until they differ
-           by at most one (kvcache.take_rows, copy_rows), so the last long rows keep a slot per
+           one row copy each, kvcache.keep_rows), so a slot holds R live rows and computes R; rows
+           may move to another slot (kvcache.take_rows, copy_rows): to make room for a prompt whose
+           prefill ends in this visit, and once the queue is dry to the slot with the fewest
+           running rows until they differ by at most one, so the last long rows keep a slot per
            stage in flight
   decode   one position for every row of the slot, the new column masked in
   join     the joining prompts' prefill (left-padded among themselves, a cache of their own),
            placed in rows after the live ones at the end of the slot's positions (kvcache.add_rows,
            splice_rows)
+
+A prompt's prefill may also run in parts, one a visit, in a cache of its own (_Chunked): a prompt
+longer than the prefill chunk, and with several slots and spread_prefill every prompt. A slot's
+next visit waits for its last visit's tokens, so a round lasts as long as its longest slot's
+round trip, and a visit carrying more prefill than the others makes the stages wait for it in
+turn; spread, a visit runs no more prompt positions than the visit before it, or its 1 / K share
+of those due, and the rest rides the next visits. Parts ride every slot's visits (the prompts under
+way are one list, the oldest first, the same on every stage), and a prompt joins the slot whose
+visit runs its last part, live rows moving out to another slot where that one is full.
 
 Decode and join run in the same visit, so new rows' prefill interleaves with the others' decode,
 in the same forward (load/packed.py: one pass over the stage's weights, each prompt attending to its
@@ -101,7 +111,6 @@ class _Slot:
     firsts: list[_Row | None]        # first stage: what each row's prompt has produced
     tails: list[_Row | None]         # last stage: how each row samples
     busy: bool = False               # first stage: a visit is on its way round the pipe
-    chunked: list = field(default_factory=list)  # prompts whose prefill is under way in chunks (_Chunked)
 
     @property
     def size(self) -> int:
@@ -121,7 +130,7 @@ class RowSchedule:
     def __init__(self, stage: Stage, comm: Comm, sizes: list[int], gp: GenParams, hidden_size: int,
                  dtype: torch.dtype, capacity: int, pad_id: int,
                  on_token: Callable[[int, int, object], None] | None = None, cancelled: set[int] | None = None,
-                 packed: bool = True):
+                 packed: bool = True, spread: bool = True):
         self.stage, self.comm, self.gp, self.H, self.dtype, self.pad = stage, comm, gp, hidden_size, dtype, pad_id
         # first stage: each token as it arrives (index, token id, log-probability row or None); and
         # the requests to end at their row's next visit (another thread adds to it: Engine.cancel)
@@ -141,6 +150,12 @@ class RowSchedule:
         self.chunk = 0 if gp.prompt_logprobs else gp.prefill_chunk
         # a visit's prefills run in its decode's forward (load/packed.py), but for scoring (all positions' logits)
         self.pack = packed and not gp.prompt_logprobs and packable(stage)
+        # With several slots a joiner's prefill spreads over as many visits, one part in each (so that
+        # no slot's round trip is longer than another's), and it joins the slot of its last part.
+        self.spread = spread and self.pack and self.chunk > 0 and len(sizes) > 1
+        self.batch = sum(sizes)
+        self.chunked: list[_Chunked] = []  # prompts whose prefill is under way in parts, the oldest first
+        self.last_prefill = 0  # first stage: prompt positions the last visit ran
         self.packed_visits = 0
         self.run_t0 = time.perf_counter()
         comm.max_pending = pending_bound(len(sizes))  # sends past it have been received: reaped
@@ -171,37 +186,56 @@ class RowSchedule:
                     result.finish[0] = ("abort", None)
                     yield make([row.index]), result
             live = [r for r, row in enumerate(s.firsts) if row is not None]
-            got = []
-            while len(live) + len(s.chunked) + len(got) < s.cap:
+            running = len(live) + sum(row is not None for t in self.slots if t is not s for row in t.firsts)
+            got = []  # never more than batch_size prompts in flight; a whole joiner needs a row of this slot
+            while running + len(self.chunked) + len(got) < self.batch and (self.spread or len(live) + len(got) < s.cap):
                 if dry := (one := take()) is None:
                     break
                 got.append(one)
-            now, C, whole = time.perf_counter(), self.chunk, []
-            for i, p in got:  # a prompt longer than the chunk prefills in chunks, the others whole
-                if C and len(p.ids) > C:
-                    s.chunked.append(_Chunked(i, len(p.ids), prompt=p, t0=now))
+            whole = []
+            for i, p in got:  # a prompt longer than the chunk, or every prompt when prefills spread, in parts
+                if self._in_parts(len(p.ids)):
+                    self.chunked.append(_Chunked(i, len(p.ids), prompt=p, t0=time.perf_counter()))
                 else:
                     whole.append((i, p))
-            if not live and not got and not s.chunked:
-                if not inflight and all(all(row is None for row in t.firsts) and not t.chunked for t in self.slots):
+            if not live and not got and not self.chunked:
+                if not inflight and all(all(row is None for row in t.firsts) for t in self.slots):
                     self._announce({"kind": "done"})
                     self.comm.drain_sends()
                     return
                 k = (k + 1) % K
                 continue
-            # The slot keeps only its live rows (the finished ones go, free rows filled from the end),
-            # and once the queue is dry some may move to the slot with the fewest: both in one header.
-            move = self._move(k, s, live) if dry and not got else None
+            # The oldest prompts' parts first, at most C positions a visit; spread, no more than the last
+            # visit ran or a 1 / K share of what is due, the rest in the next visits. A prompt whose last
+            # part runs now joins this slot: where its rows are full, as many live rows move to the slot
+            # with the most room (they decode at its next visit); a last part with no room anywhere waits.
+            to, room, clear = self._roomiest(k)
+            free = s.cap - len(live) - len(whole) + min(len(live), room)
+            chunks, left, finals = [], self.chunk, []
+            if self.spread:
+                left = min(left, max(self.last_prefill, -(-sum(c.n - c.done for c in self.chunked) // K)))
+            for c in self.chunked:
+                n = min(left, c.n - c.done)
+                if c.done + n == c.n:
+                    if len(finals) == free:
+                        n = 0
+                    else:
+                        finals.append(c)
+                chunks.append((c, n))
+                left -= n
+            self.last_prefill = sum(n for _, n in chunks) + sum(len(p.ids) for _, p in whole)
+            excess = len(live) + len(whole) + len(finals) - s.cap
+            if excess > 0:
+                rows = sorted(sorted(live, key=lambda r: s.pos[r])[:excess])  # the shortest: the least to copy
+                move = {"slot": to, "rows": rows, "n": self.slots[to].size, "pos": [s.pos[r] for r in rows],
+                        "clear": clear}
+            else:  # once the queue is dry some rows may move to the slot with the fewest
+                move = self._move(k, s, live) if dry and not got else None
             shape = {"n": s.size, "keep": _holes_filled([r for r in live if move is None or r not in move["rows"]]),
                      "move": move}
             self._reshape(s, shape)
             decode = list(range(s.size))
-            chunks, left = [], C  # at most C positions of chunks a visit, the oldest prompts' first
-            for c in s.chunked:
-                chunks.append((c, min(left, c.n - c.done)))
-                left -= chunks[-1][1]
-            finals = [c for c, n in chunks if n and c.done + n == c.n]  # its last chunk makes it a joiner
-            # joiners take rows after the live ones: the whole prompts, then those whose last chunk runs now
+            # joiners take rows after the live ones: the whole prompts, then those whose last part runs now
             joins = [(s.size + j, i, p) for j, (i, p) in enumerate(whole + [(c.index, c.prompt) for c in finals])]
             head = self._header(k, s, decode, joins, shape, chunks)
             self._announce(head)
@@ -239,12 +273,27 @@ class RowSchedule:
         to = min((j for j in range(len(self.slots)) if j != k), key=lambda j: running[j])
         t = self.slots[to]
         clear = t.size == 0 or (not t.busy and not running[to])
-        count = min((len(live) - running[to]) // 2, t.cap - len(t.chunked) - (0 if clear else t.size))
+        count = min((len(live) - running[to]) // 2, t.cap - (0 if clear else t.size))
         if count < 1:
             return None
         left = sorted(live, key=lambda r: s.firsts[r].max_new - len(s.firsts[r].tokens), reverse=True)
         rows = sorted(left[1::2][:count])
         return {"slot": to, "rows": rows, "n": t.size, "pos": [s.pos[r] for r in rows], "clear": clear}
+
+    def _roomiest(self, k: int) -> tuple[int | None, int, bool]:
+        """The other slot with the most free rows: (slot, free rows, whether it starts over: no rows
+        running and no visit on its way); (None, 0, False) with one slot."""
+        best = (None, 0, False)
+        for j, t in enumerate(self.slots):
+            clear = t.size == 0 or (not t.busy and all(f is None for f in t.firsts))
+            if j != k and (room := t.cap - (0 if clear else t.size)) > best[1]:
+                best = (j, room, clear)
+        return best
+
+    def _in_parts(self, n: int) -> bool:
+        """Whether an n-token prompt prefills in parts (a visit's share of at most the chunk, in a
+        cache of its own): a prompt longer than the chunk, and every prompt where prefills spread."""
+        return bool(self.chunk and n > self.chunk or self.spread)
 
     @torch.inference_mode()  # the caches are inference tensors: edited in place
     def _reshape(self, s: _Slot, shape: dict) -> None:
@@ -388,7 +437,7 @@ class RowSchedule:
             self._check_shape(s, head)
             self._reshape(s, head)
             self._check(s, head)
-            s.chunked += [_Chunked(c["index"], c["n"]) for c in head["chunks"][len(s.chunked):]]
+            self.chunked += [_Chunked(c["index"], c["n"]) for c in head["chunks"][len(self.chunked):]]
             whole = [j for j in head["join"] if not j.get("chunked")]
             R, J, H = s.size, len(whole), self.H
             if head["packed"]:  # (N, H): the rows' positions, each whole joiner's, each chunk's
@@ -420,7 +469,7 @@ class RowSchedule:
             to = move["slot"]
             if to == head["slot"] or not 0 <= to < len(self.slots):
                 problems.append(f"a move to slot {to}")
-            elif move["n"] != self.slots[to].size or len(moved) > (self.slots[to].cap - len(self.slots[to].chunked)
+            elif move["n"] != self.slots[to].size or len(moved) > (self.slots[to].cap
                                                                   - (0 if move["clear"] else move["n"])):
                 problems.append(f"{len(moved)} rows moved to slot {to} of {move['n']} rows (this stage's has "
                                 f"{self.slots[to].size}, at most {self.slots[to].cap})")
@@ -432,16 +481,17 @@ class RowSchedule:
         """After: the cache length, every row decoding at its position, the joiners after them, and
         the chunked prefills: every one under way, each from where it stopped, new ones from 0."""
         problems, rows = [], list(range(s.size))
-        chunks, known = head["chunks"], s.chunked
+        chunks, known = head["chunks"], self.chunked
         got = [(c["index"], c["start"], c["n"]) for c in chunks[:len(known)]]
         if len(chunks) < len(known) or got != [(c.index, c.done, c.n) for c in known] or any(
                 c["start"] for c in chunks[len(known):]):
             problems.append(f"prefill chunks {[(c['index'], c['start']) for c in chunks]} (this stage's prompts under "
                             f"way, with the positions they have: {[(c.index, c.done) for c in known]})")
-        elif sum(len(c["ids"]) for c in chunks) > self.chunk or any(c["start"] + len(c["ids"]) > c["n"] or
-                                                                  c["n"] <= self.chunk for c in chunks):
+        elif sum(len(c["ids"]) for c in chunks) > self.chunk or any(
+                c["start"] + len(c["ids"]) > c["n"] or not self._in_parts(c["n"]) for c in chunks):
             problems.append(f"prefill chunks of {[len(c['ids']) for c in chunks]} tokens of prompts of "
-                            f"{[c['n'] for c in chunks]} (this stage's chunk is {self.chunk} a visit)")
+                            f"{[c['n'] for c in chunks]} (this stage's chunk is {self.chunk} a visit, "
+                            f"{'every prompt' if self.spread else 'longer prompts'} in parts)")
         finals = [c["index"] for c in chunks if c["ids"] and c["start"] + len(c["ids"]) == c["n"]]
         chunked = [j["index"] for j in head["join"] if j.get("chunked")]
         if finals != chunked:
@@ -453,12 +503,11 @@ class RowSchedule:
         elif head["pos"] != s.pos:
             problems.append(f"positions {head['pos']} (this stage has {s.pos})")
         joined = [j["row"] for j in head["join"]]
-        under_way = len(chunks) - len(finals)  # prompts that keep a place for their next chunks
         packs = self._packs(head)
         if head["packed"] != packs:
             problems.append(f"a {'packed' if head['packed'] else 'separate'} prefill (this stage's would be "
                             f"{'packed' if packs else 'separate'})")
-        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) + under_way > s.cap:
+        if joined != list(range(s.size, s.size + len(joined))) or s.size + len(joined) > s.cap:
             problems.append(f"joining rows {joined} (this stage's slot has {s.size} rows, at most {s.cap})")
         self._protocol(head, problems)
 
@@ -510,7 +559,7 @@ class RowSchedule:
                 else:
                     outs.append(out.reshape(-1))
             finals = iter(j for j in head["join"] if j.get("chunked"))
-            for c, x in zip(list(s.chunked), x_chunks):  # the same prompts, checked (_check)
+            for c, x in zip(list(self.chunked), x_chunks):  # the same prompts, checked (_check)
                 n = x.shape[1]
                 if not n:  # the visit's chunk positions went to older prompts
                     continue
@@ -544,7 +593,7 @@ class RowSchedule:
             segments.append(seg)
             pos += range(seg.n)
             at.append(len(pos) - 1)
-        chunked = [(c, len(ch["ids"])) for c, ch in zip(list(s.chunked), head["chunks"]) if ch["ids"]]
+        chunked = [(c, len(ch["ids"])) for c, ch in zip(list(self.chunked), head["chunks"]) if ch["ids"]]
         for c, n in chunked:
             if c.cache is None:
                 c.cache = stage.new_cache(capacity=c.n)
@@ -594,7 +643,7 @@ class RowSchedule:
         self.chunks_run += 1
         if c.done < c.n:
             return False
-        s.chunked.remove(c)
+        self.chunked.remove(c)
         self._place(s, c.cache, [next(finals)], [c.n])
         return True
 
@@ -602,7 +651,7 @@ class RowSchedule:
         """After a visit's compute: send its frame on, or sample (last stage); the token message on the first stage."""
         comm = self.comm
         self.max_in_flight = max(self.max_in_flight, sum(r is not None for t in self.slots for r in t.rows)
-                                 + sum(len(t.chunked) for t in self.slots))
+                                 + len(self.chunked))
         if not comm.is_last:
             comm.send_hidden(torch.cat(outs), f"sending slot {head['slot']}'s hidden states")
             comm.timeline.step()
