@@ -2,7 +2,7 @@
 
     python bench/continuous.py [--smoke] [--json results/continuous.json] [--device cuda]
                                [--pipeline-sizes 2] [--batch-sizes 8,32] [--repeat 2] [--workload eos]
-                               [--before REV|none] [--compile auto|true|false|cudagraphs]
+                               [--before REV|none] [--compile auto|true|false|cudagraphs] [--prompt-scale 4]
                                [--vllm-python /work/venv-vllm/bin/python]
 
 Two workloads with the same prompts and the same total of new tokens (ignore_eos, so every prompt
@@ -22,8 +22,12 @@ before the change": --before (default bc56911, the last commit before row-level 
 varied workload once more on that commit's batch runner (git archive), and the report adds rows
 varied / before. The rows schedule runs the varied workload once more with packed_prefill false
 (each visit's prefills in forwards of their own, not in its decode's: load/packed.py), reported as
-packed / separate (not with --smoke). Every cell's output ids are compared with the rows
-schedule's on the same workload (greedy: any difference is a bug; exit 1).
+packed / separate, and where there are several micro-batches with spread_prefill false (each
+joiner's prefill whole in the visit that admits it, not one part in each micro-batch's visit),
+reported as spread / whole (neither with --smoke). Every cell's output ids are compared with the
+rows schedule's on the same workload (greedy: any difference is a bug; exit 1).
+--prompt-scale N: each geometric prompt N times over (8..64 tokens become 8N..64N; the byte
+tokenizer makes one token a byte).
 --compile: the runner's `compile` for every cell (its default "auto" compiles CUDA stages, which
 then run their prefills apart; bench/gpu_check.sh passes false to measure packing on a GPU).
 --workload eos (or both): the demo instruct checkpoint (float32) answers --eos-prompts chat requests
@@ -279,18 +283,19 @@ def report(row: dict, tag: str, bad: list[str], lengths: list[int] | None, repea
         assert all(len(b[i]) == m for i, m in enumerate(lengths))
     row["varied_over_equal"] = row["rows_varied"]["tokens_per_s"] / row["rows_equal"]["tokens_per_s"]
     row["rows_over_micro_batches"] = row["rows_varied"]["tokens_per_s"] / row["micro_varied"]["tokens_per_s"]
-    cells = ("rows_varied", "rows_equal", "micro_varied") + tuple(k for k in ("separate_varied", "before_varied")
-                                                                  if k in row)
+    cells = ("rows_varied", "rows_equal", "micro_varied") + tuple(
+        k for k in ("separate_varied", "whole_varied", "before_varied") if k in row)
     before = ""
-    if "separate_varied" in row:
-        differ_sep = sum(row["separate_varied"]["output_ids"][i] != b[i] for i in b)
-        if differ_sep and lengths is not None:
-            bad.append(f"{tag}pp{pp} b{batch}: prefills in their own forwards give other greedy tokens than packed "
-                       f"in {differ_sep} prompts")
-        row["packed_over_separate"] = row["rows_varied"]["tokens_per_s"] / row["separate_varied"]["tokens_per_s"]
-        before += (f"; prefills in their own forwards {row['separate_varied']['tokens_per_s']:.1f} tok/s, packed/"
-                   f"separate {row['packed_over_separate']:.2f}" + (f" ({differ_sep} prompts differ)" if differ_sep
-                                                                     else ""))
+    for k, ratio, what in (("separate_varied", "packed_over_separate", "prefills in their own forwards"),
+                           ("whole_varied", "spread_over_whole", "each prefill whole in one visit")):
+        if k not in row:
+            continue
+        differ_k = sum(row[k]["output_ids"][i] != b[i] for i in b)
+        if differ_k and lengths is not None:
+            bad.append(f"{tag}pp{pp} b{batch}: {what}: other greedy tokens in {differ_k} prompts")
+        row[ratio] = row["rows_varied"]["tokens_per_s"] / row[k]["tokens_per_s"]
+        before += (f"; {what} {row[k]['tokens_per_s']:.1f} tok/s, {ratio.replace('_over_', '/')} {row[ratio]:.2f}"
+                   + (f" ({differ_k} prompts differ)" if differ_k else ""))
     if "before_varied" in row:
         differ_before = sum(row["before_varied"]["output_ids"][i] != b[i] for i in b)
         row["prompts_differing_before"] = differ_before
@@ -350,6 +355,7 @@ def main() -> int:
                          "(float32) answering chat requests until EOS (at most --eos-max-new), against the same total "
                          "in equal lengths; both; stall: long prompts joining rows that decode, their prefill whole "
                          "against in chunks of --chunk (the others' longest gap between tokens)")
+    ap.add_argument("--prompt-scale", type=int, default=1, help="geometric: each prompt this many times over")
     ap.add_argument("--chunk", type=int, default=64, help="--workload stall: prefill_chunk_size (default 64)")
     ap.add_argument("--compile", choices=("auto", "true", "false", "cudagraphs"), default=None,
                     help="the runner's `compile` for every cell (default: its own, \"auto\": on for CUDA, where a "
@@ -380,6 +386,10 @@ def main() -> int:
     if args.compile is not None:
         COMMON["compile"] = {"true": True, "false": False}.get(args.compile, args.compile)
     n = args.prompts or (8 if smoke else 96)
+    if args.prompt_scale < 1:
+        print(f"error: --prompt-scale {args.prompt_scale}: give an integer >= 1 (each prompt that many times over)",
+              file=sys.stderr)
+        return 2
     lo, hi = (4, 16) if smoke else (4, 256)
     pps, batches = [1, 2], ([4] if smoke else [8, 32])
     if args.pipeline_sizes:
@@ -391,7 +401,7 @@ def main() -> int:
     model = os.path.join(work, "model")
     if not os.path.exists(os.path.join(model, "config.json")):
         make_model(model, seed=0, **(SMOKE_SHAPE if smoke else SHAPE))
-    prompts = make_prompts(n)
+    prompts = [" ".join([p] * args.prompt_scale) for p in make_prompts(n)]
     varied, equal = lengths(n, lo, hi)
     workloads = [("geometric", model, prompts, varied, True, "auto")]
     if args.workload in ("eos", "both"):
@@ -412,8 +422,10 @@ def main() -> int:
     entry = None if before == "none" else checkout(before, work)
     kinds = [("rows_varied", "rows", None, None), ("rows_equal", "rows", None, None),
              ("micro_varied", "micro_batches", None, None)]
-    if not smoke:  # the rows schedule with each visit's prefills in forwards of their own (load/packed.py)
+    if not smoke:  # the rows schedule with each visit's prefills in forwards of their own (load/packed.py),
+        # and with each joiner's prefill whole in one visit (several micro-batches only: run/rows.py)
         kinds.append(("separate_varied", "rows", None, {"packed_prefill": False}))
+        kinds.append(("whole_varied", "rows", None, {"spread_prefill": False}))
     if entry:
         kinds.append(("before_varied", "micro_batches", entry, None))
     cells, bad = [], []
@@ -423,9 +435,10 @@ def main() -> int:
             for batch in batches:
                 row = {"workload": wname, "pipeline_size": pp, "batch_size": batch}
                 cells.append(row)
+                cell_kinds = [kind for kind in kinds if kind[0] != "whole_varied" or min(pp, batch) > 1]
                 wequal = None  # eos: the rows schedule's first run decides the total to spread equally
                 for _ in range(args.repeat):
-                    for name, schedule, cell_entry, extra in kinds:
+                    for name, schedule, cell_entry, extra in cell_kinds:
                         if name == "rows_equal":
                             if wequal is None:
                                 if "rows_varied" not in row or "error" in row["rows_varied"]:
@@ -437,7 +450,8 @@ def main() -> int:
                         else:
                             max_new, ignore_eos = wvaried, wignore
                         got = run_cell(wmodel, work, wprompts, max_new, schedule, pp, batch, args.device, 3600,
-                                       ignore_eos, tag + ("separate-" if extra else ""), wdtype, name == "rows_equal",
+                                       ignore_eos, tag + (name.split("_")[0] + "-" if extra else ""), wdtype,
+                                       name == "rows_equal",
                                        cell_entry, extra)
                         if "error" in got:
                             bad.append(f"{tag}{name} pp{pp} b{batch}: {got['error']}")
@@ -449,7 +463,7 @@ def main() -> int:
                             if name not in row or got["tokens_per_s"] > row[name]["tokens_per_s"]:
                                 row[name] = got
                             row[name]["runs_tokens_per_s"] = runs
-                if all(k in row and "error" not in row[k] for k, _, _, _ in kinds):
+                if all(k in row and "error" not in row[k] for k, _, _, _ in cell_kinds):
                     ids = row["rows_varied"]["output_ids"]
                     made = [len(ids[i]) for i in range(len(wprompts))]  # eos: where each answer ended
                     row["if_steps_cost_alike"] = step_ratios(made, wequal, batch, min(pp, batch))
@@ -459,7 +473,8 @@ def main() -> int:
                         if "error" in row["vllm"]:
                             bad.append(f"{tag}vLLM pp{pp} b{batch}: {row['vllm']['error']}")
                     report(row, tag, bad, wvaried if wignore else None, args.repeat)
-    result = {"prompts": n, "before": before, "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
+    result = {"prompts": n, "prompt_scale": args.prompt_scale, "before": before,
+              "eos_prompts": args.eos_prompts if args.workload != "geometric" else 0,
               "max_new_tokens": [lo, hi], "total_new_tokens": sum(varied), "device": args.device,
               "smoke": smoke, "cells": cells, "errors": bad}
     return finish(args.json, result, bad)

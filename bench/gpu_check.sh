@@ -15,7 +15,10 @@
 #    prompts of long-tailed lengths, pipeline_size 1 and 2, batch 8; the schedules' greedy tokens must agree
 #    (--before none: this copy of the tree may have no git history), and the rows schedule with each visit's
 #    prefills in forwards of their own against packed into the decode forward (load/packed.py, the CUDA path of
-#    packed prefill: --compile false, since a compiled stage runs its prefills apart); then its stall workload at
+#    packed prefill: --compile false, since a compiled stage runs its prefills apart), and at pipeline_size 2 each
+#    joiner's prefill whole in the visit that admits it against spread over both micro-batches' visits
+#    (spread_prefill; run/rows.py: on a GPU a short prompt's prefill costs little beside a decode visit, so
+#    whether spreading it pays is what this cell measures); then its stall workload at
 #    pipeline_size 1: 440-token prompts joining rows that decode, whole prefill against prefill_chunk_size 64;
 # 4. the benchmark (bench/throughput.py --device cuda; compile "auto", which is on for CUDA): generate()
 #    against the runner at pipeline_size 1 and 2 (both ranks on the one GPU: gloo through host memory), batch 1/2/8/32
@@ -82,7 +85,7 @@ for c in false true cudagraphs; do  # compile off, on, on with CUDA graphs: toke
 done
 echo "+ python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none --compile false"
 # SIGINT, not SIGTERM, at the cut: the script's own cleanup then stops the cell's rank processes
-timeout -s INT 120 python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none --compile false \
+timeout -s INT 150 python3 bench/continuous.py --device cuda --prompts 32 --batch-sizes 8 --before none --compile false \
     --workdir "$work/continuous" --json "$out/continuous_gpu.json" 2>&1 | grep --line-buffered -v "it/s]" \
     | tee "$out/continuous_gpu.log"
 brc=${PIPESTATUS[0]}
