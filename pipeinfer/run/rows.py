@@ -208,7 +208,7 @@ class RowSchedule:
             # The oldest prompts' parts first, at most C positions a visit; spread, no more than the last
             # visit ran or a 1 / K share of what is due, the rest in the next visits. A prompt whose last
             # part runs now joins this slot: where its rows are full, as many live rows move to the slot
-            # with the most room (they decode at its next visit); a last part with no room anywhere waits.
+            # with the most room (they decode at its next visit); with no room anywhere, its last position waits.
             to, room, clear = self._roomiest(k)
             free = s.cap - len(live) - len(whole) + min(len(live), room)
             chunks, left, finals = [], self.chunk, []
@@ -217,8 +217,8 @@ class RowSchedule:
             for c in self.chunked:
                 n = min(left, c.n - c.done)
                 if c.done + n == c.n:
-                    if len(finals) == free:
-                        n = 0
+                    if len(finals) == free:  # no room for it to join: all but its last position
+                        n -= 1
                     else:
                         finals.append(c)
                 chunks.append((c, n))
