@@ -23,7 +23,7 @@ varied workload once more on that commit's batch runner (git archive), and the r
 varied / before. The rows schedule runs the varied workload once more with packed_prefill false
 (each visit's prefills in forwards of their own, not in its decode's: load/packed.py), reported as
 packed / separate, and where there are several micro-batches with spread_prefill false (each
-joiner's prefill whole in the visit that admits it, not one part in each micro-batch's visit),
+joiner's prefill whole in the visit that admits it, not spread over the micro-batches' visits),
 reported as spread / whole (neither with --smoke). Every cell's output ids are compared with the
 rows schedule's on the same workload (greedy: any difference is a bug; exit 1).
 --prompt-scale N: each geometric prompt N times over (8..64 tokens become 8N..64N; the byte

@@ -76,7 +76,8 @@ class ExpConfig:
     prefill_chunk_size: int = 512
     # rows schedule: a visit's prefills run in the same forward as its rows' decode (load/packed.py)
     packed_prefill: bool = True
-    # rows schedule, several micro-batches, packed: a joiner's prefill in one part per micro-batch's visit
+    # rows schedule, several micro-batches, packed: a visit runs no more prompt positions than the one
+    # before it, the rest of a joiner's prefill in the next visits (run/rows.py)
     spread_prefill: bool = True
     do_sample: bool = False
     temperature: float = 1.0
@@ -140,7 +141,8 @@ _RULES: dict[str, tuple[tuple[type, ...], object, str]] = {
     "prefill_chunk_size": (_INT, lambda v: v >= 0, "an integer >= 0: prompt positions a joining prompt's prefill "
                            "runs per visit (0: whole prompts)"),
     "packed_prefill": (_BOOL, None, "true or false (a visit's prefills in the same forward as its rows' decode)"),
-    "spread_prefill": (_BOOL, None, "true or false (a joining prompt's prefill in one part per micro-batch's visit)"),
+    "spread_prefill": (_BOOL, None, "true or false (a joining prompt's prefill spread over the micro-batches' "
+                       "visits)"),
     "micro_batch_size": ((int, str), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                          '"auto" or an integer >= 1 (prompts per micro-batch)'),
     "do_sample": (_BOOL, None, "true or false"),
