@@ -209,7 +209,7 @@ class RowSchedule:
             # visit ran or a 1 / K share of what is due, the rest in the next visits. A prompt whose last
             # part runs now joins this slot: where its rows are full, as many live rows move to the slot
             # with the most room (they decode at its next visit); with no room anywhere, its last position waits.
-            to, room, clear = self._roomiest(k)
+            to, room = self._roomiest(k)
             free = s.cap - len(live) - len(whole) + min(len(live), room)
             chunks, left, finals = [], self.chunk, []
             if self.spread:
@@ -227,8 +227,7 @@ class RowSchedule:
             excess = len(live) + len(whole) + len(finals) - s.cap
             if excess > 0:
                 rows = sorted(sorted(live, key=lambda r: s.pos[r])[:excess])  # the shortest: the least to copy
-                move = {"slot": to, "rows": rows, "n": self.slots[to].size, "pos": [s.pos[r] for r in rows],
-                        "clear": clear}
+                move = self._moving(s, rows, to)
             else:  # once the queue is dry some rows may move to the slot with the fewest
                 move = self._move(k, s, live) if dry and not got else None
             shape = {"n": s.size, "keep": _holes_filled([r for r in live if move is None or r not in move["rows"]]),
@@ -272,22 +271,28 @@ class RowSchedule:
         running = [sum(f is not None for f in t.firsts) for t in self.slots]
         to = min((j for j in range(len(self.slots)) if j != k), key=lambda j: running[j])
         t = self.slots[to]
-        clear = t.size == 0 or (not t.busy and not running[to])
-        count = min((len(live) - running[to]) // 2, t.cap - (0 if clear else t.size))
+        count = min((len(live) - running[to]) // 2, t.cap - (0 if self._starts_over(t) else t.size))
         if count < 1:
             return None
         left = sorted(live, key=lambda r: s.firsts[r].max_new - len(s.firsts[r].tokens), reverse=True)
-        rows = sorted(left[1::2][:count])
-        return {"slot": to, "rows": rows, "n": t.size, "pos": [s.pos[r] for r in rows], "clear": clear}
+        return self._moving(s, sorted(left[1::2][:count]), to)
 
-    def _roomiest(self, k: int) -> tuple[int | None, int, bool]:
-        """The other slot with the most free rows: (slot, free rows, whether it starts over: no rows
-        running and no visit on its way); (None, 0, False) with one slot."""
-        best = (None, 0, False)
+    def _moving(self, s: _Slot, rows: list[int], to: int) -> dict:
+        """The header's move of slot s's `rows` to slot `to`."""
+        t = self.slots[to]
+        return {"slot": to, "rows": rows, "n": t.size, "pos": [s.pos[r] for r in rows], "clear": self._starts_over(t)}
+
+    @staticmethod
+    def _starts_over(t: _Slot) -> bool:
+        """Whether rows moved to slot t replace its cache: none running and no visit on its way."""
+        return t.size == 0 or (not t.busy and all(f is None for f in t.firsts))
+
+    def _roomiest(self, k: int) -> tuple[int | None, int]:
+        """The other slot with the most free rows: (slot, free rows); (None, 0) with one slot."""
+        best = (None, 0)
         for j, t in enumerate(self.slots):
-            clear = t.size == 0 or (not t.busy and all(f is None for f in t.firsts))
-            if j != k and (room := t.cap - (0 if clear else t.size)) > best[1]:
-                best = (j, room, clear)
+            if j != k and (room := t.cap - (0 if self._starts_over(t) else t.size)) > best[1]:
+                best = (j, room)
         return best
 
     def _in_parts(self, n: int) -> bool:
